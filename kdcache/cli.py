@@ -1,0 +1,178 @@
+"""The `kdcache` command line.
+
+    kdcache cache CONFIG [key=value ...]   run or resume a caching job (embedded Ray when cluster.address is null)
+    kdcache info URI [--json]              summary of a cache: teacher, k, sequences, tokens, bytes, complete or not
+    kdcache demo [--workdir DIR]           build a tiny teacher offline, cache a corpus with 2 actors, print the summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+__all__ = ["cache_summary", "main"]
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A cache's summary as plain data (what `kdcache info --json` prints)."""
+    from kdcache.manifest import COMMITS_DIR, FINGERPRINT_KEY, read_manifest
+    from kdcache.store import Store
+
+    store = Store(uri, storage_options)
+    manifest = read_manifest(store)
+    if manifest is None:
+        try:
+            claimed = json.loads(store.read_bytes(FINGERPRINT_KEY))
+        except FileNotFoundError:
+            raise KdcacheError(f"{uri}: no kdcache cache here (no index.json, no fingerprint.json)") from None
+        inputs = claimed["fingerprint_inputs"]
+        commits = [n for n in store.list_names(COMMITS_DIR) if n.endswith(".json")]
+        return {
+            "uri": uri,
+            "complete": False,
+            "fingerprint": claimed["fingerprint"],
+            "teacher": inputs["teacher"]["model"],
+            "k": inputs["targets"]["k"],
+            "format": inputs["shard_format"],
+            "committed_units": len(commits),
+            "num_sequences": None,
+            "num_tokens": None,
+            "total_bytes": None,
+        }
+    inputs, stats = manifest["fingerprint_inputs"], manifest["stats"]
+    return {
+        "uri": uri,
+        "complete": bool(manifest["complete"]),
+        "fingerprint": manifest["fingerprint"],
+        "format": manifest["shard_format"],
+        "format_version": manifest["format_version"],
+        "teacher": inputs["teacher"]["model"],
+        "teacher_revision": inputs["teacher"]["revision"],
+        "model_type": inputs["teacher"].get("model_type"),
+        "vocab_size": inputs["tokenizer"]["vocab_size"],
+        "padded_vocab_size": inputs["teacher"]["padded_vocab_size"],
+        "tokenizer_hash": inputs["tokenizer"]["hash"],
+        "mode": inputs["targets"]["mode"],
+        "k": inputs["targets"]["k"],
+        "temperatures": inputs["targets"]["temperatures"],
+        "max_length": inputs["windowing"]["max_length"],
+        "num_units": stats["num_units"],
+        "num_sequences": stats["num_sequences"],
+        "num_tokens": stats["num_tokens"],
+        "total_bytes": stats["total_bytes"],
+        "bytes_per_token": stats["bytes_per_token"],
+        "bytes_per_entry": stats["bytes_per_token"] / inputs["targets"]["k"],
+        "real_token_fraction": stats["real_token_fraction"],
+        "empty_documents": stats["empty_documents"],
+        "last_run": {k: v for k, v in stats["last_run"].items() if k != "failures"}
+        | {"failures": len(stats["last_run"]["failures"])},
+        "created_by": manifest["created_by"],
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human-readable lines for `kdcache info`."""
+    if not s["complete"]:
+        return (
+            f"kdcache cache at {s['uri']}: INCOMPLETE ({s['committed_units']} units committed, no index.json yet)\n"
+            f"  teacher {s['teacher']}, top-{s['k']}, {s['format']}; rerun the same job to finish it"
+        )
+    lr = s["last_run"]
+    return "\n".join(
+        [
+            f"kdcache cache at {s['uri']}: complete ({s['created_by']}, format v{s['format_version']}, {s['format']})",
+            f"  teacher      {s['teacher']} ({s['model_type']}) revision={s['teacher_revision']}",
+            f"  vocab        {s['vocab_size']:,} tokens, {s['padded_vocab_size']:,} logits (padded); "
+            f"tokenizer sha256 {s['tokenizer_hash'][:12]}",
+            f"  targets      {s['mode']} k={s['k']}, temperatures {s['temperatures']}, windows of {s['max_length']}",
+            f"  contents     {s['num_sequences']:,} sequences, {s['num_tokens']:,} tokens in {s['num_units']} units",
+            f"  size         {s['total_bytes']:,} bytes = {s['bytes_per_token']:.1f} bytes/token "
+            f"({s['bytes_per_entry']:.2f} bytes per top-k entry)",
+            f"  last run     {lr['units']} units, {lr['tokens']:,} tokens in {lr['wall_time_s']:.1f}s "
+            f"({lr['tokens_per_s']:,.0f} tok/s), {lr['failures']} failures; real-token fraction "
+            f"{s['real_token_fraction']:.3f}",
+            f"  fingerprint  {s['fingerprint']}",
+        ]
+    )
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from kdcache.config import load_config
+    from kdcache.job import run_cache_job
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = run_cache_job(cfg)
+    print(format_summary(cache_summary(cfg.output.uri, cfg.output.storage_options)))
+    return 0 if manifest["complete"] else 1
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    summary = cache_summary(args.uri)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kdcache.config import load_config
+    from kdcache.demo import prepare_demo
+    from kdcache.job import run_cache_job
+
+    workdir = Path(args.workdir)
+    print(f"[demo] kdcache demo: a tiny teacher trained here on the Python standard library (not a real model)")
+    assets = prepare_demo(workdir / "assets")
+    overrides = [
+        f"teacher.model={assets.teacher_dir}",
+        f"data.source={assets.train_dir}/*.jsonl",
+        f"output.uri={workdir / 'cache'}",
+        *args.overrides,
+    ]
+    cfg = load_config(args.config, overrides)
+    print(f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}")
+    run_cache_job(cfg)
+    print(format_summary(cache_summary(cfg.output.uri)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdcache", description="Offline teacher-logit cache for distillation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("cache", help="run or resume a caching job")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. targets.k=16")
+    p.set_defaults(func=_cmd_cache)
+    p = sub.add_parser("info", help="summarize a cache")
+    p.add_argument("uri")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("demo", help="tiny end-to-end demo, offline, on local Ray")
+    p.add_argument("--workdir", default=".kdcache/demo", help="where the demo's teacher, corpus and cache go")
+    p.add_argument("--config", default=str(REPO_CONFIGS / "quickstart.yaml"), help="base config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KdcacheError as exc:
+        print(f"kdcache: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"kdcache: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

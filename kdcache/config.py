@@ -1,0 +1,308 @@
+"""Job configuration: one dataclass per component, loaded from YAML with `key=value` overrides.
+
+The YAML has five sections, `teacher`, `data`, `targets`, `output` and `cluster`; every key is documented by the
+`help` metadata of its field (with its unit). Loading validates everything before any work starts: an unknown key, a
+wrong type or an impossible value raises `ConfigError` naming the key, e.g. ``targets.k: must be >= 1, got 0``.
+
+    cfg = load_config("configs/quickstart.yaml", overrides=["targets.k=16", "cluster.num_actors=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcache.errors import ConfigError
+
+__all__ = [
+    "ClusterConfig",
+    "DataConfig",
+    "KDCacheConfig",
+    "OutputConfig",
+    "TargetsConfig",
+    "TeacherConfig",
+    "load_config",
+    "parse_overrides",
+]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher model."""
+
+    model: str = _f("", "local path or hub id of a Hugging Face causal LM (required)")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit); recorded in the cache fingerprint")
+    dtype: str = _f("auto", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on GPU, float32 on CPU)")
+    trust_remote_code: bool = _f(False, "allow the checkpoint's own Python code to run (off unless you trust it)")
+    chunk_bytes: int = _f(256 * 2**20, "bytes of float32 logits materialized per lm_head chunk")
+
+
+@dataclass
+class DataConfig:
+    """The input corpus and how it becomes sequences."""
+
+    source: str | list[str] = _f("", "fsspec URL or glob (or a list of them) of the input files (required)")
+    format: str = _f("jsonl", "jsonl | parquet | text (text: one document per file)")
+    text_field: str = _f("text", "record field holding the document text (jsonl/parquet)")
+    ids_field: str | None = _f(None, "record field holding pre-tokenized ids instead of text")
+    tokenizer: str | None = _f(None, "tokenizer path or hub id (default: the teacher's)")
+    max_length: int = _f(2048, "tokens per sequence window; longer documents are split into windows")
+    add_eos: bool = _f(True, "append the tokenizer's EOS token to every document before windowing")
+    min_length: int = _f(2, "windows shorter than this many tokens are dropped (and counted)")
+    unit_bytes: int = _f(64 * 2**20, "target input bytes per work unit for jsonl/text (parquet: one row group each)")
+
+
+@dataclass
+class TargetsConfig:
+    """Which soft targets are stored per token."""
+
+    mode: str = _f("topk", "topk (top-k ids with log-probs and the exact tail mass)")
+    k: int = _f(64, "number of top token ids stored per position")
+    temperatures: list[float] = _f([1.0], "temperatures whose log-normalizer and tail mass are stored (1.0 always)")
+
+
+@dataclass
+class OutputConfig:
+    """Where the cache goes."""
+
+    uri: str = _f("", "fsspec URL of the cache folder: a local path, s3://, gs://, memory:// (required)")
+    format: str = _f("parquet", "parquet (one immutable Parquet file per work unit)")
+    compression_level: int = _f(3, "zstd level of shard files")
+    storage_options: dict = _f({}, "fsspec storage options (use env vars or profiles for credentials)")
+
+
+@dataclass
+class ClusterConfig:
+    """How the job runs on Ray."""
+
+    address: str | None = _f(None, "null: start an embedded local Ray; 'auto' or 'ray://host:port': join a cluster")
+    num_actors: int = _f(1, "teacher actors (model replicas)")
+    gpus_per_actor: float = _f(0, "GPUs per teacher actor (0: run on CPU)")
+    cpus_per_actor: float = _f(1, "CPUs reserved per teacher actor")
+    batch_tokens: int = _f(16384, "token budget of one teacher batch (padded tokens, batch_size * longest)")
+    max_retries: int = _f(3, "times a failed unit is retried before the job fails")
+    progress: bool = _f(True, "show a progress bar on the driver")
+
+
+SECTIONS: dict[str, type] = {
+    "teacher": TeacherConfig,
+    "data": DataConfig,
+    "targets": TargetsConfig,
+    "output": OutputConfig,
+    "cluster": ClusterConfig,
+}
+
+TARGET_MODES = ("topk",)
+DATA_FORMATS = ("jsonl", "parquet", "text")
+OUTPUT_FORMATS = ("parquet",)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class KDCacheConfig:
+    """The whole job configuration."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> KDCacheConfig:
+        """Build and validate a config from nested plain data (as parsed from YAML)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: expected a mapping with sections {sorted(SECTIONS)}, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown config section (known: {', '.join(SECTIONS)})")
+        sections = {}
+        for name, klass in SECTIONS.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
+            sections[name] = _build_section(name, klass, values)
+        cfg = cls(**sections)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested data, safe to dump as YAML/JSON."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check values that types alone cannot; raise ConfigError naming the key."""
+        _require(self.teacher.model, "teacher.model", "is required (a local path or hub id)")
+        _one_of(self.teacher.dtype, DTYPES, "teacher.dtype")
+        _positive(self.teacher.chunk_bytes, "teacher.chunk_bytes")
+        _require(self.data.source, "data.source", "is required (an fsspec URL or glob)")
+        _one_of(self.data.format, DATA_FORMATS, "data.format")
+        if self.data.format == "text" and self.data.ids_field:
+            raise ConfigError("data.ids_field: not supported with data.format=text (text files have no fields)")
+        _positive(self.data.max_length, "data.max_length", minimum=2)
+        _positive(self.data.min_length, "data.min_length")
+        if self.data.min_length > self.data.max_length:
+            raise ConfigError(f"data.min_length: must be <= data.max_length ({self.data.max_length})")
+        _positive(self.data.unit_bytes, "data.unit_bytes")
+        _one_of(self.targets.mode, TARGET_MODES, "targets.mode")
+        _positive(self.targets.k, "targets.k")
+        temps = self.targets.temperatures
+        if not temps or any((not isinstance(t, (int, float))) or isinstance(t, bool) or t <= 0 for t in temps):
+            raise ConfigError(f"targets.temperatures: must be a non-empty list of numbers > 0, got {temps!r}")
+        self.targets.temperatures = normalize_temperatures(temps)
+        _require(self.output.uri, "output.uri", "is required (an fsspec URL)")
+        _one_of(self.output.format, OUTPUT_FORMATS, "output.format")
+        if not 1 <= self.output.compression_level <= 22:
+            raise ConfigError(f"output.compression_level: must be in 1..22, got {self.output.compression_level}")
+        _positive(self.cluster.num_actors, "cluster.num_actors")
+        if self.cluster.gpus_per_actor < 0:
+            raise ConfigError(f"cluster.gpus_per_actor: must be >= 0, got {self.cluster.gpus_per_actor}")
+        if self.cluster.cpus_per_actor < 0:
+            raise ConfigError(f"cluster.cpus_per_actor: must be >= 0, got {self.cluster.cpus_per_actor}")
+        _positive(self.cluster.batch_tokens, "cluster.batch_tokens")
+        if self.cluster.batch_tokens < self.data.max_length:
+            raise ConfigError(
+                f"cluster.batch_tokens: must be >= data.max_length ({self.data.max_length}) so one window fits a batch"
+            )
+        if self.cluster.max_retries < 0:
+            raise ConfigError(f"cluster.max_retries: must be >= 0, got {self.cluster.max_retries}")
+
+    def validate_against_vocab(self, padded_vocab_size: int) -> None:
+        """Checks that need the teacher's vocabulary size (read from its config, before any work)."""
+        if self.targets.k > padded_vocab_size:
+            raise ConfigError(f"targets.k: must be <= the teacher's vocab size ({padded_vocab_size}), got {self.targets.k}")
+
+
+def normalize_temperatures(temps: list[float]) -> list[float]:
+    """1.0 first (the stored log-probs are at T=1), then the others in ascending order, without duplicates."""
+    rest = sorted({float(t) for t in temps} - {1.0})
+    return [1.0, *rest]
+
+
+def _require(value: Any, key: str, what: str) -> None:
+    if value in ("", None, []):
+        raise ConfigError(f"{key}: {what}")
+
+
+def _one_of(value: Any, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(value: int, key: str, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
+
+
+def _build_section(section: str, klass: type, values: dict[str, Any]):
+    hints = typing.get_type_hints(klass)
+    known = {f.name for f in dataclasses.fields(klass)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {key: _coerce(f"{section}.{key}", hints[key], value) for key, value in values.items()}
+    return klass(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check `value` against the type hint; allow int where float is expected; raise ConfigError otherwise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, option, value)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif hint is Any:
+        return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ["targets.k=16", "cluster.address=auto"] into nested data; values are parsed as YAML scalars."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. targets.k=16")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: the key must be section.key, e.g. targets.k")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {exc}") from None
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Overlay section-wise overrides on a raw config mapping (returns a new mapping)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        current = out.get(section) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {type(current).__name__}")
+        out[section] = {**current, **values}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KDCacheConfig:
+    """Read a YAML config file (or none), apply `key=value` overrides, validate, and return the config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
+    raw = merge(raw, parse_overrides(overrides or []))
+    return KDCacheConfig.from_dict(raw)

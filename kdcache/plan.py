@@ -1,0 +1,81 @@
+"""Work units and the cache fingerprint (driver side, cheap: reads file sizes and Parquet footers only).
+
+A work unit is one file plus a range in it. Its id is derived from the file's URL, size and the range, so the same
+inputs always give the same units, and a rerun finds the units it already committed. The fingerprint is a hash of
+everything that determines the cached bytes (teacher, tokenizer, targets, codec, windowing, data reading); a cache
+holds exactly one fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kdcache.sources import parquet_row_groups
+from kdcache.store import expand_urls
+
+__all__ = ["WorkUnit", "canonical_json", "fingerprint_of", "plan_units"]
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A piece of input one actor processes whole: `url` and [start, stop) bytes (jsonl), a row group (parquet,
+    start = row-group index), or the whole file (text)."""
+
+    unit_id: str
+    index: int  # position in the plan: the order of units in the manifest
+    url: str
+    kind: str  # "bytes" | "row_group" | "file"
+    start: int
+    stop: int
+    size_bytes: int  # input bytes this unit covers (row groups: the file size divided evenly, for progress only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _unit_id(url: str, file_size: int, kind: str, start: int, stop: int) -> str:
+    return hashlib.blake2b(f"{url}\0{file_size}\0{kind}\0{start}\0{stop}".encode(), digest_size=10).hexdigest()
+
+
+def plan_units(
+    source: str | list[str], fmt: str, *, unit_bytes: int, storage_options: dict[str, Any] | None = None
+) -> list[WorkUnit]:
+    """Split the input files into work units, in a deterministic order.
+
+    Args:
+        source: URL, glob, or list of them.
+        fmt: "jsonl" | "parquet" | "text".
+        unit_bytes: target input bytes per jsonl unit.
+    """
+    units: list[WorkUnit] = []
+    for url, size in expand_urls(source, storage_options):
+        if fmt == "jsonl":
+            starts = list(range(0, max(size, 1), unit_bytes))
+            for start in starts:
+                stop = min(start + unit_bytes, size)
+                units.append(WorkUnit(_unit_id(url, size, "bytes", start, stop), 0, url, "bytes", start, stop, stop - start))
+        elif fmt == "parquet":
+            groups = parquet_row_groups(url, storage_options)
+            for g, rows in enumerate(groups):
+                if rows == 0:
+                    continue
+                unit = WorkUnit(_unit_id(url, size, "row_group", g, g + 1), 0, url, "row_group", g, g + 1, size // len(groups))
+                units.append(unit)
+        elif fmt == "text":
+            units.append(WorkUnit(_unit_id(url, size, "file", 0, size), 0, url, "file", 0, size, size))
+        else:
+            raise ValueError(f"data.format: unsupported format {fmt!r}")
+    return [WorkUnit(**{**u.to_dict(), "index": i}) for i, u in enumerate(units)]
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON text: sorted keys, no whitespace; the input of every hash kdcache computes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint_of(inputs: dict[str, Any]) -> str:
+    """sha256 hex of the canonical JSON of the fingerprint inputs."""
+    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()

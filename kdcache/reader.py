@@ -1,0 +1,104 @@
+"""Reading a cache back: `open_cache(uri)` -> `CacheReader` (manifest, per-unit decode, per-sequence iteration).
+
+    cache = kdcache.open_cache("/data/kd/llama-top64")
+    for seq in cache.iter_sequences():
+        seq["input_ids"]        # [T] int32
+        seq["target_ids"]       # [T, k] int64, ascending
+        seq["target_logprobs"]  # [T, k] float32, teacher log-softmax at T=1
+        seq["tail_logprob"]     # [T] float32, log of the mass outside the k ids
+
+The reader reads `index.json` and the shards it names, never a listing; every shard is checked against the size and
+sha256 recorded at commit, and a mismatch raises `CorruptShardError` naming the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from kdcache.codec import CodecParams
+from kdcache.errors import CorruptShardError, KdcacheError
+from kdcache.formats.parquet import ShardData, read_shard, split_sequences
+from kdcache.manifest import INDEX_KEY, read_manifest
+from kdcache.store import Store
+
+__all__ = ["CacheReader", "open_cache"]
+
+
+class CacheReader:
+    """A complete cache, opened through its manifest.
+
+    Args:
+        uri: the cache root URL; storage_options: fsspec options.
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.store = Store(uri, storage_options)
+        manifest = read_manifest(self.store)
+        if manifest is None:
+            raise KdcacheError(f"{self.store.url(INDEX_KEY)}: no manifest; the cache is missing or its job has not finished")
+        self.manifest: dict[str, Any] = manifest
+        inputs = manifest["fingerprint_inputs"]
+        self.k: int = inputs["targets"]["k"]
+        self.temperatures: list[float] = list(inputs["targets"]["temperatures"])
+        codec = inputs["codec"]
+        self.codec = CodecParams(logprob_min=codec["logprob_min"], levels=codec["levels"])
+        self.units: list[dict[str, Any]] = manifest["units"]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.manifest["stats"]["num_sequences"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest["stats"]["num_tokens"]
+
+    def read_unit_bytes(self, unit: dict[str, Any]) -> bytes:
+        """The shard's bytes, checked against its recorded size and sha256."""
+        url = self.store.url(unit["path"])
+        try:
+            data = self.store.read_bytes(unit["path"])
+        except FileNotFoundError:
+            raise CorruptShardError(f"{url}: shard of unit {unit['unit_id']} is missing") from None
+        if len(data) != unit["bytes"]:
+            raise CorruptShardError(f"{url}: shard has {len(data)} bytes, the manifest records {unit['bytes']}")
+        if hashlib.sha256(data).hexdigest() != unit["sha256"]:
+            raise CorruptShardError(f"{url}: shard fails its sha256 checksum (corrupted)")
+        return data
+
+    def read_unit(self, unit: dict[str, Any]) -> ShardData:
+        """Decode one unit's shard (checked)."""
+        data = self.read_unit_bytes(unit)
+        try:
+            return read_shard(data, k=self.k, num_temperatures=len(self.temperatures), codec=self.codec)
+        except Exception as exc:  # checksum passed but decoding failed: written by an incompatible writer
+            raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from exc
+
+    def iter_sequences(self) -> Iterator[dict[str, Any]]:
+        """Every sequence of the cache in manifest order, as a dict of numpy arrays (see module docstring)."""
+        for unit in self.units:
+            data = self.read_unit(unit)
+            for seq_id, rows in split_sequences(data):
+                yield sequence_dict(seq_id, data, rows)
+
+
+def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
+    """One sequence's arrays out of a decoded shard."""
+    return {
+        "seq_id": np.int64(seq_id),
+        "input_ids": data.input_ids[rows],
+        "target_ids": data.target_ids[rows],
+        "target_logprobs": data.target_logprobs[rows],
+        "tail_logprob": data.tail_logprobs[rows, 0],
+        "log_normalizers": data.log_normalizers[rows],
+        "tail_logprobs": data.tail_logprobs[rows],
+        "entropy": data.entropy[rows],
+    }
+
+
+def open_cache(uri: str, storage_options: dict[str, Any] | None = None) -> CacheReader:
+    """Open a complete cache by URL (local path, s3://, gs://, memory://)."""
+    return CacheReader(uri, storage_options)

@@ -1,0 +1,190 @@
+"""Process one work unit end to end, without Ray: read -> tokenize -> window -> teacher -> encode -> write -> commit.
+
+`UnitWorker` holds a loaded teacher and tokenizer; `process(unit)` writes the unit's shard straight to the store and
+returns only its small commit record. Ray actors (`actors.py`) wrap it; tests and debugging use it directly.
+
+Commit protocol (exactly once): the shard goes to a key unique to this attempt; then the commit record is created
+exclusively. If another attempt committed first, this attempt deletes its own shard and returns the winner's record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdcache.formats.parquet import SHARD_SUFFIX, ShardWriter
+from kdcache.manifest import commit_key, dumps, shard_key
+from kdcache.sources import cut_windows, iter_documents, make_seq_id, tokenize_documents
+from kdcache.store import Store
+
+__all__ = ["UnitWorker", "WorkerSettings", "make_batches"]
+
+
+def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices into batches of at most `batch_tokens` padded tokens, longest first.
+
+    Sorting by length keeps similar lengths together so padding stays small (length bucketing).
+    Returns lists of indices into `lengths`.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Plain settings a worker needs (taken from the job config by the driver)."""
+
+    teacher: dict[str, Any]  # TeacherConfig as a dict
+    data: dict[str, Any]  # DataConfig as a dict
+    k: int
+    temperatures: list[float]
+    output_uri: str
+    storage_options: dict[str, Any]
+    compression_level: int
+    batch_tokens: int
+    shard_metadata: dict[str, Any]  # fingerprint etc., stored in each file's key-value metadata
+
+
+class UnitWorker:
+    """Loads the teacher once, then processes units.
+
+    Args:
+        settings: what to compute and where to write.
+        device: torch device string; None picks CUDA when available.
+    """
+
+    def __init__(self, settings: WorkerSettings, device: str | None = None):
+        from kdcache.teacher import Teacher, load_tokenizer
+
+        self.settings = settings
+        t = settings.teacher
+        self.teacher = Teacher(
+            t["model"],
+            revision=t["revision"],
+            dtype=t["dtype"],
+            device=device,
+            trust_remote_code=t["trust_remote_code"],
+            chunk_bytes=t["chunk_bytes"],
+        )
+        self.tokenizer = load_tokenizer(
+            settings.data["tokenizer"] or t["model"],
+            revision=None if settings.data["tokenizer"] else t["revision"],
+            trust_remote_code=t["trust_remote_code"],
+        )
+        self.store = Store(settings.output_uri, settings.storage_options)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    def read_windows(self, unit: dict[str, Any]) -> tuple[list[tuple[int, np.ndarray]], dict[str, int]]:
+        """The unit's windows as (seq_id, input_ids [T] int32), plus counts of skipped input."""
+        data = self.settings.data
+        counts = {"documents": 0, "empty_documents": 0, "short_windows_dropped": 0}
+        docs = iter_documents(unit, fmt=data["format"], text_field=data["text_field"], ids_field=data["ids_field"])
+        eos = self.tokenizer.eos_token_id
+        windows: list[tuple[int, np.ndarray]] = []
+        non_empty = (d for d in docs if not _is_empty(d, counts))
+        for doc, ids in tokenize_documents(non_empty, self._encode):
+            counts["documents"] += 1
+            if data["add_eos"] and eos is not None and doc.ids is None:
+                ids = [*ids, eos]
+            cut = cut_windows(ids, data["max_length"], data["min_length"])
+            counts["short_windows_dropped"] += -(-len(ids) // data["max_length"]) - len(cut)
+            windows += [(make_seq_id(unit["url"], doc.locator, w), arr) for w, arr in enumerate(cut)]
+        return windows, counts
+
+    def process(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """Compute, write and commit one unit; return its commit record (small JSON-able dict)."""
+        import torch
+
+        s = self.settings
+        t0 = time.perf_counter()
+        windows, counts = self.read_windows(unit)
+        t_read = time.perf_counter()
+        writer = ShardWriter(
+            k=s.k,
+            num_temperatures=len(s.temperatures),
+            compression_level=s.compression_level,
+            metadata={**s.shard_metadata, "unit_id": unit["unit_id"]},
+        )
+        lengths = [len(w) for _, w in windows]
+        padded = 0
+        forward_s = 0.0
+        results: dict[int, tuple] = {}
+        for batch in make_batches(lengths, s.batch_tokens):
+            longest = lengths[batch[0]]
+            ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : lengths[i]] = torch.from_numpy(windows[i][1].astype(np.int64))
+                mask[row, : lengths[i]] = 1
+            padded += len(batch) * longest
+            f0 = time.perf_counter()
+            targets = self.teacher.compute_targets(ids, mask, k=s.k, temperatures=s.temperatures)
+            forward_s += time.perf_counter() - f0
+            arrays = [
+                targets.ids.cpu().numpy(),
+                targets.logprobs.cpu().numpy(),
+                targets.log_normalizers.cpu().numpy(),
+                targets.tail_logprobs.cpu().numpy(),
+                targets.entropy.cpu().numpy(),
+            ]
+            offset = 0
+            for i in batch:  # valid positions come row by row, in batch order
+                n = lengths[i]
+                results[i] = tuple(a[offset : offset + n] for a in arrays)
+                offset += n
+        e0 = time.perf_counter()
+        for i, (seq_id, input_ids) in enumerate(windows):  # file order = read order, not batch order
+            writer.add(seq_id, input_ids, *results.pop(i))
+        data = writer.finish()
+        encode_s = time.perf_counter() - e0
+        record = {
+            "unit_id": unit["unit_id"],
+            "index": unit["index"],
+            "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], SHARD_SUFFIX),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "num_sequences": writer.num_sequences,
+            "num_tokens": writer.num_tokens,
+            "padded_tokens": padded,
+            **counts,
+        }
+        w0 = time.perf_counter()
+        self.store.write_bytes(record["path"], data)
+        if not self.store.create_exclusive(commit_key(unit["unit_id"]), dumps(record)):
+            self.store.delete(record["path"])  # another attempt won; ours is a duplicate
+            return {**json.loads(self.store.read_bytes(commit_key(unit["unit_id"]))), "duplicate": True}
+        record["timing_s"] = {
+            "read": t_read - t0,
+            "forward": forward_s,
+            "encode": encode_s,
+            "write": time.perf_counter() - w0,
+            "total": time.perf_counter() - t0,
+        }
+        return record
+
+
+def _is_empty(doc, counts: dict[str, int]) -> bool:
+    empty = (doc.text is None and doc.ids is None) or (doc.text is not None and not doc.text.strip()) or (
+        doc.ids is not None and len(doc.ids) == 0
+    )
+    if empty:
+        counts["empty_documents"] += 1
+    return empty
