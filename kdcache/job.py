@@ -27,6 +27,7 @@ from kdcache.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_KEY,
+    build_manifest,
     commit_key,
     dumps,
     read_manifest,
@@ -256,40 +257,21 @@ def run_cache_job(cfg: KDCacheConfig) -> dict[str, Any]:
 
 
 def _build_manifest(cfg, fingerprint, inputs, units, run_records, failures, run_wall_s, started) -> dict[str, Any]:
-    from kdcache import __version__
-
-    num_tokens = sum(u["num_tokens"] for u in units)
-    total_bytes = sum(u["bytes"] for u in units)
-    padded = sum(u["padded_tokens"] for u in units)
     run_tokens = sum(r["num_tokens"] for r in run_records)
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"kdcache {__version__}",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "complete": True,
-        "fingerprint": fingerprint,
-        "fingerprint_inputs": inputs,
-        "shard_format": cfg.output.format,
-        "shard_suffix": SHARD_SUFFIX,
-        "config": _sanitized_config(cfg),
-        "units": units,
-        "stats": {
-            "num_units": len(units),
-            "num_sequences": sum(u["num_sequences"] for u in units),
-            "num_tokens": num_tokens,
-            "total_bytes": total_bytes,
-            "bytes_per_token": total_bytes / max(num_tokens, 1),
-            "real_token_fraction": num_tokens / max(padded, 1),
-            "documents": sum(u["documents"] for u in units),
-            "empty_documents": sum(u["empty_documents"] for u in units),
-            "short_windows_dropped": sum(u["short_windows_dropped"] for u in units),
-            "last_run": {
-                "units": len(run_records),
-                "tokens": run_tokens,
-                "wall_time_s": run_wall_s,
-                "tokens_per_s": run_tokens / run_wall_s if run_records and run_wall_s > 0 else 0.0,
-                "failures": failures,
-            },
-        },
+    last_run = {
+        "units": len(run_records),
+        "tokens": run_tokens,
+        "wall_time_s": run_wall_s,
+        "tokens_per_s": run_tokens / run_wall_s if run_records and run_wall_s > 0 else 0.0,
+        "failures": failures,
     }
+    return build_manifest(
+        fingerprint=fingerprint,
+        fingerprint_inputs=inputs,
+        units=units,
+        shard_format=cfg.output.format,
+        shard_suffix=SHARD_SUFFIX,
+        config=_sanitized_config(cfg),
+        last_run=last_run,
+        created_at=started,
+    )

@@ -13,6 +13,7 @@ Readers only read `index.json` and the shards it names; they never list the stor
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from kdcache.errors import CacheMismatchError, CorruptShardError
@@ -23,6 +24,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_KEY",
     "FINGERPRINT_KEY",
+    "build_manifest",
     "commit_key",
     "read_manifest",
     "shard_key",
@@ -86,3 +88,48 @@ def read_manifest(store: Store) -> dict[str, Any] | None:
     except json.JSONDecodeError as exc:
         raise CorruptShardError(f"{store.url(INDEX_KEY)}: invalid JSON ({exc})") from None
     return validate_manifest(manifest, store.url(INDEX_KEY))
+
+
+def build_manifest(
+    *,
+    fingerprint: str,
+    fingerprint_inputs: dict[str, Any],
+    units: list[dict[str, Any]],
+    shard_format: str,
+    shard_suffix: str,
+    config: dict[str, Any] | None = None,
+    last_run: dict[str, Any] | None = None,
+    created_at: float | None = None,
+) -> dict[str, Any]:
+    """Assemble a complete manifest from per-unit entries (each with at least UNIT_KEYS) in plan order."""
+    from kdcache import __version__
+
+    num_tokens = sum(u["num_tokens"] for u in units)
+    total_bytes = sum(u["bytes"] for u in units)
+    padded = sum(u.get("padded_tokens", u["num_tokens"]) for u in units)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"kdcache {__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created_at or time.time())),
+        "complete": True,
+        "fingerprint": fingerprint,
+        "fingerprint_inputs": fingerprint_inputs,
+        "shard_format": shard_format,
+        "shard_suffix": shard_suffix,
+        "config": config or {},
+        "units": units,
+        "stats": {
+            "num_units": len(units),
+            "num_sequences": sum(u["num_sequences"] for u in units),
+            "num_tokens": num_tokens,
+            "total_bytes": total_bytes,
+            "bytes_per_token": total_bytes / max(num_tokens, 1),
+            "real_token_fraction": num_tokens / max(padded, 1),
+            "documents": sum(u.get("documents", 0) for u in units),
+            "empty_documents": sum(u.get("empty_documents", 0) for u in units),
+            "short_windows_dropped": sum(u.get("short_windows_dropped", 0) for u in units),
+            "last_run": last_run or {"units": 0, "tokens": 0, "wall_time_s": 0.0, "tokens_per_s": 0.0, "failures": []},
+        },
+    }
+    return validate_manifest(manifest)
