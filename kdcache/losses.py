@@ -1,0 +1,593 @@
+"""Distillation losses that read cached teacher targets instead of a live teacher (torch only; pure functions).
+
+Every loss takes student logits ``[B, T, V]`` (any float dtype) and a batch dict from the cache reader, and returns
+a scalar: the mean over unmasked positions of a per-position divergence, differentiable w.r.t. the student logits.
+
+Batch keys read (shapes per batch; ``k`` head entries, ``m`` samples, ``nT`` stored temperatures):
+
+- ``target_ids`` ``[B, T, k]`` int64 and ``target_logprobs`` ``[B, T, k]`` float: the teacher's top-k ids and their
+  log-probs at T = 1 (log-softmax over the full vocabulary). Entries whose log-prob is ``-inf`` are padding (id 0).
+- ``tail_logprob`` ``[B, T]`` float: log teacher mass outside the head at T = 1 (``-inf`` when there is none). When
+  absent it is derived as ``log(1 - sum head)``, which loses digits when the head holds nearly all the mass.
+- ``temperatures`` (list of floats, index 0 == 1.0), ``log_normalizers`` ``[B, T, nT]`` and ``tail_logprobs``
+  ``[B, T, nT]``: ``logsumexp(z / T_j)`` of the raw teacher logits and the exact tail mass at each ``T_j``. At a stored
+  temperature the head is exact: ``log p_T(i) = (logprob_i + log_normalizers[..., 0]) / T - log_normalizers[..., j]``.
+  At any other temperature (or without normalizers) the bucket losses fall back to the renormalised top-k
+  representation on both sides (teacher head and student restricted to the head ids, each renormalised, no tail
+  bucket; forward KL then equals :func:`renormalized_topk_kl`), and a :class:`TemperatureFallbackWarning` says so.
+- ``sample_ids`` ``[B, T, m]`` int64, ``sample_weights`` ``[B, T, m]`` float, ``sample_logprobs`` ``[B, T, m]`` float:
+  sampled targets (modes "sample" and "hybrid", read by :func:`sampled_kl` only). Each row lists unique ids; padding
+  entries have weight 0. Weights are importance weights whose sum over a row estimates the teacher distribution:
+  ``count / N`` for N draws with replacement from p (mode "sample"), or ``tail_mass * count / N`` for draws from p
+  restricted to the ids outside the head and renormalised (mode "hybrid", where ``target_ids``/``target_logprobs`` hold
+  the exact head). ``sample_logprobs`` is the teacher's log p at T = 1 of each sampled id.
+- ``loss_mask`` ``[B, T]`` bool or 0/1 (optional). Default: ``labels != -100`` when ``labels`` is present, else
+  ``attention_mask``, else every position.
+- ``labels`` ``[B, T]`` int64 next-token labels (-100 = ignore), read by :func:`distillation_loss` for the CE term.
+- ``teacher_vocab_size`` (optional int): the teacher's padded vocabulary. A student with fewer columns raises
+  ``ValueError``; without the key only the largest cached id is checked. Student columns past the teacher's vocabulary
+  get teacher probability 0 (they fall in the student's tail bucket).
+
+Head + tail bucket representation: :func:`forward_kl_tail`, :func:`reverse_kl`, :func:`jsd` and :func:`tvd` compare
+the two distributions on k + 1 outcomes, the head ids and one bucket holding all remaining mass. The student's tail
+is ``logsumexp`` of its logits over the complement of the head minus its normalizer (no ``log(1 - sum q)``). With
+k = V every one of them equals its dense counterpart exactly. :func:`renormalized_topk_kl` is the common biased
+baseline; :func:`sampled_kl` is unbiased: the expectation over draws of its gradient is the full forward-KL gradient.
+
+Temperature: each loss divides student logits (and the teacher, as above) by ``temperature`` but does not scale by
+``T**2``; :func:`distillation_loss` applies the usual ``T**2`` factor to the KD term.
+
+Memory: positions are flattened to the unmasked ones and processed ``chunk_tokens`` at a time; the float32 copy of
+the student's logits exists for one chunk only. A custom autograd function computes each chunk's gradient during the
+forward pass and keeps one gradient buffer in the student's dtype (double backward is not supported).
+
+Usage::
+
+    loss = distillation_loss(logits, batch, kind="forward_kl", alpha=0.5, temperature=2.0)
+    loss.backward()
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSSES",
+    "TemperatureFallbackWarning",
+    "cross_entropy",
+    "distillation_loss",
+    "forward_kl_tail",
+    "jsd",
+    "renormalized_topk_kl",
+    "reverse_kl",
+    "sampled_kl",
+    "tvd",
+]
+
+IGNORE_INDEX = -100  # label value that CE and the default loss mask skip
+_NEG_INF = float("-inf")
+RowLoss = Callable[[Tensor, dict[str, Tensor]], Tensor]  # (student logits / T [C, V], row data [C, ...]) -> [C]
+
+
+class TemperatureFallbackWarning(UserWarning):
+    """The requested temperature is not stored in the cache, so the teacher head is renormalised (approximate)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunked evaluation
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """Sum of a per-row loss over selected rows of ``[N, V]`` logits, chunk by chunk, gradient computed eagerly."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        rows: Tensor,
+        data: dict,
+        row_loss: RowLoss,
+        temperature: float,
+        chunk_tokens: int,
+        needs_grad: bool,
+    ) -> Tensor:
+        dtype = _compute_dtype(logits)
+        total = torch.zeros((), dtype=dtype, device=logits.device)
+        grad = torch.zeros_like(logits) if needs_grad else None
+        for start in range(0, rows.numel(), chunk_tokens):
+            index = rows[start : start + chunk_tokens]
+            part = {key: value[start : start + chunk_tokens] for key, value in data.items()}
+            x = logits.index_select(0, index).to(dtype)
+            with torch.enable_grad() if needs_grad else torch.no_grad():
+                x.requires_grad_(needs_grad)
+                loss = row_loss(x / temperature if temperature != 1.0 else x, part).sum()
+                if needs_grad:
+                    (chunk_grad,) = torch.autograd.grad(loss, x)
+                    grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype), None, None, None, None, None, None)
+
+
+def _mean_over_rows(
+    student_logits: Tensor,
+    mask: Tensor,
+    data: dict[str, Tensor],
+    row_loss: RowLoss,
+    *,
+    temperature: float,
+    chunk_tokens: int,
+) -> Tensor:
+    """Mean of ``row_loss`` over the positions where ``mask`` is true; ``data`` values are ``[B, T, ...]`` teacher
+    tensors (moved to the student's device here), handed to ``row_loss`` as ``[C, ...]`` chunks."""
+    if int(chunk_tokens) < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 positions, got {chunk_tokens}")
+    vocab = student_logits.shape[-1]
+    logits = student_logits.reshape(-1, vocab)
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    flat = {key: value.to(logits.device).flatten(0, 1)[rows] for key, value in data.items()}
+    needs_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    total = _ChunkedRowLoss.apply(logits, rows, flat, row_loss, temperature, int(chunk_tokens), needs_grad)
+    return total / max(rows.numel(), 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch validation and teacher targets
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _require(batch: Mapping[str, Any], key: str, loss: str) -> Tensor:
+    if key not in batch or batch[key] is None:
+        raise ValueError(f"{loss}: the batch has no {key!r}; keys present: {sorted(batch)}")
+    return batch[key]
+
+
+def _check_student(student_logits: Tensor, batch: Mapping[str, Any], ids: Sequence[Tensor], loss: str) -> None:
+    """Raise ValueError when the student's logits do not line up with the cached targets."""
+    if student_logits.ndim != 3 or not student_logits.is_floating_point():
+        raise ValueError(f"{loss}: student logits must be a float [B, T, V] tensor, got {tuple(student_logits.shape)}")
+    vocab = student_logits.shape[-1]
+    for tensor in ids:
+        if tuple(tensor.shape[:2]) != tuple(student_logits.shape[:2]):
+            raise ValueError(
+                f"{loss}: student logits are [B, T] = {tuple(student_logits.shape[:2])} but cached targets are "
+                f"{tuple(tensor.shape[:2])}; align the batch before the loss"
+            )
+    teacher_vocab = batch.get("teacher_vocab_size")
+    if teacher_vocab is not None:
+        teacher_vocab = int(torch.as_tensor(teacher_vocab).reshape(-1)[0])
+        if vocab < teacher_vocab:
+            raise ValueError(
+                f"{loss}: student vocab size {vocab} is smaller than teacher vocab size {teacher_vocab}; "
+                "pad the student's output layer to at least the teacher's vocabulary"
+            )
+        return
+    for tensor in ids:
+        largest = int(tensor.max()) if tensor.numel() else -1
+        if largest >= vocab:
+            raise ValueError(
+                f"{loss}: student vocab size {vocab} is smaller than teacher vocab size (at least {largest + 1}, "
+                f"from cached id {largest}); pad the student's output layer to the teacher's vocabulary"
+            )
+
+
+def _loss_mask(batch: Mapping[str, Any], shape: torch.Size, device: torch.device) -> Tensor:
+    """``[B, T]`` bool: ``loss_mask``, else ``labels != -100``, else ``attention_mask``, else all true."""
+    for key in ("loss_mask", "labels", "attention_mask"):
+        if batch.get(key) is not None:
+            value = batch[key]
+            mask = value != IGNORE_INDEX if key == "labels" else value.bool()
+            if tuple(mask.shape) != tuple(shape):
+                raise ValueError(f"batch {key!r} has shape {tuple(mask.shape)}, expected [B, T] = {tuple(shape)}")
+            return mask.to(device)
+    return torch.ones(shape, dtype=torch.bool, device=device)
+
+
+def _check_temperature(temperature: float, loss: str) -> float:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{loss}: temperature must be a positive finite number, got {temperature}")
+    return temperature
+
+
+def _stored_temperature(batch: Mapping[str, Any], temperature: float, loss: str, stacklevel: int) -> int | None:
+    """Index j of ``temperature`` among the stored temperatures; None, with a warning, when it is not stored."""
+    temps = batch.get("temperatures")
+    if temps is not None and batch.get("log_normalizers") is not None:
+        temps = torch.as_tensor(temps, dtype=torch.float64)
+        temps = temps[0] if temps.ndim == 2 else temps  # collated per-sample lists: every row is the same list
+        for j, stored in enumerate(temps.tolist()):
+            if math.isclose(stored, temperature, rel_tol=1e-6):
+                return j
+        stored_text = f"stored temperatures are {temps.tolist()}"
+    else:
+        stored_text = "the batch has no 'temperatures'/'log_normalizers'"
+    warnings.warn(
+        f"{loss}: temperature {temperature} is not in the cache ({stored_text}); falling back to the teacher's "
+        "top-k head and the student's head ids, both renormalised (biased, no tail). Cache this temperature for "
+        "exact targets.",
+        TemperatureFallbackWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return None
+
+
+def _temperature_offset(batch: Mapping[str, Any], j: int, temperature: float, dtype: torch.dtype) -> Tensor:
+    """``[B, T, 1]`` offset c with ``log p_T = log p_1 / T + c`` at stored temperature index j."""
+    normalizers = batch["log_normalizers"].to(dtype)
+    return normalizers[..., :1] / temperature - normalizers[..., j : j + 1]
+
+
+def _teacher_head_tail(
+    batch: Mapping[str, Any], temperature: float, dtype: torch.dtype, loss: str
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Teacher head log-probs ``[B, T, k]``, tail log-mass ``[B, T]`` and head validity ``[B, T, k]`` at T.
+
+    At an unstored temperature the head is renormalised over the valid top-k and the tail is None.
+    """
+    logprobs = _require(batch, "target_logprobs", loss).to(dtype)
+    valid = logprobs > _NEG_INF
+    logprobs = logprobs.masked_fill(~valid, _NEG_INF)
+    if temperature == 1.0:
+        tail = batch.get("tail_logprob")
+        tail = _log1mexp(torch.logsumexp(logprobs, -1)) if tail is None else tail.to(dtype)
+        return logprobs, tail, valid
+    j = _stored_temperature(batch, temperature, loss, stacklevel=4)  # user -> loss -> _bucket_loss -> here
+    if j is None:
+        return _masked_log_softmax(logprobs / temperature, valid), None, valid
+    head = logprobs / temperature + _temperature_offset(batch, j, temperature, dtype)
+    tails = batch.get("tail_logprobs")
+    tail = _log1mexp(torch.logsumexp(head, -1)) if tails is None else tails[..., j].to(dtype)
+    return head, tail, valid
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Divergences on log-probabilities [..., n]; entries of -inf are zero mass and never produce NaN gradients.
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends; ``-inf`` where ``x >= 0``."""
+    x = x.clamp(max=0.0)
+    safe = torch.where(x < 0, x, -1.0)
+    out = torch.where(safe > -math.log(2.0), torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
+    return torch.where(x < 0, out, _NEG_INF)
+
+
+def _masked_log_softmax(x: Tensor, valid: Tensor) -> Tensor:
+    """Log-softmax over the valid entries of the last axis; invalid entries (and rows with none) are ``-inf``."""
+    any_valid = valid.any(-1, keepdim=True)
+    x = x.masked_fill(~valid, _NEG_INF).masked_fill(~any_valid, 0.0)
+    return torch.log_softmax(x, -1).masked_fill(~valid, _NEG_INF)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``sum a (log a - log b)`` over the last axis with ``0 log 0 = 0``."""
+    a = log_a.exp()
+    positive = a > 0
+    diff = torch.where(positive, log_a, 0.0) - torch.where(positive, log_b, 0.0)
+    return torch.where(positive, a * diff, 0.0).sum(-1)
+
+
+def _forward_kl(lp: Tensor, lq: Tensor) -> Tensor:
+    return _kl(lp, lq)
+
+
+def _reverse_kl(lp: Tensor, lq: Tensor) -> Tensor:
+    return _kl(lq, lp)
+
+
+def _jsd(lp: Tensor, lq: Tensor, *, beta: float) -> Tensor:
+    """``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q`` (TRL's generalised JSD)."""
+    if beta == 0.0:
+        return _kl(lp, lq)
+    if beta == 1.0:
+        return _kl(lq, lp)
+    empty = (lp == _NEG_INF) & (lq == _NEG_INF)
+    log_m = torch.logaddexp(
+        torch.where(empty, 0.0, lp) + math.log(beta), torch.where(empty, 0.0, lq) + math.log1p(-beta)
+    ).masked_fill(empty, _NEG_INF)
+    return beta * _kl(lp, log_m) + (1.0 - beta) * _kl(lq, log_m)
+
+
+def _tvd(lp: Tensor, lq: Tensor) -> Tensor:
+    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-row student computations (x is one chunk of student logits / T, [C, V], float32 or float64)
+
+
+def _student_buckets(x: Tensor, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Student log-probs at the head ids ``[C, k]`` (-inf where invalid) and of the rest of the vocab ``[C]``."""
+    vocab = x.shape[-1]
+    normalizer = torch.logsumexp(x, -1, keepdim=True)
+    head = (x.gather(-1, ids) - normalizer).masked_fill(~valid, _NEG_INF)
+    # Padding ids point at a dummy column so they never hide a real id from the complement.
+    in_head = torch.zeros(x.shape[0], vocab + 1, dtype=torch.bool, device=x.device)
+    in_head = in_head.scatter_(-1, ids.masked_fill(~valid, vocab), True)[:, :vocab]
+    empty = in_head.all(-1, keepdim=True)  # k == V: no complement, and logsumexp of all -inf has a NaN gradient
+    complement = x.masked_fill(in_head, _NEG_INF).masked_fill(empty, 0.0)
+    tail = (torch.logsumexp(complement, -1, keepdim=True) - normalizer).masked_fill(empty, _NEG_INF)
+    return head, tail.squeeze(-1)
+
+
+def _bucket_rows(x: Tensor, data: dict[str, Tensor], *, divergence: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    lq_head, lq_tail = _student_buckets(x, data["ids"], data["valid"])
+    lp = torch.cat([data["head"], data["tail"].unsqueeze(-1)], -1)
+    lq = torch.cat([lq_head, lq_tail.unsqueeze(-1)], -1)
+    return divergence(lp, lq)
+
+
+def _renormalized_rows(
+    x: Tensor, data: dict[str, Tensor], *, divergence: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    return divergence(data["head"], _masked_log_softmax(x.gather(-1, data["ids"]), data["valid"]))
+
+
+def _sampled_rows(x: Tensor, data: dict[str, Tensor]) -> Tensor:
+    normalizer = torch.logsumexp(x, -1, keepdim=True)
+    lq = x.gather(-1, data["sample_ids"]) - normalizer
+    loss = (data["sample_weights"] * (data["sample_logprobs"] - lq)).sum(-1)
+    if "head_ids" in data:  # hybrid: exact head term
+        lq_head = (x.gather(-1, data["head_ids"]) - normalizer).masked_fill(~data["head_valid"], _NEG_INF)
+        loss = loss + _kl(data["head"], lq_head)
+    return loss
+
+
+def _cross_entropy_rows(x: Tensor, data: dict[str, Tensor]) -> Tensor:
+    return torch.logsumexp(x, -1) - x.gather(-1, data["labels"].unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public losses
+
+
+def _bucket_loss(
+    student_logits: Tensor,
+    batch: Mapping[str, Any],
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    loss: str,
+    temperature: float,
+    chunk_tokens: int,
+    renormalize: bool = False,
+) -> Tensor:
+    temperature = _check_temperature(temperature, loss)
+    ids = _require(batch, "target_ids", loss)
+    _check_student(student_logits, batch, [ids], loss)
+    if renormalize:
+        logprobs = _require(batch, "target_logprobs", loss).to(_compute_dtype(student_logits))
+        valid = logprobs > _NEG_INF
+        head, tail = _masked_log_softmax(logprobs / temperature, valid), None
+    else:
+        head, tail, valid = _teacher_head_tail(batch, temperature, _compute_dtype(student_logits), loss)
+    data = {"ids": ids.long(), "valid": valid, "head": head}
+    if tail is None:  # renormalised top-k on both sides, no tail bucket
+        row_loss = functools.partial(_renormalized_rows, divergence=divergence)
+    else:
+        data["tail"] = tail
+        row_loss = functools.partial(_bucket_rows, divergence=divergence)
+    mask = _loss_mask(batch, ids.shape[:2], student_logits.device)
+    return _mean_over_rows(student_logits, mask, data, row_loss, temperature=temperature, chunk_tokens=chunk_tokens)
+
+
+def forward_kl_tail(
+    student_logits: Tensor, batch: Mapping[str, Any], *, temperature: float = 1.0, chunk_tokens: int = 1024
+) -> Tensor:
+    """Forward KL(p_teacher || q_student) over the k head ids plus one tail bucket, mean over unmasked positions.
+
+    Exact at T = 1 and at every stored temperature; with k = V it equals the dense KL.
+
+    Args:
+        student_logits: ``[B, T, V]`` any float dtype, ``V >=`` the teacher's vocabulary.
+        batch: Reads ``target_ids``, ``target_logprobs``, ``tail_logprob``; optionally ``temperatures``,
+            ``log_normalizers``, ``tail_logprobs``, ``loss_mask``/``labels``/``attention_mask`` and
+            ``teacher_vocab_size``.
+        temperature: Softmax temperature of both teacher and student (no ``T**2`` factor here).
+        chunk_tokens: Positions evaluated at once; bounds the float32 ``[chunk_tokens, V]`` working set.
+
+    Returns:
+        Scalar float32 (float64 for float64 logits) tensor.
+
+    Raises:
+        ValueError: The batch lacks a key, shapes disagree, or the student's vocabulary is smaller than the teacher's.
+    """
+    return _bucket_loss(student_logits, batch, _forward_kl, "forward_kl_tail", temperature, chunk_tokens)
+
+
+def reverse_kl(
+    student_logits: Tensor, batch: Mapping[str, Any], *, temperature: float = 1.0, chunk_tokens: int = 1024
+) -> Tensor:
+    """Reverse KL(q_student || p_teacher) on the head + tail buckets; arguments as :func:`forward_kl_tail`."""
+    return _bucket_loss(student_logits, batch, _reverse_kl, "reverse_kl", temperature, chunk_tokens)
+
+
+def jsd(
+    student_logits: Tensor,
+    batch: Mapping[str, Any],
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+) -> Tensor:
+    """Generalised Jensen-Shannon divergence on the head + tail buckets.
+
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``; ``beta = 0`` is the
+    forward KL and ``beta = 1`` the reverse KL (TRL's convention). Other arguments as :func:`forward_kl_tail`.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd: beta must lie in [0, 1], got {beta}")
+    divergence = functools.partial(_jsd, beta=float(beta))
+    return _bucket_loss(student_logits, batch, divergence, "jsd", temperature, chunk_tokens)
+
+
+def tvd(
+    student_logits: Tensor, batch: Mapping[str, Any], *, temperature: float = 1.0, chunk_tokens: int = 1024
+) -> Tensor:
+    """Total variation ``0.5 * sum |p - q|`` on the head + tail buckets; arguments as :func:`forward_kl_tail`."""
+    return _bucket_loss(student_logits, batch, _tvd, "tvd", temperature, chunk_tokens)
+
+
+def renormalized_topk_kl(
+    student_logits: Tensor, batch: Mapping[str, Any], *, temperature: float = 1.0, chunk_tokens: int = 1024
+) -> Tensor:
+    """KL between the teacher head renormalised to 1 and the student restricted to the head ids and renormalised.
+
+    The common biased baseline: it ignores the tail and its gradient is not the full-KD gradient. It needs only
+    ``target_ids`` and ``target_logprobs`` and is the same at any temperature, stored or not. Arguments and return
+    value as :func:`forward_kl_tail`.
+    """
+    return _bucket_loss(
+        student_logits, batch, _forward_kl, "renormalized_topk_kl", temperature, chunk_tokens, renormalize=True
+    )
+
+
+def sampled_kl(
+    student_logits: Tensor,
+    batch: Mapping[str, Any],
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    hybrid: bool | None = None,
+) -> Tensor:
+    """Unbiased sampled forward KL: ``sum_i w_i (log p_i - log q_i)`` (+ the exact head term in hybrid mode).
+
+    Over draws, ``E[sum_i w_i f(id_i)] = sum_v p_v f(v)``, so both the loss and its gradient w.r.t. the student
+    logits are unbiased estimates of the full forward KL and its gradient. At a stored temperature T the weights are
+    importance-reweighted, ``w_i p_T(i) / p(i)``, and stay unbiased; at an unstored one they are self-normalised over
+    the cached support (``p^(1/T)`` up to a constant estimated from the same draws) with a warning.
+
+    Args:
+        student_logits: ``[B, T, V]`` any float dtype.
+        batch: Reads ``sample_ids``, ``sample_weights``, ``sample_logprobs`` and, in hybrid mode, ``target_ids`` and
+            ``target_logprobs``; the optional keys as :func:`forward_kl_tail`.
+        temperature: Softmax temperature of teacher and student.
+        chunk_tokens: Positions evaluated at once.
+        hybrid: Add the exact head term from ``target_ids``; None means "when ``target_ids`` is in the batch".
+
+    Returns:
+        Scalar float32 (float64 for float64 logits) tensor.
+    """
+    loss = "sampled_kl"
+    temperature = _check_temperature(temperature, loss)
+    dtype = _compute_dtype(student_logits)
+    ids = _require(batch, "sample_ids", loss).long()
+    weights = _require(batch, "sample_weights", loss).to(dtype)
+    logprobs = _require(batch, "sample_logprobs", loss).to(dtype)
+    hybrid = batch.get("target_ids") is not None if hybrid is None else hybrid
+    head_ids = _require(batch, "target_ids", loss).long() if hybrid else None
+    _check_student(student_logits, batch, [ids] if head_ids is None else [ids, head_ids], loss)
+    valid = (weights > 0) & (logprobs > _NEG_INF)
+    weights, logprobs = weights.masked_fill(~valid, 0.0), logprobs.masked_fill(~valid, 0.0)
+    head = head_valid = None
+    if hybrid:
+        head = _require(batch, "target_logprobs", loss).to(dtype)
+        head_valid = head > _NEG_INF
+        head = head.masked_fill(~head_valid, _NEG_INF)
+    if temperature != 1.0:
+        j = _stored_temperature(batch, temperature, loss, stacklevel=2)
+        if j is not None:
+            offset = _temperature_offset(batch, j, temperature, dtype)
+        else:  # estimate log Z_T = log sum_v p_v^(1/T) from the head and the weighted draws
+            log_terms = (weights.log() + logprobs * (1.0 / temperature - 1.0)).masked_fill(~valid, _NEG_INF)
+            if hybrid:
+                log_terms = torch.cat([log_terms, head / temperature], -1)
+            log_z = torch.logsumexp(log_terms, -1, keepdim=True)
+            offset = -log_z.masked_fill(log_z == _NEG_INF, 0.0)
+        tempered = logprobs / temperature + offset
+        weights = (weights * (tempered - logprobs).exp()).masked_fill(~valid, 0.0)
+        logprobs = tempered.masked_fill(~valid, 0.0)
+        if hybrid:
+            head = head / temperature + offset
+    data = {"sample_ids": ids, "sample_weights": weights, "sample_logprobs": logprobs}
+    if hybrid:
+        data.update(head_ids=head_ids, head_valid=head_valid, head=head)
+    mask = _loss_mask(batch, ids.shape[:2], student_logits.device)
+    return _mean_over_rows(
+        student_logits, mask, data, _sampled_rows, temperature=temperature, chunk_tokens=chunk_tokens
+    )
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor, *, chunk_tokens: int = 1024) -> Tensor:
+    """Token cross-entropy at temperature 1, mean over labels that are not -100, chunked like the KD losses.
+
+    Args:
+        student_logits: ``[B, T, V]`` any float dtype.
+        labels: ``[B, T]`` int64 next-token labels aligned with the logits; -100 is ignored.
+        chunk_tokens: Positions evaluated at once.
+
+    Returns:
+        Scalar float32 (float64 for float64 logits) tensor; 0 when every label is ignored.
+    """
+    _check_student(student_logits, {}, [labels], "cross_entropy")
+    mask = labels != IGNORE_INDEX
+    data = {"labels": labels.long().masked_fill(~mask, 0)}
+    return _mean_over_rows(student_logits, mask, data, _cross_entropy_rows, temperature=1.0, chunk_tokens=chunk_tokens)
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": forward_kl_tail,
+    "forward_kl_tail": forward_kl_tail,
+    "renormalized_topk_kl": renormalized_topk_kl,
+    "sampled_kl": sampled_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "tvd": tvd,
+}
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    batch: Mapping[str, Any],
+    *,
+    kind: str = "forward_kl",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    **loss_kwargs: Any,
+) -> Tensor:
+    """``alpha * T**2 * KD + (1 - alpha) * CE``, the usual mix of a distillation term and the hard-label loss.
+
+    Args:
+        student_logits: ``[B, T, V]`` any float dtype.
+        batch: As the chosen loss reads it, plus ``labels`` ``[B, T]`` int64 for the CE term (unless ``alpha == 1``).
+        kind: A key of :data:`LOSSES`.
+        alpha: Weight of the KD term in [0, 1]; the term left out at 0 or 1 is not computed.
+        temperature: KD temperature; the KD term is multiplied by ``temperature**2`` so its gradient scale does not
+            depend on T. CE is always at temperature 1.
+        chunk_tokens: Positions evaluated at once.
+        **loss_kwargs: Passed to the KD loss (``beta`` for ``jsd``, ``hybrid`` for ``sampled_kl``).
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: Unknown ``kind``, ``alpha`` outside [0, 1], or missing ``labels`` when CE is needed.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"distillation_loss: unknown kind {kind!r}; choose one of {sorted(LOSSES)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation_loss: alpha must lie in [0, 1], got {alpha}")
+    total = student_logits.new_zeros((), dtype=_compute_dtype(student_logits))
+    if alpha > 0.0:
+        kd = LOSSES[kind](student_logits, batch, temperature=temperature, chunk_tokens=chunk_tokens, **loss_kwargs)
+        total = total + alpha * temperature**2 * kd
+    if alpha < 1.0:
+        labels = _require(batch, "labels", "distillation_loss")
+        total = total + (1.0 - alpha) * cross_entropy(student_logits, labels, chunk_tokens=chunk_tokens)
+    return total

@@ -1,0 +1,408 @@
+"""Load a Hugging Face causal LM as a teacher and turn token batches into top-k soft targets, chunk by chunk.
+
+The only module of kdcache that imports ``transformers`` (imported lazily, so importing this module is cheap).
+
+The teacher runs the base model once per batch, gathers the hidden states of the valid (unpadded) positions and
+applies the output head to a few positions at a time, with every final-logit transform the architecture's own
+``forward`` applies (Gemma 2/3 soft-capping, Cohere ``logit_scale``, Granite ``logits_scaling``, ...). The full
+``[tokens, vocab]`` float32 logits tensor is never built. An architecture whose output transform kdcache does not
+know is refused with a clear error, and every model is checked once at load time against its own ``forward``.
+
+Usage::
+
+    teacher = Teacher("Qwen/Qwen2.5-0.5B", dtype="bfloat16")
+    targets = teacher.compute_targets(input_ids, attention_mask, k=64, temperatures=[1.0, 2.0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcache.errors import ConfigError
+from kdcache.targets import TokenTargets, select_topk
+
+__all__ = ["HEAD_TRANSFORMS", "Teacher", "load_tokenizer", "read_model_info", "resolve_dtype", "tokenizer_fingerprint"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+_PROBE_TOKENS = 16  # length of the one-row probe used to check the chunked head against the model's forward
+# Allowed max |chunked - forward| logit difference, relative to 1 + max |logit|, per compute dtype.
+_PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+HeadTransform = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _identity(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def _final_softcap(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    # Same op order as Gemma2ForCausalLM.forward, so half-precision rounding matches too.
+    cap = model.config.get_text_config(decoder=True).final_logit_softcapping
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _recurrent_gemma_softcap(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    cap = model.config.logits_soft_cap
+    return torch.tanh(logits / cap) * cap
+
+
+def _cohere_scale(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    return logits * model.logit_scale
+
+
+def _granite_divide(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    return logits / model.config.logits_scaling
+
+
+def _hyperclovax_multiply(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    return logits * model.config.logits_scaling
+
+
+def _falcon_h1_multiply(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    return logits * model.model.lm_head_multiplier
+
+
+# What each causal-LM class's forward does between `lm_head(last_hidden_state)` and returning `.logits`, read from
+# the transformers 5.x sources. Keyed by class, not model_type: Gemma3ForConditionalGeneration skips the softcap
+# that Gemma3ForCausalLM applies. Classes not listed are accepted only if their config names no logit transform and
+# the load-time probe agrees with their forward.
+HEAD_TRANSFORMS: dict[str, HeadTransform] = {
+    **dict.fromkeys(
+        [
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "MixtralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+            "Qwen3MoeForCausalLM",
+            "GPT2LMHeadModel",
+            "Phi3ForCausalLM",
+            "GemmaForCausalLM",
+            "Olmo2ForCausalLM",
+            "Gemma3ForConditionalGeneration",
+        ],
+        _identity,
+    ),
+    **dict.fromkeys(
+        [
+            "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM",
+            "Gemma4ForCausalLM",
+            "Gemma4ForConditionalGeneration",
+            "VaultGemmaForCausalLM",
+            "NanoChatForCausalLM",
+        ],
+        _final_softcap,
+    ),
+    "RecurrentGemmaForCausalLM": _recurrent_gemma_softcap,
+    **dict.fromkeys(["CohereForCausalLM", "Cohere2ForCausalLM", "Cohere2MoeForCausalLM"], _cohere_scale),
+    **dict.fromkeys(
+        [
+            "GraniteForCausalLM",
+            "GraniteMoeForCausalLM",
+            "GraniteMoeSharedForCausalLM",
+            "GraniteMoeHybridForCausalLM",
+            "GraniteSWAForCausalLM",
+            "GraniteMoeSWAForCausalLM",
+        ],
+        _granite_divide,
+    ),
+    "HyperCLOVAXForCausalLM": _hyperclovax_multiply,
+    "FalconH1ForCausalLM": _falcon_h1_multiply,
+}
+# Config keys that suggest a final-logit transform (attention and router soft-capping excluded).
+_TRANSFORM_KEY = re.compile(r"(logit|lm_head).*(scal|cap|mult)|output_multiplier|mup")
+_NOT_TRANSFORM_KEY = re.compile(r"attn|attention|router|rope")
+
+
+def _to_torch_dtype(value: Any) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        return getattr(torch, value.removeprefix("torch."), None)
+    return None
+
+
+def _config_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a checkpoint's config declares (top level, else its text config), or None."""
+    found = _to_torch_dtype(getattr(config, "dtype", None))
+    if found is None:
+        found = _to_torch_dtype(getattr(config.get_text_config(decoder=True), "dtype", None))
+    return found
+
+
+def resolve_dtype(dtype: str, device: torch.device, *, config_dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """Turn the ``teacher.dtype`` setting into the torch dtype the teacher computes in.
+
+    Args:
+        dtype: "auto", "float32", "bfloat16" or "float16". "auto" is the checkpoint's own dtype on an accelerator
+            and float32 on CPU (half-precision matmuls on CPU are slow and gain nothing).
+        device: Device the teacher runs on.
+        config_dtype: The dtype the checkpoint's config declares, used by "auto" off CPU; float32 when None or not
+            one of the three supported dtypes.
+
+    Returns:
+        torch.float32, torch.bfloat16 or torch.float16.
+
+    Raises:
+        ConfigError: (a ValueError) ``dtype`` is not one of the four names.
+    """
+    if dtype == "auto":
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        resolved = _to_torch_dtype(config_dtype)
+        return resolved if resolved in _DTYPES.values() else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"teacher.dtype must be one of 'auto', {', '.join(map(repr, _DTYPES))}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Load the teacher's tokenizer with ``AutoTokenizer`` (hub id or local directory)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """Identify a tokenizer by content, so a cache can refuse a student whose tokenizer differs.
+
+    Args:
+        tokenizer: A transformers tokenizer. A fast one is hashed by its ``tokenizer.json`` content (minus the
+            truncation/padding state, which transformers changes on each call), a slow one by its sorted vocab.
+
+    Returns:
+        ``{"hash": sha256 hex, "vocab_size": len(tokenizer), "eos_token_id": int | None, "bos_token_id": ...}``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        content = json.loads(backend.to_str())
+        content.pop("truncation", None)
+        content.pop("padding", None)
+    else:
+        content = tokenizer.get_vocab()
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return {
+        "hash": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+
+
+def _weights_fingerprint(name_or_path: str, config: Any) -> str | None:
+    """sha256 of config.json plus sorted (weight file, size) for a local directory; else the resolved hub commit."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        digest = hashlib.sha256((local / "config.json").read_bytes())
+        for path in sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
+            digest.update(f"\n{path.name}\t{path.stat().st_size}".encode())
+        return digest.hexdigest()
+    return getattr(config, "_commit_hash", None)  # None: the hub commit could not be resolved
+
+
+def read_model_info(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """Describe a checkpoint cheaply from its config alone (no weights are loaded).
+
+    Returns:
+        JSON-serialisable dict: ``model_type``, ``architectures``, ``padded_vocab_size`` (rows of the output head,
+        from the text config for multimodal models), ``final_logit_softcapping``, ``logit_scale``,
+        ``logits_scaling`` (None when absent), ``config_dtype`` (str or None) and ``weights_fingerprint`` (sha256 hex
+        of config.json plus weight file names and sizes for a local directory, the resolved commit for a hub id, None
+        when that is unknown).
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    text = config.get_text_config(decoder=True)
+    dtype = _config_dtype(config)
+    return {
+        "model_type": config.model_type,
+        "architectures": list(getattr(config, "architectures", None) or []),
+        "padded_vocab_size": int(text.vocab_size),
+        "final_logit_softcapping": getattr(text, "final_logit_softcapping", None),
+        "logit_scale": getattr(text, "logit_scale", None),
+        "logits_scaling": getattr(text, "logits_scaling", None),
+        "config_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        "weights_fingerprint": _weights_fingerprint(name_or_path, config),
+    }
+
+
+def _head_transform(model: torch.nn.Module) -> HeadTransform:
+    """The final-logit transform of ``model``'s class; ConfigError for an unknown class whose config names one."""
+    name = type(model).__name__
+    if name in HEAD_TRANSFORMS:
+        return HEAD_TRANSFORMS[name]
+    suspicious = {}
+    for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
+        for key, value in config.to_dict().items():
+            if value is not None and _TRANSFORM_KEY.search(key) and not _NOT_TRANSFORM_KEY.search(key):
+                suspicious[key] = value
+    if suspicious:
+        raise ConfigError(
+            f"{name} (model_type {model.config.model_type!r}) sets {suspicious}, which may transform the final "
+            "logits, and kdcache does not know how this class applies it; add the class to "
+            "kdcache.teacher.HEAD_TRANSFORMS after reading its forward()"
+        )
+    return _identity
+
+
+class Teacher:
+    """A causal LM in inference mode that maps token batches to top-k soft targets without full-vocab logits.
+
+    Attributes:
+        model: The loaded ``transformers`` model (eval mode, no gradients).
+        device: Device the model runs on.
+        dtype: Dtype the model computes in.
+        padded_vocab_size: Rows of the output head (the logits dimension; may exceed the tokenizer's size).
+        chunk_bytes: Upper bound in bytes on the float32 logits of one head chunk.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+        chunk_bytes: int = 256 * 2**20,
+    ) -> None:
+        """Load the model and check its chunked head against its own forward on a short probe.
+
+        Args:
+            name_or_path: Hub id or local directory of a causal LM checkpoint.
+            revision: Hub revision (branch, tag or commit); ignored for a local directory.
+            dtype: "auto", "float32", "bfloat16" or "float16"; see :func:`resolve_dtype`.
+            device: Device to run on; default cuda when available, else cpu.
+            trust_remote_code: Allow the checkpoint's own modelling code (needed by some architectures).
+            chunk_bytes: Bytes of float32 logits one head chunk may hold: ``positions * V * 4 <= chunk_bytes`` (at
+                least one position per chunk). Peak extra memory is a small multiple of this.
+
+        Raises:
+            ConfigError: bad ``dtype`` or ``chunk_bytes``, or an architecture whose final-logit transform is unknown
+                or whose forward disagrees with the chunked head.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            raise ConfigError(f"chunk_bytes must be a positive int (bytes of float32 logits); got {chunk_bytes!r}")
+        self.device = torch.device(device) if device is not None else _default_device()
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        self.dtype = resolve_dtype(dtype, self.device, config_dtype=_config_dtype(config))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            config=config,
+            revision=revision,
+            dtype=self.dtype,
+            trust_remote_code=trust_remote_code,
+        ).to(self.device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.chunk_bytes = chunk_bytes
+
+        self._body = self.model.base_model
+        self._head = self.model.get_output_embeddings()
+        name = type(self.model).__name__
+        if self._body is self.model or self._head is None:
+            raise ConfigError(f"{name} has no separate base model and output head; kdcache cannot chunk its lm_head")
+        self._transform = _head_transform(self.model)
+        self.padded_vocab_size = int(self._head.weight.shape[0])
+        self._check_head_matches_forward()
+
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states ``[B, L, H]`` (model dtype) from one pass of the base model."""
+        out = self._body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final logits ``[n, V]`` (model dtype) of hidden states ``[n, H]``, as the model's forward computes them."""
+        return self._transform(self.model, self._head(hidden))
+
+    def _check_head_matches_forward(self) -> None:
+        """Refuse the model when head + transform on hidden states disagrees with its forward's logits."""
+        vocab_in = self.model.get_input_embeddings().weight.shape[0]
+        ids = ((torch.arange(_PROBE_TOKENS) * 7919 + 100) % vocab_in).unsqueeze(0).to(self.device)
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            ours = self._logits(self._hidden_states(ids, mask)[0]).float()
+            ref = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+        error = (ours - ref).abs().max().item()
+        allowed = _PROBE_RTOL.get(self.dtype, 3e-2) * (1.0 + ref.abs().max().item())
+        if not error <= allowed:
+            raise ConfigError(
+                f"{type(self.model).__name__}: the chunked lm_head differs from the model's forward by {error:.3g} "
+                f"logits (allowed {allowed:.3g}); its forward applies a final-logit transform kdcache does not know. "
+                "Add the class to kdcache.teacher.HEAD_TRANSFORMS after reading its forward()"
+            )
+
+    def _check_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be [B, L]; got {tuple(input_ids.shape)} and "
+                f"{tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(self.device)
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError("batches must be right-padded: attention_mask has a 1 after a 0 in some row")
+        return input_ids.to(self.device, torch.long), mask.long()
+
+    @torch.inference_mode()
+    def compute_targets(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int, temperatures: Sequence[float]
+    ) -> TokenTargets:
+        """Top-k soft targets of every valid position of a right-padded batch.
+
+        Args:
+            input_ids: ``[B, L]`` integer token ids, right-padded.
+            attention_mask: ``[B, L]`` 0/1, 1 on valid tokens, all 1s before all 0s in each row.
+            k: Ids kept per position, ``1 <= k <= padded_vocab_size``.
+            temperatures: Temperatures for normalizers and tail masses; ``temperatures[0]`` must be 1.0.
+
+        Returns:
+            TokenTargets for the ``N = attention_mask.sum()`` valid positions in row-major order (row 0's valid
+            tokens, then row 1's, ...), on ``self.device``. Targets at position t describe the next token after t.
+
+        Raises:
+            ValueError: malformed batch (shapes, non-binary or left-padded mask), bad k or temperatures.
+        """
+        input_ids, mask = self._check_batch(input_ids, attention_mask)
+        hidden = self._hidden_states(input_ids, mask)[mask.bool()]  # [N, H], row-major
+        rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
+        if hidden.shape[0] == 0:
+            empty = torch.empty(0, self.padded_vocab_size, device=self.device)
+            return select_topk(empty, k, temperatures)
+        parts = [
+            select_topk(self._logits(hidden[start : start + rows]).float(), k, temperatures)
+            for start in range(0, hidden.shape[0], rows)
+        ]
+        return TokenTargets.concat(parts)
+
+    @torch.inference_mode()
+    def full_log_softmax(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reference: ``log_softmax(model(...).logits.float())`` at the valid positions, for tests and benchmarks.
+
+        Builds the full ``[B, L, V]`` logits; use only on small batches.
+
+        Returns:
+            ``[N, V]`` float32 log-probabilities, positions in the same order as :meth:`compute_targets`.
+        """
+        input_ids, mask = self._check_batch(input_ids, attention_mask)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        return torch.log_softmax(logits.float(), dim=-1)[mask.bool()]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
