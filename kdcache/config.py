@@ -69,9 +69,29 @@ class DataConfig:
 class TargetsConfig:
     """Which soft targets are stored per token."""
 
-    mode: str = _f("topk", "topk (top-k ids with log-probs and the exact tail mass)")
-    k: int = _f(64, "number of top token ids stored per position")
+    mode: str = _f("topk", "topk | sample | hybrid (see docs/TARGETS.md)")
+    k: int = _f(64, "topk: number of top token ids stored per position")
+    samples: int = _f(50, "sample/hybrid: draws with replacement per position (1..255); unique ids are stored")
+    head: int = _f(8, "hybrid: exact top ids stored per position; the draws come from the rest")
+    seed: int = _f(0, "sample/hybrid: seed of the draws (with the unit id, reruns draw the same ids)")
     temperatures: list[float] = _f([1.0], "temperatures whose log-normalizer and tail mass are stored (1.0 always)")
+
+    @property
+    def stored_k(self) -> int:
+        """Head entries stored per position: k (topk), head (hybrid) or 0 (sample)."""
+        return {"topk": self.k, "hybrid": self.head, "sample": 0}[self.mode]
+
+    @property
+    def num_samples(self) -> int:
+        """Draws per position: 0 in topk mode."""
+        return 0 if self.mode == "topk" else self.samples
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What of this section determines the cached bytes."""
+        out: dict[str, Any] = {"mode": self.mode, "k": self.stored_k, "temperatures": self.temperatures}
+        if self.mode != "topk":
+            out.update(samples=self.samples, seed=self.seed)
+        return out
 
 
 @dataclass
@@ -105,7 +125,7 @@ SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
 }
 
-TARGET_MODES = ("topk",)
+TARGET_MODES = ("topk", "sample", "hybrid")
 DATA_FORMATS = ("jsonl", "parquet", "text")
 OUTPUT_FORMATS = ("parquet",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -159,6 +179,9 @@ class KDCacheConfig:
         _positive(self.data.unit_bytes, "data.unit_bytes")
         _one_of(self.targets.mode, TARGET_MODES, "targets.mode")
         _positive(self.targets.k, "targets.k")
+        if not 1 <= self.targets.samples <= 255:
+            raise ConfigError(f"targets.samples: must be in 1..255 (counts are stored as uint8), got {self.targets.samples}")
+        _positive(self.targets.head, "targets.head")
         temps = self.targets.temperatures
         if not temps or any((not isinstance(t, (int, float))) or isinstance(t, bool) or t <= 0 for t in temps):
             raise ConfigError(f"targets.temperatures: must be a non-empty list of numbers > 0, got {temps!r}")
@@ -182,8 +205,11 @@ class KDCacheConfig:
 
     def validate_against_vocab(self, padded_vocab_size: int) -> None:
         """Checks that need the teacher's vocabulary size (read from its config, before any work)."""
-        if self.targets.k > padded_vocab_size:
-            raise ConfigError(f"targets.k: must be <= the teacher's vocab size ({padded_vocab_size}), got {self.targets.k}")
+        key = {"topk": "targets.k", "hybrid": "targets.head", "sample": "targets.k"}[self.targets.mode]
+        if self.targets.stored_k > padded_vocab_size or (self.targets.mode == "hybrid" and self.targets.head >= padded_vocab_size):
+            raise ConfigError(
+                f"{key}: must be <= the teacher's vocab size ({padded_vocab_size}), got {self.targets.stored_k}"
+            )
 
 
 def normalize_temperatures(temps: list[float]) -> list[float]:

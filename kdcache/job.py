@@ -60,7 +60,7 @@ def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "teacher": {"model": t.model, "revision": t.revision, "dtype": t.dtype, **info},
         "tokenizer": {"name": cfg.data.tokenizer or t.model, **tokenizer_fingerprint(tok)},
-        "targets": {"mode": cfg.targets.mode, "k": cfg.targets.k, "temperatures": cfg.targets.temperatures},
+        "targets": cfg.targets.fingerprint(),
         "codec": CodecParams().to_dict(),
         "windowing": {
             "max_length": cfg.data.max_length,
@@ -232,7 +232,9 @@ def run_cache_job(cfg: KDCacheConfig) -> dict[str, Any]:
         settings = {
             "teacher": cfg.to_dict()["teacher"],
             "data": cfg.to_dict()["data"],
-            "k": cfg.targets.k,
+            "k": cfg.targets.stored_k,
+            "num_samples": cfg.targets.num_samples,
+            "seed": cfg.targets.seed,
             "temperatures": cfg.targets.temperatures,
             "output_uri": cfg.output.uri,
             "storage_options": cfg.output.storage_options,

@@ -43,6 +43,8 @@ class CacheReader:
         self.manifest: dict[str, Any] = manifest
         inputs = manifest["fingerprint_inputs"]
         self.k: int = inputs["targets"]["k"]
+        self.mode: str = inputs["targets"]["mode"]
+        self.num_samples: int = inputs["targets"].get("samples", 0) if self.mode != "topk" else 0
         self.temperatures: list[float] = list(inputs["targets"]["temperatures"])
         codec = inputs["codec"]
         self.codec = CodecParams(logprob_min=codec["logprob_min"], levels=codec["levels"])
@@ -86,8 +88,15 @@ class CacheReader:
 
 
 def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
-    """One sequence's arrays out of a decoded shard."""
-    return {
+    """One sequence's arrays out of a decoded shard (sampled caches add sample_ids/_counts/_logprobs [T, m])."""
+    samples = {}
+    if data.sample_ids is not None:
+        samples = {
+            "sample_ids": data.sample_ids[rows],
+            "sample_counts": data.sample_counts[rows],
+            "sample_logprobs": data.sample_logprobs[rows],
+        }
+    return samples | {
         "seq_id": np.int64(seq_id),
         "input_ids": data.input_ids[rows],
         "target_ids": data.target_ids[rows],

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.targets import TokenTargets, select_topk
+from kdcache.targets import SampledTargets, TokenTargets, sample_targets, select_topk
 
 __all__ = ["HEAD_TRANSFORMS", "Teacher", "load_tokenizer", "read_model_info", "resolve_dtype", "tokenizer_fingerprint"]
 
@@ -378,17 +378,44 @@ class Teacher:
         Raises:
             ValueError: malformed batch (shapes, non-binary or left-padded mask), bad k or temperatures.
         """
+        if self.padded_vocab_size == 0 or input_ids.numel() == 0 or int(attention_mask.sum()) == 0:
+            empty = torch.empty(0, self.padded_vocab_size, device=self.device)
+            return select_topk(empty, k, temperatures)
+        parts = self.map_logit_chunks(input_ids, attention_mask, lambda z: select_topk(z, k, temperatures))
+        return TokenTargets.concat(parts)
+
+    @torch.inference_mode()
+    def compute_sampled_targets(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        num_samples: int,
+        head: int,
+        temperatures: Sequence[float],
+        generator: torch.Generator | None = None,
+    ) -> tuple[TokenTargets, SampledTargets]:
+        """Sampled (head = 0) or hybrid (head > 0) targets of every valid position; see `targets.sample_targets`.
+
+        Returns:
+            (TokenTargets with ids ``[N, head]``, SampledTargets ``[N, m]``), positions as in :meth:`compute_targets`.
+        """
+        parts = self.map_logit_chunks(
+            input_ids,
+            attention_mask,
+            lambda z: sample_targets(z, num_samples=num_samples, head=head, temperatures=temperatures, generator=generator),
+        )
+        return TokenTargets.concat([p[0] for p in parts]), SampledTargets.concat([p[1] for p in parts])
+
+    def map_logit_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> list:
+        """Run the body once, then `fn(float32 logits [n, V])` on chunks of valid positions in row-major order.
+
+        Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole.
+        """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
         hidden = self._hidden_states(input_ids, mask)[mask.bool()]  # [N, H], row-major
         rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
-        if hidden.shape[0] == 0:
-            empty = torch.empty(0, self.padded_vocab_size, device=self.device)
-            return select_topk(empty, k, temperatures)
-        parts = [
-            select_topk(self._logits(hidden[start : start + rows]).float(), k, temperatures)
-            for start in range(0, hidden.shape[0], rows)
-        ]
-        return TokenTargets.concat(parts)
+        return [fn(self._logits(hidden[start : start + rows]).float()) for start in range(0, hidden.shape[0], rows)]
 
     @torch.inference_mode()
     def full_log_softmax(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

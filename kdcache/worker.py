@@ -59,6 +59,8 @@ class WorkerSettings:
     compression_level: int
     batch_tokens: int
     shard_metadata: dict[str, Any]  # fingerprint etc., stored in each file's key-value metadata
+    num_samples: int = 0  # draws per position (sample/hybrid modes); 0 = topk
+    seed: int = 0  # seed of the draws, combined with the unit id and batch index
 
 
 class UnitWorker:
@@ -109,6 +111,25 @@ class UnitWorker:
             windows += [(make_seq_id(unit["url"], doc.locator, w), arr) for w, arr in enumerate(cut)]
         return windows, counts
 
+    def _compute(self, ids, mask, unit_id: str, batch_index: int) -> list[np.ndarray]:
+        """Targets of one padded batch as numpy arrays, in ShardWriter.add's argument order."""
+        import torch
+
+        s = self.settings
+        if s.num_samples == 0:
+            t = self.teacher.compute_targets(ids, mask, k=s.k, temperatures=s.temperatures)
+            samples = []
+        else:
+            # Seeded per (seed, unit, batch): a rerun or a retry on another actor draws the same ids.
+            generator = torch.Generator(device=self.teacher.device)
+            generator.manual_seed(_draw_seed(s.seed, unit_id, batch_index))
+            t, st = self.teacher.compute_sampled_targets(
+                ids, mask, num_samples=s.num_samples, head=s.k, temperatures=s.temperatures, generator=generator
+            )
+            samples = [st.ids.cpu().numpy(), st.counts.cpu().numpy(), st.logprobs.cpu().numpy()]
+        head = [t.ids, t.logprobs, t.log_normalizers, t.tail_logprobs, t.entropy]
+        return [a.cpu().numpy() for a in head] + samples
+
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
         """Compute, write and commit one unit; return its commit record (small JSON-able dict)."""
         import torch
@@ -120,6 +141,7 @@ class UnitWorker:
         writer = ShardWriter(
             k=s.k,
             num_temperatures=len(s.temperatures),
+            num_samples=s.num_samples,
             compression_level=s.compression_level,
             metadata={**s.shard_metadata, "unit_id": unit["unit_id"]},
         )
@@ -127,7 +149,7 @@ class UnitWorker:
         padded = 0
         forward_s = 0.0
         results: dict[int, tuple] = {}
-        for batch in make_batches(lengths, s.batch_tokens):
+        for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
             longest = lengths[batch[0]]
             ids = torch.zeros((len(batch), longest), dtype=torch.long)
             mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -136,15 +158,8 @@ class UnitWorker:
                 mask[row, : lengths[i]] = 1
             padded += len(batch) * longest
             f0 = time.perf_counter()
-            targets = self.teacher.compute_targets(ids, mask, k=s.k, temperatures=s.temperatures)
+            arrays = self._compute(ids, mask, unit["unit_id"], batch_index)
             forward_s += time.perf_counter() - f0
-            arrays = [
-                targets.ids.cpu().numpy(),
-                targets.logprobs.cpu().numpy(),
-                targets.log_normalizers.cpu().numpy(),
-                targets.tail_logprobs.cpu().numpy(),
-                targets.entropy.cpu().numpy(),
-            ]
             offset = 0
             for i in batch:  # valid positions come row by row, in batch order
                 n = lengths[i]
@@ -179,6 +194,11 @@ class UnitWorker:
             "total": time.perf_counter() - t0,
         }
         return record
+
+
+def _draw_seed(seed: int, unit_id: str, batch_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\0{unit_id}\0{batch_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _is_empty(doc, counts: dict[str, int]) -> bool:

@@ -12,7 +12,11 @@ One row per token, rows ordered by sequence then position; a row group never spl
 | log_normalizer_{j} | FLOAT                        | BYTE_STREAM_SPLIT | logsumexp(z / T_j) over the teacher's vocab    |
 | tail_logprob_{j}   | FLOAT                        | BYTE_STREAM_SPLIT | log mass outside the k ids at T_j              |
 | entropy            | FLOAT                        | BYTE_STREAM_SPLIT | entropy of the teacher distribution at T=1     |
+| sample_gaps        | LIST<INT32>                  | plain             | sample/hybrid: gap-coded unique sampled ids    |
+| sample_counts      | BYTE_ARRAY                   | plain             | sample/hybrid: one uint8 draw count per id     |
+| sample_codes       | BYTE_ARRAY                   | plain             | sample/hybrid: one uint8 log-prob code per id  |
 
+The target_* columns exist when k > 0 (topk, hybrid); the sample_* columns when the cache was sampled.
 j indexes the manifest's `targets.temperatures` (j = 0 is T = 1). All columns are zstd-compressed.
 """
 
@@ -59,6 +63,7 @@ class ShardWriter:
 
     k: int
     num_temperatures: int
+    num_samples: int = 0
     compression_level: int = 3
     codec: CodecParams = field(default_factory=CodecParams)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -70,16 +75,20 @@ class ShardWriter:
     num_tokens: int = 0
 
     def schema(self) -> pa.Schema:
-        fields = [
-            pa.field("seq_id", pa.int64()),
-            pa.field("input_id", pa.int32()),
-            pa.field("target_gaps", pa.binary(4 * self.k)),
-            pa.field("target_codes", pa.binary(self.k)),
-        ]
+        fields = [pa.field("seq_id", pa.int64()), pa.field("input_id", pa.int32())]
+        if self.k > 0:
+            fields += [pa.field("target_gaps", pa.binary(4 * self.k)), pa.field("target_codes", pa.binary(self.k))]
         for j in range(self.num_temperatures):
             fields += [pa.field(f"log_normalizer_{j}", pa.float32()), pa.field(f"tail_logprob_{j}", pa.float32())]
         fields.append(pa.field("entropy", pa.float32()))
-        meta = {"kdcache": json.dumps({**self.metadata, "k": self.k, "codec": self.codec.to_dict()}, sort_keys=True)}
+        if self.num_samples > 0:
+            fields += [
+                pa.field("sample_gaps", pa.list_(pa.int32())),
+                pa.field("sample_counts", pa.binary()),
+                pa.field("sample_codes", pa.binary()),
+            ]
+        described = {**self.metadata, "k": self.k, "num_samples": self.num_samples, "codec": self.codec.to_dict()}
+        meta = {"kdcache": json.dumps(described, sort_keys=True)}
         return pa.schema(fields, metadata=meta)
 
     def add(
@@ -91,9 +100,13 @@ class ShardWriter:
         log_normalizers: np.ndarray,
         tail_logprobs: np.ndarray,
         entropy: np.ndarray,
+        sample_ids: np.ndarray | None = None,
+        sample_counts: np.ndarray | None = None,
+        sample_logprobs: np.ndarray | None = None,
     ) -> None:
         """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
-        tail_logprobs [T, nT]; entropy [T]. Ids need not be sorted (they are sorted here)."""
+        tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
+        Ids need not be sorted (they are sorted here)."""
         t = len(input_ids)
         if target_ids.shape != (t, self.k) or target_logprobs.shape != (t, self.k):
             raise ValueError(f"sequence {seq_id}: targets must be [{t}, {self.k}], got {target_ids.shape}")
@@ -103,13 +116,18 @@ class ShardWriter:
         columns = {
             "seq_id": pa.array(np.full(t, seq_id, dtype=np.int64)),
             "input_id": pa.array(np.asarray(input_ids, dtype=np.int32)),
-            "target_gaps": _fixed_binary(encode_ids(ids).astype("<u4")),
-            "target_codes": _fixed_binary(quantize_logprobs(lps, self.codec)),
         }
+        if self.k > 0:
+            columns["target_gaps"] = _fixed_binary(encode_ids(ids).astype("<u4"))
+            columns["target_codes"] = _fixed_binary(quantize_logprobs(lps, self.codec))
         for j in range(self.num_temperatures):
             columns[f"log_normalizer_{j}"] = pa.array(np.asarray(log_normalizers[:, j], dtype=np.float32))
             columns[f"tail_logprob_{j}"] = pa.array(np.asarray(tail_logprobs[:, j], dtype=np.float32))
         columns["entropy"] = pa.array(np.asarray(entropy, dtype=np.float32))
+        if self.num_samples > 0:
+            if sample_ids is None or sample_counts is None or sample_logprobs is None:
+                raise ValueError(f"sequence {seq_id}: a sampled shard needs sample_ids, sample_counts, sample_logprobs")
+            columns.update(_encode_samples(sample_ids, sample_counts, sample_logprobs, self.codec))
         self._pending.append(pa.Table.from_pydict(columns, schema=self.schema()))
         self._pending_tokens += t
         self.num_sequences += 1
@@ -142,6 +160,67 @@ class ShardWriter:
         return sink.getvalue()
 
 
+def _encode_samples(ids: np.ndarray, counts: np.ndarray, logprobs: np.ndarray, codec: CodecParams) -> dict:
+    """Ragged per-token sample columns from padded [T, m] arrays (entries with count 0 are padding)."""
+    valid = np.asarray(counts) > 0
+    lengths = valid.sum(axis=1)
+    order = np.argsort(np.where(valid, ids, np.iinfo(np.int64).max), axis=1, kind="stable")  # valid ids ascending
+    ids_s = np.take_along_axis(np.asarray(ids, dtype=np.int64), order, axis=1)
+    counts_s = np.take_along_axis(np.asarray(counts), order, axis=1)
+    lps_s = np.take_along_axis(np.asarray(logprobs, dtype=np.float32), order, axis=1)
+    keep = np.arange(ids_s.shape[1])[None, :] < lengths[:, None]
+    gaps = np.where(keep, np.concatenate([ids_s[:, :1], np.diff(ids_s, axis=1) - 1], axis=1), 0)[keep]
+    if counts_s[keep].max(initial=0) > 255:
+        raise ValueError("sample counts above 255 cannot be stored; use targets.samples <= 255")
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    count_bytes = counts_s[keep].astype(np.uint8)
+    codes = quantize_logprobs(lps_s[keep], codec)
+    return {
+        "sample_gaps": pa.ListArray.from_arrays(pa.array(offsets), pa.array(gaps.astype(np.int32))),
+        "sample_counts": pa.BinaryArray.from_buffers(
+            pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(count_bytes.tobytes())]
+        ),
+        "sample_codes": pa.BinaryArray.from_buffers(
+            pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(codes.tobytes())]
+        ),
+    }
+
+
+def _ragged_to_padded(lengths: np.ndarray, values: np.ndarray, fill) -> np.ndarray:
+    """Flat values of rows with `lengths` -> [N, max(lengths)] padded with `fill`."""
+    n, width = len(lengths), int(lengths.max(initial=0))
+    out = np.full((n, width), fill, dtype=values.dtype)
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    out[mask] = values
+    return out
+
+
+def _decode_samples(table: pa.Table, codec: CodecParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    gaps_col = table.column("sample_gaps").combine_chunks()
+    offsets = gaps_col.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    gaps = gaps_col.values.to_numpy(zero_copy_only=False).astype(np.int64)[offsets[0] : offsets[-1]]
+    # ids within a row: cumulative sum of (gap + 1), minus 1, restarted at each row
+    steps = gaps + 1
+    csum = np.cumsum(steps)
+    starts = np.repeat(np.concatenate([[0], csum])[offsets[:-1] - offsets[0]], lengths)
+    ids = csum - starts - 1
+
+    def raw_bytes(name: str) -> np.ndarray:
+        col = table.column(name).combine_chunks()
+        off = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+        data = np.frombuffer(col.buffers()[2], dtype=np.uint8) if col.buffers()[2] is not None else np.zeros(0, np.uint8)
+        return data[off[0] : off[-1]]
+
+    counts = raw_bytes("sample_counts").astype(np.int32)
+    lps = dequantize_logprobs(raw_bytes("sample_codes"), codec)
+    return (
+        _ragged_to_padded(lengths, ids, 0),
+        _ragged_to_padded(lengths, counts, 0),
+        _ragged_to_padded(lengths, lps, np.float32(-np.inf)),
+    )
+
+
 @dataclass
 class ShardData:
     """Decoded token rows of one shard (N tokens)."""
@@ -153,6 +232,9 @@ class ShardData:
     log_normalizers: np.ndarray  # [N, nT] float32
     tail_logprobs: np.ndarray  # [N, nT] float32
     entropy: np.ndarray  # [N] float32
+    sample_ids: np.ndarray | None = None  # [N, m] int64, padding id 0 (sampled caches)
+    sample_counts: np.ndarray | None = None  # [N, m] int32, 0 = padding
+    sample_logprobs: np.ndarray | None = None  # [N, m] float32, -inf = padding
 
 
 def read_shard(
@@ -166,8 +248,12 @@ def read_shard(
 def decode_table(table: pa.Table, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()) -> ShardData:
     """Decode token rows already read into an Arrow table (a whole file or some row groups)."""
     n = table.num_rows
-    gaps = _fixed_binary_to_numpy(table.column("target_gaps"), 4 * k, np.dtype("<u4")) if n else np.zeros((0, k))
-    codes = _fixed_binary_to_numpy(table.column("target_codes"), k, np.dtype(np.uint8)) if n else np.zeros((0, k))
+    if k > 0 and n:
+        gaps = _fixed_binary_to_numpy(table.column("target_gaps"), 4 * k, np.dtype("<u4"))
+        codes = _fixed_binary_to_numpy(table.column("target_codes"), k, np.dtype(np.uint8))
+    else:
+        gaps, codes = np.zeros((n, k), dtype=np.uint32), np.zeros((n, k), dtype=np.uint8)
+    samples = _decode_samples(table, codec) if "sample_gaps" in table.column_names else (None, None, None)
 
     def floats(name: str) -> np.ndarray:
         return table.column(name).to_numpy().astype(np.float32, copy=False)
@@ -180,6 +266,9 @@ def decode_table(table: pa.Table, *, k: int, num_temperatures: int, codec: Codec
         log_normalizers=np.stack([floats(f"log_normalizer_{j}") for j in range(num_temperatures)], axis=1),
         tail_logprobs=np.stack([floats(f"tail_logprob_{j}") for j in range(num_temperatures)], axis=1),
         entropy=floats("entropy"),
+        sample_ids=samples[0],
+        sample_counts=samples[1],
+        sample_logprobs=samples[2],
     )
 
 
