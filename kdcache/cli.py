@@ -75,6 +75,10 @@ def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> di
         "last_run": {k: v for k, v in stats["last_run"].items() if k != "failures"}
         | {"failures": len(stats["last_run"]["failures"])},
         "created_by": manifest["created_by"],
+        "telemetry": {
+            name: {key: t[key] for key in ("mean", "std", "p10", "p50", "p90")}
+            for name, t in (stats.get("telemetry") or {}).items()
+        },
     }
 
 
@@ -99,6 +103,11 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  last run     {lr['units']} units, {lr['tokens']:,} tokens in {lr['wall_time_s']:.1f}s "
             f"({lr['tokens_per_s']:,.0f} tok/s), {lr['failures']} failures; real-token fraction "
             f"{s['real_token_fraction']:.3f}",
+            *[
+                f"  {name:<12} mean {t['mean']:.3f}, p10 {t['p10']:.3f}, median {t['p50']:.3f}, p90 {t['p90']:.3f}"
+                for name, t in (("entropy", s["telemetry"].get("entropy")), ("captured", s["telemetry"].get("captured_mass")))
+                if t
+            ],
             f"  fingerprint  {s['fingerprint']}",
         ]
     )

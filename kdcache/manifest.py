@@ -18,6 +18,7 @@ from typing import Any
 
 from kdcache.errors import CacheMismatchError, CorruptShardError
 from kdcache.store import Store, safe_relpath
+from kdcache.telemetry import describe, merge_summaries
 
 __all__ = [
     "FORMAT_NAME",
@@ -129,6 +130,7 @@ def build_manifest(
             "documents": sum(u.get("documents", 0) for u in units),
             "empty_documents": sum(u.get("empty_documents", 0) for u in units),
             "short_windows_dropped": sum(u.get("short_windows_dropped", 0) for u in units),
+            "telemetry": describe(merge_summaries([u.get("telemetry") for u in units])),
             "last_run": last_run or {"units": 0, "tokens": 0, "wall_time_s": 0.0, "tokens_per_s": 0.0, "failures": []},
         },
     }

@@ -22,6 +22,7 @@ from kdcache.formats.parquet import SHARD_SUFFIX, ShardWriter
 from kdcache.manifest import commit_key, dumps, shard_key
 from kdcache.sources import cut_windows, iter_documents, make_seq_id, tokenize_documents
 from kdcache.store import Store
+from kdcache.telemetry import captured_mass, summarize_tokens
 
 __all__ = ["UnitWorker", "WorkerSettings", "make_batches"]
 
@@ -166,10 +167,13 @@ class UnitWorker:
                 results[i] = tuple(a[offset : offset + n] for a in arrays)
                 offset += n
         e0 = time.perf_counter()
+        entropies, masses = [], []
         for i, (seq_id, input_ids) in enumerate(windows):  # file order = read order, not batch order
-            writer.add(seq_id, input_ids, *results.pop(i))
+            arrays = results.pop(i)
+            entropies.append(arrays[4])
+            masses.append(captured_mass(arrays[1], arrays[7] if len(arrays) > 5 else None))
+            writer.add(seq_id, input_ids, *arrays)
         data = writer.finish()
-        encode_s = time.perf_counter() - e0
         record = {
             "unit_id": unit["unit_id"],
             "index": unit["index"],
@@ -180,19 +184,18 @@ class UnitWorker:
             "num_tokens": writer.num_tokens,
             "padded_tokens": padded,
             **counts,
+            "telemetry": summarize_tokens(
+                np.concatenate(entropies) if entropies else np.zeros(0), np.concatenate(masses) if masses else np.zeros(0)
+            ),
+            "timing_s": {"read": t_read - t0, "forward": forward_s, "encode": time.perf_counter() - e0},
         }
         w0 = time.perf_counter()
         self.store.write_bytes(record["path"], data)
         if not self.store.create_exclusive(commit_key(unit["unit_id"]), dumps(record)):
             self.store.delete(record["path"])  # another attempt won; ours is a duplicate
             return {**json.loads(self.store.read_bytes(commit_key(unit["unit_id"]))), "duplicate": True}
-        record["timing_s"] = {
-            "read": t_read - t0,
-            "forward": forward_s,
-            "encode": encode_s,
-            "write": time.perf_counter() - w0,
-            "total": time.perf_counter() - t0,
-        }
+        record["timing_s"] |= {"write": time.perf_counter() - w0, "total": time.perf_counter() - t0}
+        record["finished_at"] = time.time()
         return record
 
 

@@ -186,3 +186,15 @@ def test_k_larger_than_vocab_fails_before_any_work(tiny_teacher, job_corpus, tmp
     with pytest.raises(ConfigError, match=r"targets\.k"):
         run_cache_job(job_config(tiny_teacher, job_corpus, tmp_path / "x", "targets.k=100000"))
     assert not (tmp_path / "x").exists()
+
+
+def test_telemetry_in_manifest_matches_the_cached_tokens(finished_cache):
+    _, manifest, out = finished_cache
+    seqs = list(open_cache(str(out)).iter_sequences())
+    entropy = np.concatenate([s["entropy"] for s in seqs])
+    mass = np.concatenate([1 - np.exp(s["tail_logprob"].astype(np.float64)) for s in seqs])
+    tel = manifest["stats"]["telemetry"]
+    assert tel["entropy"]["count"] == len(entropy)
+    assert abs(tel["entropy"]["mean"] - entropy.mean()) < 1e-4
+    assert abs(tel["captured_mass"]["mean"] - mass.mean()) < 1e-4
+    assert all(u["timing_s"]["forward"] > 0 for u in manifest["units"] if u["num_tokens"])
