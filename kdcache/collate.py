@@ -1,0 +1,179 @@
+"""Batches of cached targets: padding sequences into `[B, L]` arrays, and the read-time choices (top-k, temperature).
+
+Pure functions on numpy arrays, single-threaded so they do not compete with the training step for torch's threads;
+no I/O. `KDCacheDataset` calls them per batch, then converts to tensors:
+
+    arrays = collate_sequences(seqs, k=64, num_temperatures=2)
+    ids, lps, tails = keep_top_k(ids, lps, tails, log_normalizers, temperatures, k=32)
+    lps, norms, tails, temps = apply_temperature(lps, norms, tails, temperatures, 2.0)
+
+Conventions (the batch contract of `kdcache.losses`): position t holds the teacher's distribution over the token
+after `input_ids[t]`; `labels[t] = input_ids[t + 1]` (-100 at each sequence's last position and at padding); head
+entries with log-prob -inf are padding (id 0); `temperatures[0] == 1.0` is the temperature the head is expressed at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["IGNORE_INDEX", "apply_temperature", "collate_sequences", "keep_top_k", "stored_temperature_index"]
+
+IGNORE_INDEX = -100  # label of positions without a next token
+
+
+def collate_sequences(
+    seqs: Sequence[dict[str, Any] | None],
+    *,
+    k: int,
+    num_temperatures: int,
+    pad_to: int | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """Pad sequences (dicts as `kdcache.reader.sequence_dict` makes them; None = a padded row) into batch arrays.
+
+    Args:
+        seqs: B entries; each holds `seq_id`, `input_ids` [T], `target_ids`/`target_logprobs` [T, k],
+            `log_normalizers`/`tail_logprobs` [T, nT] and `entropy` [T]. None makes a row with no real position.
+        pad_to: length L of every batch (a longer sequence raises ValueError); None pads to the longest (>= 1).
+
+    Returns:
+        `input_ids`, `attention_mask`, `labels` [B, L] int64; `loss_mask` [B, L] bool; `target_ids` [B, L, k] int64
+        (0 at padding); `target_logprobs` [B, L, k] float32 (-inf at padding); `log_normalizers`, `tail_logprobs`
+        [B, L, nT] float32 (0 at padding: all mass in the tail bucket); `entropy` [B, L] float32; `seq_id` [B] int64
+        (-1 for a padded row).
+    """
+    lengths = [0 if s is None else len(s["input_ids"]) for s in seqs]
+    longest = max(lengths, default=0)
+    if pad_to is not None and longest > pad_to:
+        row = lengths.index(longest)
+        raise ValueError(f"sequence {int(seqs[row]['seq_id'])} has {longest} tokens, more than pad_to={pad_to}")
+    b, length = len(seqs), pad_to if pad_to is not None else max(longest, 1)
+    out = {
+        "input_ids": np.full((b, length), pad_token_id, dtype=np.int64),
+        "attention_mask": np.zeros((b, length), dtype=np.int64),
+        "labels": np.full((b, length), IGNORE_INDEX, dtype=np.int64),
+        "target_ids": np.zeros((b, length, k), dtype=np.int64),
+        "target_logprobs": np.full((b, length, k), -np.inf, dtype=np.float32),
+        "log_normalizers": np.zeros((b, length, num_temperatures), dtype=np.float32),
+        "tail_logprobs": np.zeros((b, length, num_temperatures), dtype=np.float32),
+        "entropy": np.zeros((b, length), dtype=np.float32),
+        "seq_id": np.full(b, -1, dtype=np.int64),
+    }
+    for i, (seq, n) in enumerate(zip(seqs, lengths)):
+        if seq is None:
+            continue
+        out["seq_id"][i] = seq["seq_id"]
+        out["input_ids"][i, :n] = seq["input_ids"]
+        out["attention_mask"][i, :n] = 1
+        out["labels"][i, : n - 1] = seq["input_ids"][1:]
+        out["target_ids"][i, :n] = seq["target_ids"]
+        out["target_logprobs"][i, :n] = seq["target_logprobs"]
+        out["log_normalizers"][i, :n] = seq["log_normalizers"]
+        out["tail_logprobs"][i, :n] = seq["tail_logprobs"]
+        out["entropy"][i, :n] = seq["entropy"]
+    # Every cached position carries teacher targets, the last one included (the teacher's next-token distribution
+    # after the window), so the KD mask is the attention mask; only the hard-label CE lacks a target there.
+    out["loss_mask"] = out["attention_mask"].astype(bool)
+    return out
+
+
+def stored_temperature_index(temperatures: Sequence[float], temperature: float) -> int | None:
+    """Index j with temperatures[j] == temperature (relative tolerance 1e-6), or None."""
+    for j, stored in enumerate(temperatures):
+        if math.isclose(float(stored), float(temperature), rel_tol=1e-6):
+            return j
+    return None
+
+
+def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """logsumexp along `axis`; -inf where every entry is -inf (no warning, no NaN)."""
+    peak = np.max(x, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.sum(np.exp(x - peak), axis=axis, keepdims=True)) + peak).squeeze(axis)
+
+
+def keep_top_k(
+    target_ids: np.ndarray,
+    target_logprobs: np.ndarray,
+    tail_logprobs: np.ndarray,
+    log_normalizers: np.ndarray,
+    temperatures: Sequence[float],
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the k highest head entries per position and fold the dropped mass into the tail at every temperature.
+
+    The ranking is by log-prob at T = 1 (the same at every T, as logits / T keep their order; ties are broken
+    arbitrarily but deterministically). Kept entries stay sorted by id. At each stored T_j the dropped entries'
+    log-probs are `(lp + Z_1) / T_j - Z_j` and `tail'_j = log(exp(tail_j) + sum exp(dropped_j))`, so the tail stays
+    exact (up to the codec's quantization of the dropped head log-probs). numpy, single-threaded: this runs beside
+    the training step and must not compete for torch's intra-op threads.
+
+    Args:
+        target_ids: [..., K] int64 ascending; target_logprobs: [..., K] float32 at T = 1 (-inf = padding entry).
+        tail_logprobs, log_normalizers: [..., nT] float32; temperatures: the nT stored temperatures (index 0 is 1).
+        k: entries to keep, 1 <= k <= K.
+
+    Returns:
+        target_ids [..., k], target_logprobs [..., k], tail_logprobs [..., nT] (new arrays).
+    """
+    width = target_logprobs.shape[-1]
+    if not 1 <= k <= width:
+        raise ValueError(f"top_k must lie in [1, {width}] (the cache's k), got {k}")
+    if k == width:
+        return target_ids, target_logprobs, tail_logprobs
+    top = np.argpartition(-target_logprobs, k - 1, axis=-1)[..., :k]
+    top.sort(axis=-1)  # positions ascending, so ids stay ascending
+    dropped = target_logprobs.copy()
+    np.put_along_axis(dropped, top, -np.inf, axis=-1)
+    folded = np.empty_like(tail_logprobs)
+    for j, t in enumerate(temperatures):
+        at_t = (
+            dropped
+            if j == 0
+            else (dropped + log_normalizers[..., :1]) / np.float32(t) - log_normalizers[..., j : j + 1]
+        )
+        folded[..., j] = np.logaddexp(tail_logprobs[..., j], _logsumexp(at_t))
+    ids = np.take_along_axis(target_ids, top, axis=-1)
+    return ids, np.take_along_axis(target_logprobs, top, axis=-1), folded
+
+
+def apply_temperature(
+    target_logprobs: np.ndarray,
+    log_normalizers: np.ndarray,
+    tail_logprobs: np.ndarray,
+    temperatures: Sequence[float],
+    temperature: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
+    """Express the head at `temperature` T instead of 1, and re-base the stored temperatures on it.
+
+    Exact when T is stored (index j): `lp_T = (lp + Z_1) / T - Z_j` and the tail is `tail_logprobs[..., j]`. The
+    result describes the teacher with logits z / T, so the returned `temperatures` are `T_i / T` with T's own entry
+    first (1.0) and the normalizers/tails permuted alike: a loss asked for temperature t on this batch gets the
+    teacher at t * T, exactly when t * T is stored.
+
+    Not stored: the head is renormalized at T over the valid top-k (`log_softmax(lp / T)`), the tail is -inf and the
+    only temperature left is 1.0 (normalizer 0). Callers warn: this is the biased renormalized top-k target.
+
+    Returns:
+        target_logprobs [..., k], log_normalizers [..., nT'], tail_logprobs [..., nT'], temperatures (nT' floats).
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    inv_t = np.float32(1.0 / temperature)
+    j = stored_temperature_index(temperatures, temperature)
+    if j is not None:
+        order = [j, *[i for i in range(len(temperatures)) if i != j]]
+        head = (target_logprobs + log_normalizers[..., :1]) * inv_t - log_normalizers[..., j : j + 1]
+        rebased = [float(temperatures[i]) / float(temperature) for i in order]
+        return head.astype(np.float32), log_normalizers[..., order], tail_logprobs[..., order], rebased
+    scaled = target_logprobs * inv_t  # -inf (padding entries) stays -inf
+    with np.errstate(invalid="ignore"):  # -inf - -inf at positions with no valid entry: set to -inf below
+        head = (scaled - _logsumexp(scaled)[..., None]).astype(np.float32)
+    head[~np.isfinite(head)] = -np.inf
+    shape = (*target_logprobs.shape[:-1], 1)
+    return head, np.zeros(shape, np.float32), np.full(shape, -np.inf, np.float32), [1.0]

@@ -1,0 +1,494 @@
+"""`KDCacheDataset`: stream a cache into any PyTorch trainer as collated batches, exactly once per epoch, resumable.
+
+    ds = KDCacheDataset("s3://bucket/kd/llama-top64", batch_size=8, seed=0)        # rank/world from torch.distributed
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)     # the dataset batches itself
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for batch in loader:
+            loss = distillation_loss(student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+            ...
+            state = ds.state_after(int(batch["batch_index"]) + 1)  # save it; later ds.load_state_dict(state)
+
+Contract:
+- **Order**: a pure function of (seed, epoch) (see `kdcache.order`): units permuted, sequences shuffled inside
+  windows of `shuffle_window_units` units. Independent of the number of ranks and workers.
+- **Exactly once, equal steps**: the order is cut into global batches of `batch_size * world_size`; rank r gets the
+  r-th `batch_size` rows of each. Every rank yields the same number of batches. The incomplete last global batch is
+  dropped (`drop_last=True`) or padded with rows whose `attention_mask`/`loss_mask` are all 0 and `seq_id` is -1
+  (`drop_last=False`, the default: no sequence is lost; a loss over zero positions is 0 with zero gradient).
+- **Workers**: DataLoader worker w of W takes the rank's batches w, w+W, ... (counted from the iteration's first
+  batch), so `num_workers=W` yields the same batches in the same order as `num_workers=0`.
+- **Resume**: `state_dict()`/`load_state_dict()`; the batch carries `batch_index`, the global batch index in the
+  epoch, so the consumer knows what it consumed while workers prefetch: save `state_after(batch_index + 1)`.
+  Under torchdata's `StatefulDataLoader` the per-worker `state_dict()` is exact too. Resuming skips by index
+  arithmetic over the manifest's `num_sequences` (nothing skipped is read) and works with another world size or
+  worker count as long as the global batch size is unchanged.
+- **Throughput**: units are fetched, checksummed and decompressed `prefetch_units` ahead by a thread pool; a
+  background thread decodes and collates the next batches (off the training thread, also with num_workers=0).
+  Every (rank, worker) reads the units its rows fall in; with window shuffling that is every unit of the epoch, so
+  prefer `num_workers` 0-2: each worker repeats the fetch and decompression (decoding is only of its own rows).
+  Memory: about (shuffle_window_units + prefetch_units) decompressed units per worker.
+- **Epochs with workers**: call `set_epoch` before each epoch and do not use `persistent_workers=True` (persistent
+  workers keep their copy of the dataset, so they would not see the new epoch).
+- **Modes**: top-k caches (`targets.mode: topk`); sampled and hybrid caches are refused for now.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kdcache.collate import apply_temperature, collate_sequences, keep_top_k, stored_temperature_index
+from kdcache.errors import CacheMismatchError, CorruptShardError
+from kdcache.formats import ShardData
+from kdcache.formats.parquet import decode_table
+from kdcache.order import EpochOrder, num_global_batches, rank_positions
+from kdcache.prefetch import UnitPrefetcher, in_background
+from kdcache.reader import CacheReader
+
+__all__ = ["STATE_VERSION", "KDCacheDataset", "check_student"]
+
+STATE_VERSION = 1
+_PLAN_BATCHES = 64  # batches whose rows are looked up at once
+_MAX_PLANNED_BATCHES = 4096  # bound on batches planned ahead while looking for the next units to prefetch
+_QUEUE_BATCHES = 2  # collated batches the background thread keeps ready
+
+
+def check_student(manifest: dict[str, Any], *, student_vocab_size: int | None = None, tokenizer: Any = None) -> None:
+    """Raise `CacheMismatchError` when a student cannot be trained on this cache's targets.
+
+    A student output layer with at least the teacher's padded vocabulary is fine (extra columns get teacher
+    probability 0); fewer columns, a tokenizer of another size, or a tokenizer with another content hash are not.
+
+    Args:
+        manifest: the cache's manifest. student_vocab_size: the student's output columns (`config.vocab_size`).
+        tokenizer: the student's tokenizer: a transformers tokenizer (size and content hash checked) or anything
+            with `__len__` (size checked).
+    """
+    inputs = manifest["fingerprint_inputs"]
+    teacher_padded = inputs["teacher"]["padded_vocab_size"]
+    cached_tok = inputs["tokenizer"]
+    if student_vocab_size is not None and int(student_vocab_size) < teacher_padded:
+        raise CacheMismatchError(
+            f"student vocab {int(student_vocab_size)} < teacher padded vocab {teacher_padded}: the student's output "
+            f"layer must cover every cached id; pad it (e.g. resize_token_embeddings({teacher_padded}))"
+        )
+    if tokenizer is None:
+        return
+    size = len(tokenizer)
+    if size != cached_tok["vocab_size"]:
+        raise CacheMismatchError(
+            f"student tokenizer vocab {size} != teacher tokenizer vocab {cached_tok['vocab_size']} "
+            f"(cache tokenizer {cached_tok.get('name')!r}): the student must use the teacher's tokenizer"
+        )
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        from kdcache.teacher import tokenizer_fingerprint
+
+        digest = tokenizer_fingerprint(tokenizer)["hash"]
+        if digest != cached_tok["hash"]:
+            raise CacheMismatchError(
+                f"student tokenizer hash {digest[:16]} != teacher tokenizer hash {str(cached_tok['hash'])[:16]} "
+                f"(both vocab {size}): same size, different tokens; use the teacher's tokenizer"
+            )
+    if size > teacher_padded:
+        raise CacheMismatchError(f"student tokenizer vocab {size} > teacher padded vocab {teacher_padded}")
+
+
+@dataclass
+class _Unit:
+    """One unit's shard with its sequences' row bounds. Parquet shards stay Arrow tables (decompressed, rows decoded
+    on demand: a rank decodes only its own rows); other formats are held decoded (`ShardData`)."""
+
+    rows: Any  # pyarrow.Table (parquet) or ShardData
+    starts: np.ndarray  # [S] first row of each sequence, file order
+    lengths: np.ndarray  # [S] rows of each sequence
+    seq_ids: np.ndarray  # [S] int64
+
+
+@dataclass
+class _Plan:
+    """What one iterator (one rank, one worker) yields: global batches first, first + stride, ... < num_batches."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    first: int
+    stride: int
+    num_batches: int
+    worker_id: int
+    num_workers: int
+
+
+class KDCacheDataset(IterableDataset):
+    """Collated batches of cached teacher targets for one rank (see the module docstring for the contract).
+
+    Args:
+        uri: cache root URL; storage_options: fsspec options. Only `index.json` and the shards it names are read.
+        batch_size: sequences per batch on each rank; seed, epoch, shuffle: the order (a function of seed and epoch).
+        rank, world_size: default to torch.distributed's when initialized (at construction or iteration), else 0/1.
+        drop_last: drop the incomplete last global batch instead of padding it with masked rows.
+        shuffle_window_units: units whose sequences are shuffled together (memory: about this many units).
+        top_k: keep the k' most probable cached entries per position, dropped mass folded into the tail.
+        temperature: express targets at T (exact if cached, else renormalized top-k with a warning); see
+            `kdcache.collate.apply_temperature` for how `temperatures` is re-based.
+        student_vocab_size, tokenizer: checked against the cache (`check_student`).
+        prefetch_units: units fetched and decompressed ahead in background threads; 0 reads synchronously.
+        pad_to: fixed length L of every batch (None: the longest sequence of the batch); pad_token_id: input id at
+            padding.
+
+    Batch (a dict; B = batch_size, L = length, k' = top_k or the cache's k, nT = temperatures):
+        `input_ids`, `attention_mask`, `labels` [B, L] int64 (labels: next token, -100 at padding and at each
+        sequence's last position); `loss_mask` [B, L] bool (positions with teacher targets); `target_ids` [B, L, k']
+        int64 ascending; `target_logprobs` [B, L, k'] float32 (-inf at padding entries); `tail_logprob` [B, L]
+        float32; `log_normalizers`, `tail_logprobs` [B, L, nT] float32; `entropy` [B, L] float32 (T = 1);
+        `seq_id` [B] int64 (-1 for padded rows); `batch_index` [] int64 (global batch index in the epoch);
+        `temperatures` list of nT floats; `teacher_vocab_size` int.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epoch: int = 0,
+        drop_last: bool = False,
+        shuffle_window_units: int = 4,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        student_vocab_size: int | None = None,
+        tokenizer: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        prefetch_units: int = 2,
+        pad_to: int | None = None,
+        pad_token_id: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 sequences, got {batch_size}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither (then torch.distributed's are used)")
+        if rank is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        if prefetch_units < 0 or epoch < 0 or shuffle_window_units < 1:
+            raise ValueError("prefetch_units and epoch must be >= 0 and shuffle_window_units >= 1")
+        if pad_to is not None and pad_to < 1:
+            raise ValueError(f"pad_to must be >= 1 tokens, got {pad_to}")
+        self.uri, self.storage_options = uri, storage_options
+        self._reader: CacheReader | None = CacheReader(uri, storage_options)
+        self.manifest = self._reader.manifest
+        mode = self.manifest["fingerprint_inputs"]["targets"].get("mode", "topk")
+        if mode != "topk":
+            raise CacheMismatchError(f"{uri}: targets mode {mode!r} is not readable by KDCacheDataset (topk only)")
+        check_student(self.manifest, student_vocab_size=student_vocab_size, tokenizer=tokenizer)
+        if top_k is not None and not 1 <= top_k <= self.reader.k:
+            raise ValueError(f"top_k must lie in [1, {self.reader.k}] (the cache's k), got {top_k}")
+        if temperature is not None and stored_temperature_index(self.reader.temperatures, temperature) is None:
+            warnings.warn(
+                f"temperature {temperature} is not cached in {uri} (cached: {self.reader.temperatures}); batches "
+                "carry the renormalized top-k head at this temperature with no tail (biased). Cache it for exact "
+                "targets.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.batch_size, self.seed, self.shuffle, self.epoch = batch_size, seed, shuffle, epoch
+        self.drop_last, self.shuffle_window_units = drop_last, shuffle_window_units
+        self.top_k, self.temperature = top_k, temperature
+        self.prefetch_units, self.pad_to, self.pad_token_id = prefetch_units, pad_to, pad_token_id
+        self._rank, self._world_size = rank, world_size
+        self._resolve_topology()
+        self._unit_counts = [int(u["num_sequences"]) for u in self.reader.units]
+        self._resume: dict[str, Any] | None = None
+        self._position: dict[str, Any] | None = None  # where this process's live iterator stands
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Topology
+
+    def _resolve_topology(self) -> None:
+        if self._rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._resolve_topology()  # pickled in the main process for spawned workers: fix the rank there
+        return {**self.__dict__, "_reader": None}  # the reader holds modules; reopened from the manifest's URL
+
+    @property
+    def reader(self) -> CacheReader:
+        """The opened cache (reopened lazily in a process that received a pickled dataset)."""
+        if self._reader is None:
+            reader = CacheReader(self.uri, self.storage_options)
+            if reader.manifest["fingerprint"] != self.manifest["fingerprint"]:
+                raise CacheMismatchError(f"{self.uri}: the cache changed while it was being read (new fingerprint)")
+            self._reader = reader
+        return self._reader
+
+    @property
+    def rank(self) -> int:
+        self._resolve_topology()
+        return 0 if self._rank is None else self._rank
+
+    @property
+    def world_size(self) -> int:
+        self._resolve_topology()
+        return 1 if self._world_size is None else self._world_size
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all ranks: batch_size * world_size."""
+        return self.batch_size * self.world_size
+
+    @property
+    def num_sequences(self) -> int:
+        return self.reader.num_sequences
+
+    def __len__(self) -> int:
+        """Batches each rank yields in a full epoch (the same on every rank)."""
+        return num_global_batches(self.num_sequences, self.global_batch_size, self.drop_last)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Epochs and resume
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order (call before each epoch). A loaded resume point of another epoch is dropped."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_window_units": self.shuffle_window_units,
+            "drop_last": self.drop_last,
+            "global_batch_size": self.global_batch_size,
+            "num_sequences": self.num_sequences,
+            "fingerprint": self.manifest["fingerprint"],
+        }
+
+    def state_after(self, global_batches_done: int, epoch: int | None = None) -> dict[str, Any]:
+        """The state to save once the consumer has trained on global batches [0, global_batches_done) of `epoch`.
+
+        `global_batches_done` is `int(batch["batch_index"]) + 1` of the last batch trained on; `epoch` defaults to
+        the current one. A finished epoch becomes (epoch + 1, 0). Any rank may save it: all ranks are at the same
+        global batch.
+        """
+        epoch = self.epoch if epoch is None else epoch
+        if global_batches_done >= len(self):
+            epoch, global_batches_done = epoch + 1, 0
+        return self._state(epoch, global_batches_done)
+
+    def _state(self, epoch: int, global_batches_done: int, worker: dict[str, int] | None = None) -> dict[str, Any]:
+        return {**self._identity(), "epoch": epoch, "global_batches_done": int(global_batches_done), "worker": worker}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's position: exact in the main process with num_workers=0 and per worker under torchdata's
+        StatefulDataLoader. With a plain DataLoader and num_workers > 0 use `state_after(batch_index + 1)`."""
+        pos = self._position
+        if pos is None:  # no iterator yet: a pending resume point, or the epoch's start
+            resume = self._resume or {}
+            return self._state(self.epoch, resume.get("global_batches_done", 0), resume.get("worker"))
+        if not pos["worker"]:
+            return self.state_after(pos["next"], pos["epoch"])
+        # In a worker global_batches_done is a lower bound (other workers' progress is unknown); the worker entry
+        # (this worker's next batch) is exact, and is what a StatefulDataLoader hands back to this worker.
+        worker = {"id": pos["worker_id"], "num_workers": pos["num_workers"], "next_batch": pos["next"]}
+        return self._state(pos["epoch"], pos["first"], worker)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at `state` on the next iteration: its epoch, after its `global_batches_done` global batches.
+
+        Raises:
+            ValueError: the state was made with another seed, shuffle, window, drop_last or global batch size.
+            CacheMismatchError: the state belongs to another cache.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"dataset state version {state.get('version')} is not {STATE_VERSION}")
+        mine = self._identity()
+        if state["fingerprint"] != mine["fingerprint"] or state["num_sequences"] != mine["num_sequences"]:
+            raise CacheMismatchError(
+                f"dataset state belongs to cache {state['fingerprint'][:16]} ({state['num_sequences']} sequences), "
+                f"not {mine['fingerprint'][:16]} ({mine['num_sequences']} sequences)"
+            )
+        for key in ("seed", "shuffle", "shuffle_window_units", "drop_last", "global_batch_size"):
+            if state[key] != mine[key]:
+                hint = " (batch_size * world_size must stay the same)" if key == "global_batch_size" else ""
+                raise ValueError(f"cannot resume: state has {key}={state[key]!r}, this dataset {mine[key]!r}{hint}")
+        self.epoch = int(state["epoch"])
+        self._resume = {"epoch": self.epoch, "global_batches_done": int(state["global_batches_done"])}
+        self._resume["worker"] = state.get("worker")
+        self._position = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Iteration
+
+    def _plan(self) -> _Plan:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first = 0
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == self.epoch:
+            saved = resume.get("worker")
+            if saved and info is not None and (saved["id"], saved["num_workers"]) == (worker_id, num_workers):
+                first = saved["next_batch"] - worker_id  # this worker resumes its own sequence exactly
+            else:
+                first = resume["global_batches_done"]
+        return _Plan(
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            first=first + worker_id,
+            stride=num_workers,
+            num_batches=len(self),
+            worker_id=worker_id,
+            num_workers=num_workers,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self._plan()
+        self._position = {"epoch": plan.epoch, "first": plan.first - plan.worker_id, "next": plan.first}
+        self._position.update(worker=get_worker_info() is not None, worker_id=plan.worker_id, num_workers=plan.stride)
+        return self._consume(plan)
+
+    def _consume(self, plan: _Plan) -> Iterator[dict[str, Any]]:
+        produce = lambda: self._produce(plan)
+        source = in_background(produce, _QUEUE_BATCHES) if self.prefetch_units > 0 else produce()
+        try:
+            for b, batch in source:
+                self._position["next"] = b + plan.stride  # counted before the consumer sees batch b
+                yield batch
+        finally:
+            source.close()
+
+    def _produce(self, plan: _Plan) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(global batch index, collated batch) for the plan's batches, units prefetched in first-use order."""
+        order = EpochOrder(
+            self._unit_counts,
+            seed=self.seed,
+            epoch=plan.epoch,
+            shuffle=self.shuffle,
+            window_units=self.shuffle_window_units,
+        )
+        units = UnitPrefetcher(self._load_unit, order.unit_window, self.prefetch_units)
+        planned: deque[tuple[int, np.ndarray, np.ndarray, int]] = deque()
+        batch_ids = iter(range(plan.first, plan.num_batches, plan.stride))
+
+        def plan_more() -> bool:
+            chunk = [b for _, b in zip(range(_PLAN_BATCHES), batch_ids)]
+            if not chunk:
+                return False
+            pos = np.stack(
+                [
+                    rank_positions(b, rank=plan.rank, batch_size=self.batch_size, world_size=plan.world_size)
+                    for b in chunk
+                ]
+            )
+            real = pos < order.num_sequences
+            unit_idx, local = np.full(pos.shape, -1), np.full(pos.shape, -1)
+            unit_idx[real], local[real] = order.lookup(pos[real])
+            for row, b in enumerate(chunk):
+                planned.append(
+                    (b, unit_idx[row], local[row], int(pos[row][real[row]].min(initial=order.num_sequences)))
+                )
+                units.announce(unit_idx[row][real[row]])
+            return True
+
+        try:
+            while planned or plan_more():
+                b, unit_idx, local, first_pos = planned.popleft()
+                units.need(unit_idx[unit_idx >= 0])
+                while units.lookahead() < self.prefetch_units and len(planned) < _MAX_PLANNED_BATCHES and plan_more():
+                    pass
+                units.submit_ahead()
+                if first_pos < order.num_sequences:
+                    units.release_before(int(order.window_of(np.array([first_pos]))[0]))
+                seqs = [None if u < 0 else self._sequence(units.get(int(u)), int(i)) for u, i in zip(unit_idx, local)]
+                yield b, self._collate(seqs, b)
+        finally:
+            units.close()
+
+    def _load_unit(self, index: int) -> _Unit:
+        """Fetch (checked against size and sha256) and decompress one unit; runs in a prefetch thread."""
+        unit = self.reader.units[index]
+        url = self.reader.store.url(unit["path"])
+        if self.manifest.get("shard_format", "parquet") == "parquet":
+            data = self.reader.read_unit_bytes(unit)
+            try:
+                rows = _read_parquet_table(data)
+                seq_col = rows.column("seq_id").to_numpy()
+            except Exception as exc:
+                raise CorruptShardError(f"{url}: cannot read shard: {exc}") from exc
+        else:
+            rows = self.reader.read_unit(unit)
+            seq_col = rows.seq_ids
+        starts = np.flatnonzero(np.diff(seq_col) != 0) + 1 if len(seq_col) else np.zeros(0, dtype=np.int64)
+        starts = np.concatenate([[0], starts]).astype(np.int64) if len(seq_col) else starts
+        if len(starts) != unit["num_sequences"]:
+            raise CorruptShardError(
+                f"{url}: shard holds {len(starts)} sequences, the manifest records {unit['num_sequences']}"
+            )
+        lengths = np.diff(np.concatenate([starts, [len(seq_col)]]))
+        return _Unit(rows=rows, starts=starts, lengths=lengths, seq_ids=seq_col[starts].astype(np.int64))
+
+    def _sequence(self, unit: _Unit, index: int) -> dict[str, Any]:
+        start, length = int(unit.starts[index]), int(unit.lengths[index])
+        if isinstance(unit.rows, ShardData):
+            data, rows = unit.rows, slice(start, start + length)
+        else:
+            k, num_temps, codec = self.reader.k, len(self.reader.temperatures), self.reader.codec
+            data = decode_table(unit.rows.slice(start, length), k=k, num_temperatures=num_temps, codec=codec)
+            rows = slice(0, length)
+        return {
+            "seq_id": unit.seq_ids[index],
+            "input_ids": data.input_ids[rows],
+            "target_ids": data.target_ids[rows],
+            "target_logprobs": data.target_logprobs[rows],
+            "log_normalizers": data.log_normalizers[rows],
+            "tail_logprobs": data.tail_logprobs[rows],
+            "entropy": data.entropy[rows],
+        }
+
+    def _collate(self, seqs: list[dict[str, Any] | None], batch_index: int) -> dict[str, Any]:
+        temps = list(self.reader.temperatures)
+        a = collate_sequences(
+            seqs, k=self.reader.k, num_temperatures=len(temps), pad_to=self.pad_to, pad_token_id=self.pad_token_id
+        )
+        if self.top_k is not None:
+            a["target_ids"], a["target_logprobs"], a["tail_logprobs"] = keep_top_k(
+                a["target_ids"], a["target_logprobs"], a["tail_logprobs"], a["log_normalizers"], temps, self.top_k
+            )
+        if self.temperature is not None and self.temperature != 1.0:  # an uncached T was warned about at construction
+            a["target_logprobs"], a["log_normalizers"], a["tail_logprobs"], temps = apply_temperature(
+                a["target_logprobs"], a["log_normalizers"], a["tail_logprobs"], temps, self.temperature
+            )
+        a["tail_logprob"] = np.ascontiguousarray(a["tail_logprobs"][..., 0])
+        batch: dict[str, Any] = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in a.items()}
+        batch["temperatures"] = temps
+        batch["batch_index"] = torch.tensor(batch_index, dtype=torch.int64)
+        batch["teacher_vocab_size"] = int(self.manifest["fingerprint_inputs"]["teacher"]["padded_vocab_size"])
+        return batch
+
+
+def _read_parquet_table(data: bytes) -> pa.Table:
+    """A Parquet shard's Arrow table (decompressed, not decoded), read without Arrow's thread pools.
+
+    Not `kdcache.formats.parquet.read_shard_table`, which calls `pq.read_table`: that goes through the Arrow dataset
+    scanner (its thread pools are a fork hazard in DataLoader workers; one hang was seen) and imports pyarrow.dataset,
+    and pandas with it (~1.5 s), in every fresh worker. Parallelism comes from the prefetch threads instead (Arrow
+    releases the GIL while it reads). TODO: move into formats/parquet.py once its owner agrees.
+    """
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)

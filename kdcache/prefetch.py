@@ -1,0 +1,117 @@
+"""Background reading for `KDCacheDataset`: units loaded ahead by a thread pool, and an iterator run in a thread.
+
+    units = UnitPrefetcher(load_unit, unit_window, depth=2)   # load_unit(index) -> anything; runs in the pool
+    units.announce(np.array([3, 1]))                         # units in the order batches will need them
+    units.need(np.array([3])); units.submit_ahead(); unit = units.get(3)
+    for item in in_background(lambda: produce(), maxsize=2):  # produce() runs in a daemon thread
+        ...
+
+Threads, not processes: fetching (fsspec), checksumming (hashlib) and Parquet decompression (Arrow) release the GIL.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+__all__ = ["UnitPrefetcher", "in_background"]
+
+
+class UnitPrefetcher:
+    """Units loaded by a thread pool in first-use order, `depth` units ahead of the consumer, released by window.
+
+    `announce` appends units (in the order batches will need them), `need` marks units the current batch uses,
+    `submit_ahead` starts loads up to `depth` units past the furthest needed one, `get` waits for one, and
+    `release_before(w)` drops units of windows before w (a unit belongs to one window; positions only move forward).
+    """
+
+    def __init__(self, load: Callable[[int], Any], unit_window: np.ndarray, depth: int):
+        self._load, self._unit_window, self._depth = load, unit_window, depth
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="kdcache-unit") if depth > 0 else None
+        self._stream: list[int] = []  # units in first-use order
+        self._rank: dict[int, int] = {}  # unit -> index in _stream
+        self._submitted = 0  # _stream[:_submitted] were submitted (or loaded)
+        self._needed = -1  # furthest _stream index needed so far
+        self._loaded: dict[int, Any] = {}
+
+    def announce(self, units: np.ndarray) -> None:
+        for u in units.tolist():
+            if u not in self._rank:
+                self._rank[u] = len(self._stream)
+                self._stream.append(u)
+
+    def need(self, units: np.ndarray) -> None:
+        for u in units.tolist():
+            self._needed = max(self._needed, self._rank[u])
+
+    def lookahead(self) -> int:
+        """Announced units past the furthest needed one."""
+        return len(self._stream) - 1 - self._needed
+
+    def submit_ahead(self) -> None:
+        stop = min(len(self._stream), self._needed + 1 + self._depth)
+        for u in self._stream[self._submitted : stop]:
+            self._loaded[u] = self._pool.submit(self._load, u) if self._pool is not None else self._load(u)
+        self._submitted = max(self._submitted, stop)
+
+    def get(self, unit: int) -> Any:
+        value = self._loaded[unit]
+        if isinstance(value, Future):
+            value = self._loaded[unit] = value.result()
+        return value
+
+    def release_before(self, window: int) -> None:
+        for u in [u for u in self._loaded if self._unit_window[u] < window]:
+            value = self._loaded.pop(u)
+            if isinstance(value, Future):
+                value.cancel()
+
+    def close(self) -> None:
+        self._loaded.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def in_background(make: Callable[[], Iterator[Any]], maxsize: int) -> Iterator[Any]:
+    """Run the iterator `make()` in a daemon thread, `maxsize` items ahead; errors re-raise in the consumer."""
+    items: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        source = make()
+        try:
+            for item in source:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(("error", exc))
+        finally:
+            source.close()
+
+    thread = threading.Thread(target=run, name="kdcache-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
