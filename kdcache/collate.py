@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "apply_temperature", "collate_sequences", "keep_top_k", "stored_temperature_index"]
+__all__ = [
+    "IGNORE_INDEX",
+    "apply_temperature",
+    "collate_sequences",
+    "keep_top_k",
+    "sample_weights",
+    "stored_temperature_index",
+]
 
 IGNORE_INDEX = -100  # label of positions without a next token
 
@@ -44,7 +51,8 @@ def collate_sequences(
         `input_ids`, `attention_mask`, `labels` [B, L] int64; `loss_mask` [B, L] bool; `target_ids` [B, L, k] int64
         (0 at padding); `target_logprobs` [B, L, k] float32 (-inf at padding); `log_normalizers`, `tail_logprobs`
         [B, L, nT] float32 (0 at padding: all mass in the tail bucket); `entropy` [B, L] float32; `seq_id` [B] int64
-        (-1 for a padded row).
+        (-1 for a padded row). Sampled caches add `sample_ids` [B, L, m] int64, `sample_counts` [B, L, m] int32
+        (0 = padding) and `sample_logprobs` [B, L, m] float32 (-inf = padding).
     """
     lengths = [0 if s is None else len(s["input_ids"]) for s in seqs]
     longest = max(lengths, default=0)
@@ -63,9 +71,20 @@ def collate_sequences(
         "entropy": np.zeros((b, length), dtype=np.float32),
         "seq_id": np.full(b, -1, dtype=np.int64),
     }
+    sampled = [s for s in seqs if s is not None and "sample_ids" in s]
+    if sampled:
+        width = max(max(s["sample_ids"].shape[1] for s in sampled), 1)
+        out["sample_ids"] = np.zeros((b, length, width), dtype=np.int64)
+        out["sample_counts"] = np.zeros((b, length, width), dtype=np.int32)
+        out["sample_logprobs"] = np.full((b, length, width), -np.inf, dtype=np.float32)
     for i, (seq, n) in enumerate(zip(seqs, lengths)):
         if seq is None:
             continue
+        if sampled:
+            m = seq["sample_ids"].shape[1]
+            out["sample_ids"][i, :n, :m] = seq["sample_ids"]
+            out["sample_counts"][i, :n, :m] = seq["sample_counts"]
+            out["sample_logprobs"][i, :n, :m] = seq["sample_logprobs"]
         out["seq_id"][i] = seq["seq_id"]
         out["input_ids"][i, :n] = seq["input_ids"]
         out["attention_mask"][i, :n] = 1
@@ -177,3 +196,15 @@ def apply_temperature(
     head[~np.isfinite(head)] = -np.inf
     shape = (*target_logprobs.shape[:-1], 1)
     return head, np.zeros(shape, np.float32), np.full(shape, -np.inf, np.float32), [1.0]
+
+
+def sample_weights(counts: np.ndarray, tail_logprob: np.ndarray, num_samples: int, *, hybrid: bool) -> np.ndarray:
+    """Importance weights of sampled ids, the `sample_weights` of `kdcache.losses.sampled_kl`.
+
+    Mode "sample": count / N (draws from p). Mode "hybrid": tail_mass * count / N (draws from p restricted to the
+    ids outside the exact head, renormalized). counts [B, L, m]; tail_logprob [B, L] at T = 1. Returns float32.
+    """
+    w = counts.astype(np.float32) / np.float32(num_samples)
+    if hybrid:
+        w = w * np.exp(tail_logprob.astype(np.float32))[..., None]
+    return w.astype(np.float32)

@@ -30,7 +30,9 @@ Contract:
   Memory: about (shuffle_window_units + prefetch_units) decompressed units per worker.
 - **Epochs with workers**: call `set_epoch` before each epoch and do not use `persistent_workers=True` (persistent
   workers keep their copy of the dataset, so they would not see the new epoch).
-- **Modes**: top-k caches (`targets.mode: topk`); sampled and hybrid caches are refused for now.
+- **Modes**: topk, sample and hybrid caches. Sampled caches add `sample_ids`, `sample_weights` (count / N, times the
+  tail mass in hybrid mode) and `sample_logprobs` [B, L, m] for `kdcache.losses.sampled_kl`; top_k and a read-time
+  temperature are refused for them (give the temperature to the loss instead).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kdcache.collate import apply_temperature, collate_sequences, keep_top_k, stored_temperature_index
+from kdcache.collate import apply_temperature, collate_sequences, keep_top_k, sample_weights, stored_temperature_index
 from kdcache.errors import CacheMismatchError, CorruptShardError
 from kdcache.formats import ShardData
 from kdcache.formats.parquet import decode_table
@@ -189,9 +191,14 @@ class KDCacheDataset(IterableDataset):
         self.uri, self.storage_options = uri, storage_options
         self._reader: CacheReader | None = CacheReader(uri, storage_options)
         self.manifest = self._reader.manifest
-        mode = self.manifest["fingerprint_inputs"]["targets"].get("mode", "topk")
-        if mode != "topk":
-            raise CacheMismatchError(f"{uri}: targets mode {mode!r} is not readable by KDCacheDataset (topk only)")
+        targets = self.manifest["fingerprint_inputs"]["targets"]
+        self.mode = targets.get("mode", "topk")
+        self.num_samples = int(targets.get("samples", 0)) if self.mode != "topk" else 0
+        if self.mode != "topk" and (top_k is not None or (temperature is not None and temperature != 1.0)):
+            raise ValueError(
+                f"{uri}: a {self.mode!r} cache serves its samples as stored; pass the temperature to the loss "
+                "(kdcache.losses.sampled_kl reweights exactly at stored temperatures) and do not use top_k"
+            )
         check_student(self.manifest, student_vocab_size=student_vocab_size, tokenizer=tokenizer)
         if top_k is not None and not 1 <= top_k <= self.reader.k:
             raise ValueError(f"top_k must lie in [1, {self.reader.k}] (the cache's k), got {top_k}")
@@ -460,7 +467,15 @@ class KDCacheDataset(IterableDataset):
             "log_normalizers": data.log_normalizers[rows],
             "tail_logprobs": data.tail_logprobs[rows],
             "entropy": data.entropy[rows],
-        }
+        } | (
+            {}
+            if data.sample_ids is None
+            else {
+                "sample_ids": data.sample_ids[rows],
+                "sample_counts": data.sample_counts[rows],
+                "sample_logprobs": data.sample_logprobs[rows],
+            }
+        )
 
     def _collate(self, seqs: list[dict[str, Any] | None], batch_index: int) -> dict[str, Any]:
         temps = list(self.reader.temperatures)
@@ -476,6 +491,10 @@ class KDCacheDataset(IterableDataset):
                 a["target_logprobs"], a["log_normalizers"], a["tail_logprobs"], temps, self.temperature
             )
         a["tail_logprob"] = np.ascontiguousarray(a["tail_logprobs"][..., 0])
+        if "sample_counts" in a:
+            a["sample_weights"] = sample_weights(
+                a.pop("sample_counts"), a["tail_logprob"], self.num_samples, hybrid=self.mode == "hybrid"
+            )
         batch: dict[str, Any] = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in a.items()}
         batch["temperatures"] = temps
         batch["batch_index"] = torch.tensor(batch_index, dtype=torch.int64)

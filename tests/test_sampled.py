@@ -102,3 +102,45 @@ def test_sampled_job_end_to_end_is_reproducible(ray_session, tiny_teacher, tmp_p
     assert seq["target_ids"].shape[1] == (4 if mode == "hybrid" else 0)
     assert np.all(seq["sample_counts"].sum(-1) == 20)
     assert m1["fingerprint_inputs"]["targets"]["samples"] == 20
+
+
+@pytest.mark.parametrize("mode", ["sample", "hybrid"])
+def test_dataset_serves_sampled_caches_to_sampled_kl(ray_session, tiny_teacher, tmp_path, mode):
+    from conftest import stdlib_texts, write_jsonl
+    from kdcache.config import load_config
+    from kdcache.dataset import KDCacheDataset
+    from kdcache.job import run_cache_job
+    from kdcache.losses import sampled_kl
+
+    write_jsonl(tmp_path / "d" / "a.jsonl", [{"text": t} for t in stdlib_texts(3, 300)])
+    run_cache_job(
+        load_config(
+            None,
+            [
+                f"teacher.model={tiny_teacher}",
+                f"data.source={tmp_path}/d/*.jsonl",
+                f"output.uri={tmp_path}/c",
+                f"targets.mode={mode}",
+                "targets.samples=30",
+                "targets.head=4",
+                "data.max_length=48",
+                "cluster.num_actors=1",
+                "cluster.batch_tokens=256",
+                "cluster.progress=false",
+            ],
+        )
+    )
+    ds = KDCacheDataset(f"{tmp_path}/c", batch_size=2, shuffle=False)
+    batch = next(iter(ds))
+    mask = batch["loss_mask"]
+    total = batch["sample_weights"].sum(-1)[mask]
+    if mode == "sample":
+        assert torch.allclose(total, torch.ones_like(total))
+    else:
+        assert torch.allclose(total, batch["tail_logprob"][mask].exp(), atol=1e-6)
+    logits = torch.randn(*batch["input_ids"].shape, 320, requires_grad=True)
+    loss = sampled_kl(logits, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temperature"):
+        KDCacheDataset(f"{tmp_path}/c", batch_size=2, temperature=2.0)
