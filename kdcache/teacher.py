@@ -276,7 +276,7 @@ class Teacher:
         dtype: str = "auto",
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
-        chunk_bytes: int = 256 * 2**20,
+        chunk_bytes: int = 64 * 2**20,
     ) -> None:
         """Load the model and check its chunked head against its own forward on a short probe.
 
