@@ -2,6 +2,7 @@
 
     kdcache cache CONFIG [key=value ...]   run or resume a caching job (embedded Ray when cluster.address is null)
     kdcache info URI [--json]              summary of a cache: teacher, k, sequences, tokens, bytes, complete or not
+    kdcache verify URI [--deep]            check every shard against the manifest (--deep: checksums, decode all)
     kdcache demo [--workdir DIR]           build a tiny teacher offline, cache a corpus with 2 actors, print the summary
 """
 
@@ -123,6 +124,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0 if manifest["complete"] else 1
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from kdcache.submit import run_submit
+
+    return run_submit(args)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     summary = cache_summary(args.uri)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
@@ -136,10 +143,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir)
     print(f"[demo] kdcache demo: a tiny teacher trained here on the Python standard library (not a real model)")
-    assets = prepare_demo(workdir / "assets")
+    assets = prepare_demo(workdir / "assets", progress=not args.quiet)
     overrides = [
         f"teacher.model={assets.teacher_dir}",
-        f"data.source={assets.train_dir}/*.jsonl",
+        f"data.source={assets.train_dir}/part-00000.jsonl",  # one of the corpus parts: the demo stays short
         f"output.uri={workdir / 'cache'}",
         *args.overrides,
     ]
@@ -150,6 +157,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kdcache.report import write_report
+
+    written = write_report(args.uri, args.out)
+    for name, path in written.items():
+        print(f"{name:<16} {path}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from kdcache.verify import verify_cache
+
+    report = verify_cache(args.uri, deep=args.deep, workers=args.workers)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdcache", description="Offline teacher-logit cache for distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -158,15 +182,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. targets.k=16")
     p.set_defaults(func=_cmd_cache)
+    p = sub.add_parser("submit", help="submit a caching job to a Ray cluster's job server")
+    p.add_argument("config", help="YAML config file (inside --working-dir when one is given)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, passed on to the job")
+    p.add_argument("--address", help="job server URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--working-dir", help="local folder uploaded as the job's working_dir (e.g. the repository)")
+    p.add_argument("--pip", action="append", default=[], help="package for the job's runtime_env (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job env var (repeatable)")
+    p.add_argument("--runtime-env-json", help="a runtime_env as JSON, below the flags above")
+    p.add_argument("--submission-id", help="a fixed job id (Ray refuses a second job with the same id)")
+    p.add_argument("--wait", action="store_true", help="wait for the end, print the logs; exit 1 unless it succeeded")
+    p.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
+    p.set_defaults(func=_cmd_submit)
     p = sub.add_parser("info", help="summarize a cache")
     p.add_argument("uri")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("verify", help="check every shard against the manifest (exit 1 naming each bad shard)")
+    p.add_argument("uri")
+    p.add_argument("--deep", action="store_true", help="also sha256, decode everything and check invariants")
+    p.add_argument("--workers", type=int, default=8, help="shards checked concurrently")
+    p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("demo", help="tiny end-to-end demo, offline, on local Ray")
     p.add_argument("--workdir", default=".kdcache/demo", help="where the demo's teacher, corpus and cache go")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--config", default=str(REPO_CONFIGS / "quickstart.yaml"), help="base config")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("report", help="charts of a cache's telemetry, bytes and throughput, with an index.html")
+    p.add_argument("uri")
+    p.add_argument("--out", required=True, help="folder for the PNGs and index.html (created if missing)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
