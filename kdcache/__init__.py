@@ -2,6 +2,7 @@
 
 Public API (stable):
     open_cache(uri)         -> CacheReader with `.manifest` and `.iter_sequences()`
+    KDCacheDataset(uri, batch_size=...) -> a torch IterableDataset of collated batches for student training
     KDCacheConfig           -> the job configuration (YAML sections teacher/data/targets/output/cluster)
     run_cache_job(config)   -> run a caching job (embedded Ray when cluster.address is None)
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["KDCacheConfig", "KdcacheError", "__version__", "open_cache", "run_cache_job"]
+__all__ = ["KDCacheConfig", "KDCacheDataset", "KdcacheError", "__version__", "open_cache", "run_cache_job"]
 
 
 def __getattr__(name: str):
@@ -23,6 +24,10 @@ def __getattr__(name: str):
         from kdcache.errors import KdcacheError
 
         return KdcacheError
+    if name == "KDCacheDataset":
+        from kdcache.dataset import KDCacheDataset
+
+        return KDCacheDataset
     if name == "open_cache":
         from kdcache.reader import open_cache
 
