@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from kdcache.codec import CodecParams
-from kdcache.errors import CorruptShardError, KdcacheError
-from kdcache.formats.parquet import ShardData, read_shard, split_sequences
+from kdcache.errors import CacheMismatchError, CorruptShardError, KdcacheError
+from kdcache.formats import ShardData, get_format, split_sequences
 from kdcache.manifest import INDEX_KEY, read_manifest
 from kdcache.store import Store
 
@@ -46,8 +46,11 @@ class CacheReader:
         self.mode: str = inputs["targets"]["mode"]
         self.num_samples: int = inputs["targets"].get("samples", 0) if self.mode != "topk" else 0
         self.temperatures: list[float] = list(inputs["targets"]["temperatures"])
-        codec = inputs["codec"]
-        self.codec = CodecParams(logprob_min=codec["logprob_min"], levels=codec["levels"])
+        try:
+            self.codec = CodecParams.from_dict(inputs["codec"])
+            self.format = get_format(manifest["shard_format"])  # the module that reads this cache's shards
+        except ValueError as exc:
+            raise CacheMismatchError(f"{self.store.url(INDEX_KEY)}: {exc}") from None
         self.units: list[dict[str, Any]] = manifest["units"]
 
     @property
@@ -75,7 +78,7 @@ class CacheReader:
         """Decode one unit's shard (checked)."""
         data = self.read_unit_bytes(unit)
         try:
-            return read_shard(data, k=self.k, num_temperatures=len(self.temperatures), codec=self.codec)
+            return self.format.read_shard(data, k=self.k, num_temperatures=len(self.temperatures), codec=self.codec)
         except Exception as exc:  # checksum passed but decoding failed: written by an incompatible writer
             raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from exc
 

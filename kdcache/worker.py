@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.formats.parquet import SHARD_SUFFIX, ShardWriter
-from kdcache.manifest import commit_key, dumps, shard_key
+from kdcache.codec import CodecParams
+from kdcache.errors import ConfigError
+from kdcache.formats import get_format
+from kdcache.manifest import FINGERPRINT_KEY, commit_key, dumps, shard_key
 from kdcache.sources import cut_windows, iter_documents, make_seq_id, tokenize_documents
 from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
@@ -62,6 +64,9 @@ class WorkerSettings:
     shard_metadata: dict[str, Any]  # fingerprint etc., stored in each file's key-value metadata
     num_samples: int = 0  # draws per position (sample/hybrid modes); 0 = topk
     seed: int = 0  # seed of the draws, combined with the unit id and batch index
+    shard_format: str | None = None  # parquet | zarr; None: as the cache's fingerprint.json records (else parquet)
+    codec: dict[str, Any] | None = None  # CodecParams.to_dict(); None: as fingerprint.json records (else u8)
+    row_group_tokens: int = 65536  # tokens per Parquet row group / Zarr chunk (whole sequences per row group)
 
 
 class UnitWorker:
@@ -91,9 +96,11 @@ class UnitWorker:
             trust_remote_code=t["trust_remote_code"],
         )
         self.store = Store(settings.output_uri, settings.storage_options)
+        self._shard_format: tuple[Any, CodecParams] | None = None
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        # verbose=False: whole documents exceed model_max_length by design (they are cut into windows next)
+        return self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
 
     def read_windows(self, unit: dict[str, Any]) -> tuple[list[tuple[int, np.ndarray]], dict[str, int]]:
         """The unit's windows as (seq_id, input_ids [T] int32), plus counts of skipped input."""
@@ -131,6 +138,31 @@ class UnitWorker:
         head = [t.ids, t.logprobs, t.log_normalizers, t.tail_logprobs, t.entropy]
         return [a.cpu().numpy() for a in head] + samples
 
+    def shard_format(self) -> tuple[Any, CodecParams]:
+        """(format module, CodecParams) of the shards this worker writes.
+
+        The settings decide when they name them; otherwise the cache's own identity does: the driver creates
+        fingerprint.json before any unit runs, and its `shard_format` and `codec` are what the manifest will
+        record, so shards and manifest cannot disagree. Without a fingerprint.json (a bare worker): parquet, u8.
+        """
+        if self._shard_format is None:
+            s = self.settings
+            inputs: dict[str, Any] = {}
+            if s.shard_format is None or s.codec is None:
+                try:
+                    inputs = json.loads(self.store.read_bytes(FINGERPRINT_KEY)).get("fingerprint_inputs", {})
+                except FileNotFoundError:
+                    inputs = {}
+            codec = CodecParams.from_dict(s.codec or inputs.get("codec") or CodecParams().to_dict())
+            wanted = inputs.get("targets", {}).get("logprob_codec", codec.logprobs)
+            if s.codec is None and wanted != codec.logprobs:
+                raise ConfigError(
+                    f"targets.logprob_codec: the job asks for {wanted!r} but the cache's fingerprint records codec "
+                    f"{codec.logprobs!r}; the driver must record CodecParams.for_logprobs({wanted!r}).to_dict()"
+                )
+            self._shard_format = (get_format(s.shard_format or inputs.get("shard_format") or "parquet"), codec)
+        return self._shard_format
+
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
         """Compute, write and commit one unit; return its commit record (small JSON-able dict)."""
         import torch
@@ -139,12 +171,15 @@ class UnitWorker:
         t0 = time.perf_counter()
         windows, counts = self.read_windows(unit)
         t_read = time.perf_counter()
-        writer = ShardWriter(
+        fmt, codec = self.shard_format()
+        writer = fmt.ShardWriter(
             k=s.k,
             num_temperatures=len(s.temperatures),
             num_samples=s.num_samples,
             compression_level=s.compression_level,
+            codec=codec,
             metadata={**s.shard_metadata, "unit_id": unit["unit_id"]},
+            row_group_tokens=s.row_group_tokens,
         )
         lengths = [len(w) for _, w in windows]
         padded = 0
@@ -177,7 +212,7 @@ class UnitWorker:
         record = {
             "unit_id": unit["unit_id"],
             "index": unit["index"],
-            "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], SHARD_SUFFIX),
+            "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], fmt.SUFFIX),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "num_sequences": writer.num_sequences,

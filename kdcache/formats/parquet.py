@@ -1,23 +1,25 @@
-"""Parquet shards (format v1): write one immutable file per work unit, and read it back.
+"""Parquet shards (format v1): write one immutable file per work unit, and read it back. pyarrow alone reads them.
 
-One row per token, rows ordered by sequence then position; a row group never splits a sequence. Columns
-(see docs/FORMAT.md for the contract):
+One row per token, rows ordered by sequence then position; a row group holds whole sequences only (about
+`row_group_tokens` tokens, rounded up to the end of a sequence). Columns (docs/FORMAT.md is the contract):
 
-| column             | Parquet type                 | encoding          | meaning                                        |
-|--------------------|------------------------------|-------------------|------------------------------------------------|
-| seq_id             | INT64                        | dictionary (RLE)  | deterministic id of the sequence (window)      |
-| input_id           | INT32                        | plain             | the input token at this position               |
-| target_gaps        | FIXED_LEN_BYTE_ARRAY(4k)     | BYTE_STREAM_SPLIT | k gap-coded ids, little-endian uint32          |
-| target_codes       | FIXED_LEN_BYTE_ARRAY(k)      | plain             | k uint8 quantized log-probs, aligned with ids  |
-| log_normalizer_{j} | FLOAT                        | BYTE_STREAM_SPLIT | logsumexp(z / T_j) over the teacher's vocab    |
-| tail_logprob_{j}   | FLOAT                        | BYTE_STREAM_SPLIT | log mass outside the k ids at T_j              |
-| entropy            | FLOAT                        | BYTE_STREAM_SPLIT | entropy of the teacher distribution at T=1     |
-| sample_gaps        | LIST<INT32>                  | plain             | sample/hybrid: gap-coded unique sampled ids    |
-| sample_counts      | BYTE_ARRAY                   | plain             | sample/hybrid: one uint8 draw count per id     |
-| sample_codes       | BYTE_ARRAY                   | plain             | sample/hybrid: one uint8 log-prob code per id  |
+| column             | Parquet type             | encoding (writer's choice) | meaning                                |
+|--------------------|--------------------------|----------------------------|----------------------------------------|
+| seq_id             | INT64                    | dictionary (RLE)           | deterministic id of the sequence       |
+| input_id           | INT32                    | BYTE_STREAM_SPLIT          | the input token at this position       |
+| target_gaps        | FIXED_LEN_BYTE_ARRAY(Pk) | BYTE_STREAM_SPLIT          | k gap-coded ids in P byte planes       |
+| target_codes       | FIXED_LEN_BYTE_ARRAY(Bk) | PLAIN (B=1) / BSS (B>1)    | k log-prob codes in B byte planes      |
+| log_normalizer_{j} | FLOAT                    | BYTE_STREAM_SPLIT          | logsumexp(z / T_j) over the vocab      |
+| tail_logprob_{j}   | FLOAT                    | BYTE_STREAM_SPLIT          | log mass outside the k ids at T_j      |
+| entropy            | FLOAT                    | BYTE_STREAM_SPLIT          | entropy of the distribution at T=1     |
+| sample_gaps        | LIST<INT32>              | BYTE_STREAM_SPLIT          | gap-coded unique sampled ids           |
+| sample_counts      | BYTE_ARRAY               | DELTA_LENGTH_BYTE_ARRAY    | one uint8 draw count per sampled id    |
+| sample_codes       | BYTE_ARRAY               | DELTA_LENGTH_BYTE_ARRAY    | one B-byte log-prob code per sampled id|
 
-The target_* columns exist when k > 0 (topk, hybrid); the sample_* columns when the cache was sampled.
-j indexes the manifest's `targets.temperatures` (j = 0 is T = 1). All columns are zstd-compressed.
+P (1..4) is the fewest bytes that hold the shard's largest gap, B the codec's bytes per log-prob (u8: 1, u16: 2,
+f32: 4): both follow from the column's byte width. The target_* columns exist when k > 0 (topk, hybrid); the
+sample_* columns when the cache was sampled. j indexes the manifest's `targets.temperatures` (j = 0 is T = 1). All
+columns are zstd-compressed.
 """
 
 from __future__ import annotations
@@ -31,25 +33,59 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs, encode_ids, quantize_logprobs, sort_targets
+from kdcache.codec import (
+    CodecParams,
+    decode_planar_gaps,
+    dequantize_logprobs,
+    gap_planes,
+    planar_to_values,
+    values_to_planar,
+)
+from kdcache.formats.shard import ShardData, TokenBuffer, ragged_ids, ragged_to_padded, split_sequences
 
-__all__ = ["SHARD_SUFFIX", "ShardData", "ShardWriter", "read_shard", "split_sequences"]
+__all__ = [
+    "NAME",
+    "SHARD_SUFFIX",
+    "SUFFIX",
+    "ShardData",
+    "ShardWriter",
+    "decode_table",
+    "read_shard",
+    "read_shard_info",
+    "read_shard_table",
+    "split_sequences",
+]
 
-SHARD_SUFFIX = ".parquet"
+NAME = "parquet"
+SHARD_SUFFIX = SUFFIX = ".parquet"
 ROW_GROUP_TOKENS = 65536  # tokens per row group (rounded up to whole sequences)
 
 
-def _fixed_binary(values: np.ndarray) -> pa.Array:
-    """[N, W] uint8-viewable array -> FixedSizeBinaryArray of width W bytes, zero-copy."""
-    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), -1)
+def _fixed_binary(raw: np.ndarray) -> pa.Array:
+    """[N, W] uint8 array -> FixedSizeBinaryArray of width W bytes, zero-copy."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(raw.shape[1]), len(raw), [None, pa.py_buffer(raw)])
 
 
-def _fixed_binary_to_numpy(column: pa.ChunkedArray | pa.Array, width: int, dtype: np.dtype) -> np.ndarray:
+def _fixed_binary_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A FIXED_LEN_BYTE_ARRAY column -> [N, W] uint8 (zero-copy for a single chunk)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    buf = arr.buffers()[1]
-    raw = np.frombuffer(buf, dtype=np.uint8, count=(arr.offset + len(arr)) * width)[arr.offset * width :]
-    return raw.view(dtype).reshape(len(arr), -1)
+    width = arr.type.byte_width
+    if len(arr) == 0:
+        return np.zeros((0, width), dtype=np.uint8)
+    raw = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=(arr.offset + len(arr)) * width)[arr.offset * width :]
+    return raw.reshape(len(arr), width)
+
+
+def _binary_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The concatenated bytes of a BYTE_ARRAY column's values, as uint8."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(col) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    off = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    data = col.buffers()[2]
+    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return values[off[0] : off[-1]]
 
 
 @dataclass
@@ -57,8 +93,10 @@ class ShardWriter:
     """Collects a unit's sequences and produces the Parquet file bytes (`add` ... `finish`).
 
     Args:
-        k: top-k entries per token; num_temperatures: number of stored temperatures (index 0 is T = 1).
-        metadata: JSON-able dict stored in the file's key-value metadata under "kdcache" (self-description).
+        k: top-k entries per token; num_temperatures: number of stored temperatures (index 0 is T = 1);
+        num_samples: draws per token (0: no sample columns); compression_level: zstd level;
+        codec: log-prob coding; metadata: JSON-able dict stored in the file's key-value metadata under "kdcache";
+        row_group_tokens: tokens per row group (whole sequences, so a group can be a sequence longer).
     """
 
     k: int
@@ -68,28 +106,18 @@ class ShardWriter:
     codec: CodecParams = field(default_factory=CodecParams)
     metadata: dict[str, Any] = field(default_factory=dict)
     row_group_tokens: int = ROW_GROUP_TOKENS
-    _pending: list[pa.Table] = field(default_factory=list)
-    _pending_tokens: int = 0
-    _groups: list[pa.Table] = field(default_factory=list)
-    num_sequences: int = 0
-    num_tokens: int = 0
+    _buffer: TokenBuffer = field(init=False, repr=False)
 
-    def schema(self) -> pa.Schema:
-        fields = [pa.field("seq_id", pa.int64()), pa.field("input_id", pa.int32())]
-        if self.k > 0:
-            fields += [pa.field("target_gaps", pa.binary(4 * self.k)), pa.field("target_codes", pa.binary(self.k))]
-        for j in range(self.num_temperatures):
-            fields += [pa.field(f"log_normalizer_{j}", pa.float32()), pa.field(f"tail_logprob_{j}", pa.float32())]
-        fields.append(pa.field("entropy", pa.float32()))
-        if self.num_samples > 0:
-            fields += [
-                pa.field("sample_gaps", pa.list_(pa.int32())),
-                pa.field("sample_counts", pa.binary()),
-                pa.field("sample_codes", pa.binary()),
-            ]
-        described = {**self.metadata, "k": self.k, "num_samples": self.num_samples, "codec": self.codec.to_dict()}
-        meta = {"kdcache": json.dumps(described, sort_keys=True)}
-        return pa.schema(fields, metadata=meta)
+    def __post_init__(self) -> None:
+        self._buffer = TokenBuffer(self.k, self.num_temperatures, self.num_samples, self.codec)
+
+    @property
+    def num_sequences(self) -> int:
+        return self._buffer.num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return self._buffer.num_tokens
 
     def add(
         self,
@@ -107,44 +135,92 @@ class ShardWriter:
         """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
         tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
         Ids need not be sorted (they are sorted here)."""
-        t = len(input_ids)
-        if target_ids.shape != (t, self.k) or target_logprobs.shape != (t, self.k):
-            raise ValueError(f"sequence {seq_id}: targets must be [{t}, {self.k}], got {target_ids.shape}")
-        if log_normalizers.shape != (t, self.num_temperatures) or tail_logprobs.shape != (t, self.num_temperatures):
-            raise ValueError(f"sequence {seq_id}: normalizers/tails must be [{t}, {self.num_temperatures}]")
-        ids, lps = sort_targets(np.asarray(target_ids), np.asarray(target_logprobs))
-        columns = {
-            "seq_id": pa.array(np.full(t, seq_id, dtype=np.int64)),
-            "input_id": pa.array(np.asarray(input_ids, dtype=np.int32)),
-        }
-        if self.k > 0:
-            columns["target_gaps"] = _fixed_binary(encode_ids(ids).astype("<u4"))
-            columns["target_codes"] = _fixed_binary(quantize_logprobs(lps, self.codec))
-        for j in range(self.num_temperatures):
-            columns[f"log_normalizer_{j}"] = pa.array(np.asarray(log_normalizers[:, j], dtype=np.float32))
-            columns[f"tail_logprob_{j}"] = pa.array(np.asarray(tail_logprobs[:, j], dtype=np.float32))
-        columns["entropy"] = pa.array(np.asarray(entropy, dtype=np.float32))
-        if self.num_samples > 0:
-            if sample_ids is None or sample_counts is None or sample_logprobs is None:
-                raise ValueError(f"sequence {seq_id}: a sampled shard needs sample_ids, sample_counts, sample_logprobs")
-            columns.update(_encode_samples(sample_ids, sample_counts, sample_logprobs, self.codec))
-        self._pending.append(pa.Table.from_pydict(columns, schema=self.schema()))
-        self._pending_tokens += t
-        self.num_sequences += 1
-        self.num_tokens += t
-        if self._pending_tokens >= self.row_group_tokens:
-            self._close_group()
+        self._buffer.add(
+            seq_id,
+            input_ids,
+            target_ids,
+            target_logprobs,
+            log_normalizers,
+            tail_logprobs,
+            entropy,
+            sample_ids,
+            sample_counts,
+            sample_logprobs,
+        )
 
-    def _close_group(self) -> None:
-        if self._pending:
-            self._groups.append(pa.concat_tables(self._pending))
-            self._pending, self._pending_tokens = [], 0
+    def schema(self, planes: int = 1) -> pa.Schema:
+        fields = [pa.field("seq_id", pa.int64()), pa.field("input_id", pa.int32())]
+        if self.k > 0:
+            fields += [
+                pa.field("target_gaps", pa.binary(planes * self.k)),
+                pa.field("target_codes", pa.binary(self.codec.code_bytes * self.k)),
+            ]
+        for j in range(self.num_temperatures):
+            fields += [pa.field(f"log_normalizer_{j}", pa.float32()), pa.field(f"tail_logprob_{j}", pa.float32())]
+        fields.append(pa.field("entropy", pa.float32()))
+        if self.num_samples > 0:
+            fields += [
+                pa.field("sample_gaps", pa.list_(pa.int32())),
+                pa.field("sample_counts", pa.binary()),
+                pa.field("sample_codes", pa.binary()),
+            ]
+        described = {
+            **self.metadata,
+            "k": self.k,
+            "num_samples": self.num_samples,
+            "codec": self.codec.to_dict(),
+            "gap_planes": planes,
+        }
+        return pa.schema(fields, metadata={"kdcache": json.dumps(described, sort_keys=True)})
+
+    def _table(self, a: dict[str, np.ndarray], lo: int, hi: int, planes: int, schema: pa.Schema) -> pa.Table:
+        """Token rows [lo, hi) as an Arrow table of `schema`."""
+        n = hi - lo
+        seq_ids = np.repeat(a["seq_ids"], a["seq_lengths"])[lo:hi]
+        columns: dict[str, pa.Array] = {"seq_id": pa.array(seq_ids), "input_id": pa.array(a["input_ids"][lo:hi])}
+        if self.k > 0:
+            columns["target_gaps"] = _fixed_binary(values_to_planar(a["gaps"][lo:hi], planes))
+            codes = a["codes"][lo:hi]
+            columns["target_codes"] = _fixed_binary(values_to_planar(codes, self.codec.code_bytes))
+        for j in range(self.num_temperatures):
+            columns[f"log_normalizer_{j}"] = pa.array(np.ascontiguousarray(a["log_normalizers"][lo:hi, j]))
+            columns[f"tail_logprob_{j}"] = pa.array(np.ascontiguousarray(a["tail_logprobs"][lo:hi, j]))
+        columns["entropy"] = pa.array(a["entropy"][lo:hi])
+        if self.num_samples > 0:
+            offsets = np.concatenate([[0], np.cumsum(a["sample_lengths"], dtype=np.int64)])
+            e0, e1 = int(offsets[lo]), int(offsets[hi])
+            local = (offsets[lo : hi + 1] - e0).astype(np.int32)
+            code_bytes = self.codec.code_bytes
+            columns["sample_gaps"] = pa.ListArray.from_arrays(
+                pa.array(local), pa.array(a["sample_gaps"][e0:e1].view(np.int32))
+            )
+            columns["sample_counts"] = pa.BinaryArray.from_buffers(
+                pa.binary(), n, [None, pa.py_buffer(local), pa.py_buffer(a["sample_counts"][e0:e1].tobytes())]
+            )
+            codes = np.ascontiguousarray(a["sample_codes"][e0:e1]).astype(self.codec.code_dtype, copy=False)
+            columns["sample_codes"] = pa.BinaryArray.from_buffers(
+                pa.binary(), n, [None, pa.py_buffer(local * code_bytes), pa.py_buffer(codes.tobytes())]
+            )
+        return pa.Table.from_pydict(columns, schema=schema)
 
     def finish(self) -> bytes:
         """The complete Parquet file as bytes (one row group per ~row_group_tokens, whole sequences only)."""
-        self._close_group()
-        schema = self.schema()
+        a = self._buffer.arrays()
+        planes = gap_planes(a["gaps"])
+        schema = self.schema(planes)
         float_cols = [n for n in schema.names if n.startswith(("log_normalizer_", "tail_logprob_")) or n == "entropy"]
+        encodings = {"input_id": "BYTE_STREAM_SPLIT", **{c: "BYTE_STREAM_SPLIT" for c in float_cols}}
+        if self.k > 0:
+            encodings["target_gaps"] = "BYTE_STREAM_SPLIT"
+            encodings["target_codes"] = "BYTE_STREAM_SPLIT" if self.codec.code_bytes > 1 else "PLAIN"
+        if self.num_samples > 0:
+            encodings.update(
+                {
+                    "sample_gaps.list.element": "BYTE_STREAM_SPLIT",
+                    "sample_counts": "DELTA_LENGTH_BYTE_ARRAY",
+                    "sample_codes": "DELTA_LENGTH_BYTE_ARRAY",
+                }
+            )
         sink = io.BytesIO()
         with pq.ParquetWriter(
             sink,
@@ -152,107 +228,87 @@ class ShardWriter:
             compression="zstd",
             compression_level=self.compression_level,
             use_dictionary=["seq_id"],
-            column_encoding={"target_gaps": "BYTE_STREAM_SPLIT", **{c: "BYTE_STREAM_SPLIT" for c in float_cols}},
+            column_encoding=encodings,
             write_statistics=["seq_id"],
         ) as writer:
-            for group in self._groups or [schema.empty_table()]:
-                writer.write_table(group, row_group_size=max(len(group), 1))
+            bounds = _row_group_bounds(a["seq_lengths"], self.row_group_tokens)
+            for lo, hi in bounds:
+                writer.write_table(self._table(a, lo, hi, planes, schema), row_group_size=max(hi - lo, 1))
         return sink.getvalue()
 
 
-def _encode_samples(ids: np.ndarray, counts: np.ndarray, logprobs: np.ndarray, codec: CodecParams) -> dict:
-    """Ragged per-token sample columns from padded [T, m] arrays (entries with count 0 are padding)."""
-    valid = np.asarray(counts) > 0
-    lengths = valid.sum(axis=1)
-    order = np.argsort(np.where(valid, ids, np.iinfo(np.int64).max), axis=1, kind="stable")  # valid ids ascending
-    ids_s = np.take_along_axis(np.asarray(ids, dtype=np.int64), order, axis=1)
-    counts_s = np.take_along_axis(np.asarray(counts), order, axis=1)
-    lps_s = np.take_along_axis(np.asarray(logprobs, dtype=np.float32), order, axis=1)
-    keep = np.arange(ids_s.shape[1])[None, :] < lengths[:, None]
-    gaps = np.where(keep, np.concatenate([ids_s[:, :1], np.diff(ids_s, axis=1) - 1], axis=1), 0)[keep]
-    if counts_s[keep].max(initial=0) > 255:
-        raise ValueError("sample counts above 255 cannot be stored; use targets.samples <= 255")
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    count_bytes = counts_s[keep].astype(np.uint8)
-    codes = quantize_logprobs(lps_s[keep], codec)
-    return {
-        "sample_gaps": pa.ListArray.from_arrays(pa.array(offsets), pa.array(gaps.astype(np.int32))),
-        "sample_counts": pa.BinaryArray.from_buffers(
-            pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(count_bytes.tobytes())]
-        ),
-        "sample_codes": pa.BinaryArray.from_buffers(
-            pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(codes.tobytes())]
-        ),
-    }
-
-
-def _ragged_to_padded(lengths: np.ndarray, values: np.ndarray, fill) -> np.ndarray:
-    """Flat values of rows with `lengths` -> [N, max(lengths)] padded with `fill`."""
-    n, width = len(lengths), int(lengths.max(initial=0))
-    out = np.full((n, width), fill, dtype=values.dtype)
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    out[mask] = values
-    return out
+def _row_group_bounds(seq_lengths: np.ndarray, row_group_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges of the row groups: whole sequences, each group closed once it reaches row_group_tokens."""
+    bounds, lo, size = [], 0, 0
+    for length in seq_lengths.tolist():
+        size += length
+        if size >= row_group_tokens:
+            bounds.append((lo, lo + size))
+            lo, size = lo + size, 0
+    if size or not bounds:
+        bounds.append((lo, lo + size))
+    return bounds
 
 
 def _decode_samples(table: pa.Table, codec: CodecParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     gaps_col = table.column("sample_gaps").combine_chunks()
     offsets = gaps_col.offsets.to_numpy()
     lengths = np.diff(offsets)
-    gaps = gaps_col.values.to_numpy(zero_copy_only=False).astype(np.int64)[offsets[0] : offsets[-1]]
-    # ids within a row: cumulative sum of (gap + 1), minus 1, restarted at each row
-    steps = gaps + 1
-    csum = np.cumsum(steps)
-    starts = np.repeat(np.concatenate([[0], csum])[offsets[:-1] - offsets[0]], lengths)
-    ids = csum - starts - 1
-
-    def raw_bytes(name: str) -> np.ndarray:
-        col = table.column(name).combine_chunks()
-        off = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
-        data = np.frombuffer(col.buffers()[2], dtype=np.uint8) if col.buffers()[2] is not None else np.zeros(0, np.uint8)
-        return data[off[0] : off[-1]]
-
-    counts = raw_bytes("sample_counts").astype(np.int32)
-    lps = dequantize_logprobs(raw_bytes("sample_codes"), codec)
+    gaps = gaps_col.values.to_numpy(zero_copy_only=False).view(np.uint32)[offsets[0] : offsets[-1]]
+    ids = ragged_ids(lengths, gaps)
+    counts = _binary_values(table.column("sample_counts")).astype(np.int32)
+    codes = _binary_values(table.column("sample_codes")).view(codec.code_dtype)
+    lps = dequantize_logprobs(codes, codec)
     return (
-        _ragged_to_padded(lengths, ids, 0),
-        _ragged_to_padded(lengths, counts, 0),
-        _ragged_to_padded(lengths, lps, np.float32(-np.inf)),
+        ragged_to_padded(lengths, ids, 0),
+        ragged_to_padded(lengths, counts, 0),
+        ragged_to_padded(lengths, lps, np.float32(-np.inf)),
     )
-
-
-@dataclass
-class ShardData:
-    """Decoded token rows of one shard (N tokens)."""
-
-    seq_ids: np.ndarray  # [N] int64
-    input_ids: np.ndarray  # [N] int32
-    target_ids: np.ndarray  # [N, k] int64, ascending per row
-    target_logprobs: np.ndarray  # [N, k] float32
-    log_normalizers: np.ndarray  # [N, nT] float32
-    tail_logprobs: np.ndarray  # [N, nT] float32
-    entropy: np.ndarray  # [N] float32
-    sample_ids: np.ndarray | None = None  # [N, m] int64, padding id 0 (sampled caches)
-    sample_counts: np.ndarray | None = None  # [N, m] int32, 0 = padding
-    sample_logprobs: np.ndarray | None = None  # [N, m] float32, -inf = padding
 
 
 def read_shard(
     source: bytes | BinaryIO, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()
 ) -> ShardData:
     """Decode a whole shard file (bytes or a seekable binary file)."""
-    table = pq.read_table(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    return decode_table(table, k=k, num_temperatures=num_temperatures, codec=codec)
+    return decode_table(read_shard_table(source), k=k, num_temperatures=num_temperatures, codec=codec)
+
+
+def read_shard_table(source: bytes | BinaryIO) -> pa.Table:
+    """A whole shard as an Arrow table, decompressed but not decoded (decode row slices later with `decode_table`).
+
+    Holding the table instead of `ShardData` keeps ~(P + B)k + 28 bytes per token (k = 64: ~250 B) instead of
+    ~12k (~800 B), and lets a reader decode only the rows it needs.
+    """
+    return pq.read_table(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+
+
+def read_shard_info(source: bytes | BinaryIO) -> dict[str, Any]:
+    """Counts and self-description from the footer and the seq_id column only (no target is decompressed).
+
+    Returns {"num_tokens", "num_sequences", "metadata"}; raises for a file pyarrow cannot read.
+    """
+    pf = pq.ParquetFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+    raw = (pf.schema_arrow.metadata or {}).get(b"kdcache", b"{}")
+    seq = pf.read(columns=["seq_id"]).column("seq_id").to_numpy()
+    runs = int(np.count_nonzero(np.diff(seq))) + 1 if len(seq) else 0
+    return {"num_tokens": pf.metadata.num_rows, "num_sequences": runs, "metadata": json.loads(raw)}
 
 
 def decode_table(table: pa.Table, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()) -> ShardData:
-    """Decode token rows already read into an Arrow table (a whole file or some row groups)."""
+    """Decode token rows already read into an Arrow table (a whole file, some row groups, or a row slice)."""
     n = table.num_rows
-    if k > 0 and n:
-        gaps = _fixed_binary_to_numpy(table.column("target_gaps"), 4 * k, np.dtype("<u4"))
-        codes = _fixed_binary_to_numpy(table.column("target_codes"), k, np.dtype(np.uint8))
+    if k > 0:
+        gaps_raw = _fixed_binary_to_numpy(table.column("target_gaps"))
+        codes_raw = _fixed_binary_to_numpy(table.column("target_codes"))
+        if gaps_raw.shape[1] % k or codes_raw.shape[1] != codec.code_bytes * k:
+            raise ValueError(
+                f"target columns are {gaps_raw.shape[1]} / {codes_raw.shape[1]} bytes wide; expected multiples of "
+                f"k={k} with {codec.code_bytes}-byte codes ({codec.logprobs})"
+            )
+        target_ids = decode_planar_gaps(gaps_raw, k)
+        target_logprobs = dequantize_logprobs(planar_to_values(codes_raw, k, codec.code_dtype), codec)
     else:
-        gaps, codes = np.zeros((n, k), dtype=np.uint32), np.zeros((n, k), dtype=np.uint8)
+        target_ids, target_logprobs = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
     samples = _decode_samples(table, codec) if "sample_gaps" in table.column_names else (None, None, None)
 
     def floats(name: str) -> np.ndarray:
@@ -261,21 +317,16 @@ def decode_table(table: pa.Table, *, k: int, num_temperatures: int, codec: Codec
     return ShardData(
         seq_ids=table.column("seq_id").to_numpy().astype(np.int64, copy=False),
         input_ids=table.column("input_id").to_numpy().astype(np.int32, copy=False),
-        target_ids=decode_ids(gaps.reshape(n, k)),
-        target_logprobs=dequantize_logprobs(codes.reshape(n, k), codec),
-        log_normalizers=np.stack([floats(f"log_normalizer_{j}") for j in range(num_temperatures)], axis=1),
-        tail_logprobs=np.stack([floats(f"tail_logprob_{j}") for j in range(num_temperatures)], axis=1),
+        target_ids=target_ids,
+        target_logprobs=target_logprobs,
+        log_normalizers=np.stack([floats(f"log_normalizer_{j}") for j in range(num_temperatures)], axis=1).reshape(
+            n, num_temperatures
+        ),
+        tail_logprobs=np.stack([floats(f"tail_logprob_{j}") for j in range(num_temperatures)], axis=1).reshape(
+            n, num_temperatures
+        ),
         entropy=floats("entropy"),
         sample_ids=samples[0],
         sample_counts=samples[1],
         sample_logprobs=samples[2],
     )
-
-
-def split_sequences(data: ShardData) -> list[tuple[int, slice]]:
-    """(seq_id, row slice) of each sequence, in file order (a sequence is a run of equal seq_id)."""
-    if len(data.seq_ids) == 0:
-        return []
-    starts = np.flatnonzero(np.diff(data.seq_ids) != 0) + 1
-    bounds = [0, *starts.tolist(), len(data.seq_ids)]
-    return [(int(data.seq_ids[a]), slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -1,0 +1,184 @@
+"""What every shard format shares: the decoded `ShardData`, and `TokenBuffer`, which encodes a unit's sequences
+into flat arrays (sorted gap-coded ids, log-prob codes, ragged samples) that a format then lays out on disk.
+
+No file format is known here: parquet.py and zarr.py turn `TokenBuffer.arrays()` into bytes and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdcache.codec import CodecParams, encode_ids, quantize_logprobs, sort_targets
+
+__all__ = ["ShardData", "TokenBuffer", "ragged_to_padded", "ragged_ids", "split_sequences"]
+
+
+@dataclass
+class ShardData:
+    """Decoded token rows of one shard (N tokens)."""
+
+    seq_ids: np.ndarray  # [N] int64
+    input_ids: np.ndarray  # [N] int32
+    target_ids: np.ndarray  # [N, k] int64, ascending per row
+    target_logprobs: np.ndarray  # [N, k] float32
+    log_normalizers: np.ndarray  # [N, nT] float32
+    tail_logprobs: np.ndarray  # [N, nT] float32
+    entropy: np.ndarray  # [N] float32
+    sample_ids: np.ndarray | None = None  # [N, m] int64, padding id 0 (sampled caches)
+    sample_counts: np.ndarray | None = None  # [N, m] int32, 0 = padding
+    sample_logprobs: np.ndarray | None = None  # [N, m] float32, -inf = padding
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.seq_ids)
+
+
+def split_sequences(data: ShardData) -> list[tuple[int, slice]]:
+    """(seq_id, row slice) of each sequence, in file order (a sequence is a run of equal seq_id)."""
+    if len(data.seq_ids) == 0:
+        return []
+    starts = np.flatnonzero(np.diff(data.seq_ids) != 0) + 1
+    bounds = [0, *starts.tolist(), len(data.seq_ids)]
+    return [(int(data.seq_ids[a]), slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def ragged_to_padded(lengths: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
+    """Flat values of rows with `lengths` -> [N, max(lengths)] padded with `fill`."""
+    n, width = len(lengths), int(np.max(lengths, initial=0))
+    out = np.full((n, width), fill, dtype=values.dtype)
+    mask = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+    out[mask] = values
+    return out
+
+
+def ragged_ids(lengths: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+    """Flat gap-coded ids of ragged rows -> flat int64 ids (the gap sum restarts at every row)."""
+    steps = np.asarray(gaps, dtype=np.int64) + 1
+    csum = np.cumsum(steps)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    starts = np.repeat(np.concatenate([[0], csum])[offsets[:-1]], lengths)
+    return csum - starts - 1
+
+
+@dataclass
+class TokenBuffer:
+    """Collects a unit's sequences, encoded, as flat arrays (see `arrays`); shared by every shard writer.
+
+    Args:
+        k: head entries per token; num_temperatures: stored temperatures (index 0 is T = 1);
+        num_samples: draws per token (0: no sample columns); codec: the log-prob coding.
+    """
+
+    k: int
+    num_temperatures: int
+    num_samples: int = 0
+    codec: CodecParams = field(default_factory=CodecParams)
+    num_sequences: int = 0
+    num_tokens: int = 0
+    _parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(
+        self,
+        seq_id: int,
+        input_ids: np.ndarray,
+        target_ids: np.ndarray,
+        target_logprobs: np.ndarray,
+        log_normalizers: np.ndarray,
+        tail_logprobs: np.ndarray,
+        entropy: np.ndarray,
+        sample_ids: np.ndarray | None = None,
+        sample_counts: np.ndarray | None = None,
+        sample_logprobs: np.ndarray | None = None,
+    ) -> None:
+        """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
+        tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
+        Ids need not be sorted (they are sorted here)."""
+        t = len(input_ids)
+        target_ids, target_logprobs = np.asarray(target_ids), np.asarray(target_logprobs)
+        if target_ids.shape != (t, self.k) or target_logprobs.shape != (t, self.k):
+            raise ValueError(f"sequence {seq_id}: targets must be [{t}, {self.k}], got {target_ids.shape}")
+        log_normalizers, tail_logprobs = np.asarray(log_normalizers), np.asarray(tail_logprobs)
+        if log_normalizers.shape != (t, self.num_temperatures) or tail_logprobs.shape != (t, self.num_temperatures):
+            raise ValueError(f"sequence {seq_id}: normalizers/tails must be [{t}, {self.num_temperatures}]")
+        if np.shape(entropy) != (t,):
+            raise ValueError(f"sequence {seq_id}: entropy must be [{t}], got {np.shape(entropy)}")
+        ids, lps = sort_targets(target_ids, target_logprobs)
+        part = {
+            "seq_ids": np.array([seq_id], dtype=np.int64),
+            "seq_lengths": np.array([t], dtype=np.int64),
+            "input_ids": np.asarray(input_ids, dtype=np.int32),
+            "gaps": encode_ids(ids) if self.k else np.zeros((t, 0), np.uint32),
+            "codes": quantize_logprobs(lps, self.codec),
+            "log_normalizers": log_normalizers.astype(np.float32),
+            "tail_logprobs": tail_logprobs.astype(np.float32),
+            "entropy": np.asarray(entropy, dtype=np.float32),
+        }
+        if self.num_samples > 0:
+            if sample_ids is None or sample_counts is None or sample_logprobs is None:
+                raise ValueError(
+                    f"sequence {seq_id}: a sampled shard needs sample_ids, sample_counts, sample_logprobs"
+                )
+            part.update(_encode_samples(seq_id, t, sample_ids, sample_counts, sample_logprobs, self.codec))
+        for name, value in part.items():
+            self._parts.setdefault(name, []).append(value)
+        self.num_sequences += 1
+        self.num_tokens += t
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything added so far, concatenated in add order.
+
+        Keys: seq_ids [S] int64, seq_lengths [S] int64, input_ids [N] int32, gaps [N, k] uint32, codes [N, k]
+        (codec dtype), log_normalizers / tail_logprobs [N, nT] float32, entropy [N] float32, and for sampled
+        buffers sample_lengths [N] uint8, sample_gaps [M] uint32, sample_counts [M] uint8, sample_codes [M].
+        """
+        empty = {
+            "seq_ids": np.zeros(0, np.int64),
+            "seq_lengths": np.zeros(0, np.int64),
+            "input_ids": np.zeros(0, np.int32),
+            "gaps": np.zeros((0, self.k), np.uint32),
+            "codes": np.zeros((0, self.k), self.codec.code_dtype),
+            "log_normalizers": np.zeros((0, self.num_temperatures), np.float32),
+            "tail_logprobs": np.zeros((0, self.num_temperatures), np.float32),
+            "entropy": np.zeros(0, np.float32),
+        }
+        if self.num_samples > 0:
+            empty.update(
+                sample_lengths=np.zeros(0, np.uint8),
+                sample_gaps=np.zeros(0, np.uint32),
+                sample_counts=np.zeros(0, np.uint8),
+                sample_codes=np.zeros(0, self.codec.code_dtype),
+            )
+        return {
+            name: np.concatenate(self._parts[name]) if self._parts.get(name) else value
+            for name, value in empty.items()
+        }
+
+
+def _encode_samples(
+    seq_id: int, t: int, ids: np.ndarray, counts: np.ndarray, logprobs: np.ndarray, codec: CodecParams
+) -> dict[str, np.ndarray]:
+    """Flat per-entry sample arrays from padded [T, m] arrays (entries with count 0 are padding)."""
+    ids, counts, logprobs = np.asarray(ids), np.asarray(counts), np.asarray(logprobs)
+    if ids.shape[0] != t or ids.shape != counts.shape or ids.shape != logprobs.shape:
+        raise ValueError(f"sequence {seq_id}: sample_ids/counts/logprobs must all be [{t}, m]")
+    valid = counts > 0
+    lengths = valid.sum(axis=1)
+    order = np.argsort(np.where(valid, ids, np.iinfo(np.int64).max), axis=1, kind="stable")  # valid ids ascending
+    ids_s = np.take_along_axis(ids.astype(np.int64), order, axis=1)
+    counts_s = np.take_along_axis(counts, order, axis=1)
+    lps_s = np.take_along_axis(logprobs.astype(np.float32), order, axis=1)
+    keep = np.arange(ids_s.shape[1])[None, :] < lengths[:, None]
+    gaps = np.concatenate([ids_s[:, :1], np.diff(ids_s, axis=1) - 1], axis=1)[keep]
+    if gaps.size and (gaps.min() < 0 or ids_s[keep].max() >= 2**32):
+        raise ValueError(f"sequence {seq_id}: sampled ids must be distinct within a token and in [0, 2**32)")
+    if counts_s[keep].max(initial=0) > 255 or lengths.max(initial=0) > 255:
+        raise ValueError("sample counts above 255 cannot be stored; use targets.samples <= 255")
+    return {
+        "sample_lengths": lengths.astype(np.uint8),
+        "sample_gaps": gaps.astype(np.uint32),
+        "sample_counts": counts_s[keep].astype(np.uint8),
+        "sample_codes": quantize_logprobs(lps_s[keep], codec),
+    }

@@ -1,0 +1,363 @@
+"""docs/FORMAT.md is complete: a reader written from it alone (json, hashlib, pyarrow / zarr, numpy; no kdcache
+decode function) returns exactly what kdcache's reader returns, for Parquet and Zarr shards, in topk, sample and
+hybrid modes, with u8, u16 and f32 log-probs. Also: Parquet row groups never split a sequence.
+
+`build_cache` (real shards from kdcache's writers, random targets, no model) is shared with test_verify.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fake_cache import write_fake_cache
+
+from kdcache.codec import CodecParams
+from kdcache.formats import get_format
+from kdcache.manifest import INDEX_KEY, build_manifest, dumps, shard_key
+from kdcache.reader import open_cache
+from kdcache.store import Store
+from kdcache.targets import sample_targets, select_topk
+
+# ---- a cache builder (kdcache's writers; the reader below must not use kdcache) -----------------------------------
+
+
+def build_cache(
+    root: Path | str,
+    *,
+    fmt: str = "parquet",
+    logprobs: str = "u8",
+    mode: str = "topk",
+    k: int = 6,
+    num_samples: int = 12,
+    vocab: int = 300,
+    num_units: int = 2,
+    seqs_per_unit: int = 3,
+    temperatures: tuple[float, ...] = (1.0, 2.0),
+    row_group_tokens: int = 65536,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A complete cache of random sequences written with kdcache's shard writers; returns the manifest."""
+    store = Store(str(root))
+    codec = CodecParams.for_logprobs(logprobs)
+    stored_k = 0 if mode == "sample" else k
+    targets: dict[str, Any] = {
+        "mode": mode,
+        "k": stored_k,
+        "temperatures": list(temperatures),
+        "logprob_codec": logprobs,
+    }
+    if mode != "topk":
+        targets.update(samples=num_samples, seed=seed)
+    inputs = {
+        "format_version": 1,
+        "teacher": {"model": "fake", "revision": None, "dtype": "float32", "padded_vocab_size": vocab},
+        "tokenizer": {"name": "fake", "hash": "fake", "vocab_size": vocab},
+        "targets": targets,
+        "codec": codec.to_dict(),
+        "windowing": {"max_length": 20, "min_length": 2, "add_eos": True},
+        "data": {"source": "fake"},
+        "shard_format": fmt,
+    }
+    writer_cls = get_format(fmt)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    units = []
+    for u in range(num_units):
+        writer = writer_cls.ShardWriter(
+            k=stored_k,
+            num_temperatures=len(temperatures),
+            num_samples=num_samples if mode != "topk" else 0,
+            codec=codec,
+            row_group_tokens=row_group_tokens,
+            metadata={"unit_id": f"unit{u:04d}", "format_version": 1},
+        )
+        for s in range(seqs_per_unit):
+            length = int(rng.integers(2, 20))
+            logits = torch.randn(length, vocab, generator=gen) * 3.0
+            if mode == "topk":
+                head, extra = select_topk(logits, k, list(temperatures)), ()
+            else:
+                head, st = sample_targets(
+                    logits, num_samples=num_samples, head=stored_k, temperatures=list(temperatures), generator=gen
+                )
+                extra = (st.ids.numpy(), st.counts.numpy(), st.logprobs.numpy())
+            writer.add(
+                seed * 10_000 + u * 100 + s,
+                rng.integers(0, vocab, size=length),
+                head.ids.numpy(),
+                head.logprobs.numpy(),
+                head.log_normalizers.numpy(),
+                head.tail_logprobs.numpy(),
+                head.entropy.numpy(),
+                *extra,
+            )
+        data = writer.finish()
+        path = shard_key(f"unit{u:04d}", "a0", writer_cls.SUFFIX)
+        store.write_bytes(path, data)
+        units.append(
+            {
+                "unit_id": f"unit{u:04d}",
+                "path": path,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "num_sequences": writer.num_sequences,
+                "num_tokens": writer.num_tokens,
+            }
+        )
+    fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    manifest = build_manifest(
+        fingerprint=fingerprint,
+        fingerprint_inputs=inputs,
+        units=units,
+        shard_format=fmt,
+        shard_suffix=writer_cls.SUFFIX,
+    )
+    store.write_bytes(INDEX_KEY, dumps(manifest))
+    return manifest
+
+
+# ---- the independent reader, from docs/FORMAT.md only -------------------------------------------------------------
+
+
+def _planar(raw: np.ndarray, k: int, acc: type) -> np.ndarray:
+    """[n, P*k] plane-major bytes -> [n, k] integers (FORMAT.md section 5)."""
+    planes = raw.shape[1] // k
+    out = np.zeros((raw.shape[0], k), dtype=acc)
+    for p in range(planes):
+        out |= raw[:, p * k : (p + 1) * k].astype(acc) << acc(8 * p)
+    return out
+
+
+def _logprobs(codes: np.ndarray, codec: dict[str, Any]) -> np.ndarray:
+    """Codes of the manifest's codec -> float32 log-probs."""
+    if codec["logprobs"] == "f32":
+        return codes.astype("<u4").view("<f4") if codes.dtype.kind == "u" else codes.astype(np.float32)
+    step = np.float32(-codec["logprob_min"] / (codec["levels"] - 1))
+    return codes.astype(np.float32) * -step
+
+
+def _ids_from_gaps(gaps: np.ndarray) -> np.ndarray:
+    k = gaps.shape[1]
+    return np.cumsum(gaps.astype(np.int64), axis=1) + np.arange(k)
+
+
+def _ragged(lengths: np.ndarray, flat_gaps: np.ndarray, counts: np.ndarray, lps: np.ndarray):
+    width = int(lengths.max(initial=0))
+    ids = np.zeros((len(lengths), width), np.int64)
+    cnt = np.zeros((len(lengths), width), np.int32)
+    lp = np.full((len(lengths), width), -np.inf, np.float32)
+    start = 0
+    for t, m in enumerate(lengths.tolist()):
+        ids[t, :m] = np.cumsum(flat_gaps[start : start + m].astype(np.int64)) + np.arange(m)
+        cnt[t, :m] = counts[start : start + m]
+        lp[t, :m] = lps[start : start + m]
+        start += m
+    return ids, cnt, lp
+
+
+def _parquet_tokens(raw: bytes, k: int, n_temps: int, codec: dict[str, Any]) -> dict[str, np.ndarray]:
+    t = pq.read_table(io.BytesIO(raw))
+    n = t.num_rows
+    out: dict[str, np.ndarray] = {
+        "seq_id": t.column("seq_id").to_numpy(),
+        "input_ids": t.column("input_id").to_numpy(),
+        "log_normalizers": np.stack([t.column(f"log_normalizer_{j}").to_numpy() for j in range(n_temps)], 1),
+        "tail_logprobs": np.stack([t.column(f"tail_logprob_{j}").to_numpy() for j in range(n_temps)], 1),
+        "entropy": t.column("entropy").to_numpy(),
+    }
+
+    def fixed(name: str) -> np.ndarray:
+        a = t.column(name).combine_chunks()
+        w = a.type.byte_width
+        return np.frombuffer(a.buffers()[1], np.uint8)[a.offset * w : (a.offset + n) * w].reshape(n, w)
+
+    if k > 0:
+        out["target_ids"] = _ids_from_gaps(_planar(fixed("target_gaps"), k, np.uint32))
+        out["target_logprobs"] = _logprobs(_planar(fixed("target_codes"), k, np.uint32), codec)
+    else:
+        out["target_ids"], out["target_logprobs"] = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+    if "sample_gaps" in t.column_names:
+        lists = t.column("sample_gaps").to_pylist()
+        lengths = np.array([len(x) for x in lists])
+        flat = np.array([g for x in lists for g in x], dtype=np.int64).astype(np.uint32)
+        counts = np.frombuffer(b"".join(t.column("sample_counts").to_pylist()), np.uint8)
+        width = {"u8": "u1", "u16": "<u2", "f32": "<f4"}[codec["logprobs"]]
+        codes = np.frombuffer(b"".join(t.column("sample_codes").to_pylist()), width)
+        out["sample_ids"], out["sample_counts"], out["sample_logprobs"] = _ragged(
+            lengths, flat, counts, _logprobs(codes, codec)
+        )
+    return out
+
+
+def _zarr_tokens(path: Path, k: int, n_temps: int, codec: dict[str, Any]) -> dict[str, np.ndarray]:
+    import zarr
+
+    store = zarr.storage.ZipStore(path, mode="r")
+    g = zarr.open_group(store, mode="r")
+    offsets = g["seq_offsets"][:]
+    n = int(offsets[-1])
+    out = {
+        "seq_id": np.repeat(g["seq_id"][:], np.diff(offsets)),
+        "input_ids": g["input_id"][:],
+        "log_normalizers": g["log_normalizers"][:],
+        "tail_logprobs": g["tail_logprobs"][:],
+        "entropy": g["entropy"][:],
+    }
+    if k > 0:
+        out["target_ids"] = _ids_from_gaps(g["target_gaps"][:])
+        out["target_logprobs"] = _logprobs(g["target_codes"][:], codec)
+    else:
+        out["target_ids"], out["target_logprobs"] = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+    if "sample_lengths" in g:
+        out["sample_ids"], out["sample_counts"], out["sample_logprobs"] = _ragged(
+            g["sample_lengths"][:].astype(np.int64),
+            g["sample_gaps"][:],
+            g["sample_counts"][:],
+            _logprobs(g["sample_codes"][:], codec),
+        )
+    store.close()
+    assert out["input_ids"].shape == (n,)
+    return out
+
+
+def spec_read(root: Path) -> list[dict[str, Any]]:
+    """Every sequence of a local cache, read as docs/FORMAT.md says."""
+    manifest = json.loads((root / "index.json").read_text())
+    assert manifest["format"] == "kdcache" and manifest["format_version"] == 1 and manifest["complete"]
+    inputs = manifest["fingerprint_inputs"]
+    codec = inputs["codec"]
+    assert codec["name"] == "topk-gap" and codec["version"] == 1
+    k, n_temps = inputs["targets"]["k"], len(inputs["targets"]["temperatures"])
+    sequences = []
+    for unit in manifest["units"]:
+        assert not unit["path"].startswith("/") and ".." not in unit["path"]
+        raw = (root / unit["path"]).read_bytes()
+        assert len(raw) == unit["bytes"] and hashlib.sha256(raw).hexdigest() == unit["sha256"]
+        if manifest["shard_format"] == "parquet":
+            tokens = _parquet_tokens(raw, k, n_temps, codec)
+        else:
+            tokens = _zarr_tokens(root / unit["path"], k, n_temps, codec)
+        seq = tokens.pop("seq_id")
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(seq)) + 1, [len(seq)]])
+        for a, b in zip(starts[:-1], starts[1:]):
+            s = {"seq_id": int(seq[a])} | {name: v[a:b] for name, v in tokens.items()}
+            if "sample_ids" in s:  # padded to the sequence's widest token, as the reader pads
+                width = int((s["sample_counts"] > 0).sum(1).max(initial=0))
+                for name in ("sample_ids", "sample_counts", "sample_logprobs"):
+                    s[name] = s[name][:, :width]
+            sequences.append(s)
+        assert len(starts) - 1 == unit["num_sequences"] and len(seq) == unit["num_tokens"]
+    return sequences
+
+
+def assert_same_as_reader(root: Path) -> int:
+    spec = spec_read(root)
+    ours = list(open_cache(str(root)).iter_sequences())
+    assert len(spec) == len(ours) > 0
+    for a, b in zip(spec, ours):
+        assert a["seq_id"] == int(b["seq_id"])
+        for name, value in a.items():
+            if name == "seq_id":
+                continue
+            got = b[name]
+            if name.startswith("sample_"):  # kdcache pads to the shard's widest token; compare the valid part
+                got = got[:, : value.shape[1]]
+                assert not (b["sample_counts"][:, value.shape[1] :] > 0).any()
+            assert got.shape == value.shape, name
+            np.testing.assert_array_equal(got, value, err_msg=name)
+        np.testing.assert_array_equal(b["tail_logprob"], a["tail_logprobs"][:, 0])
+    return len(spec)
+
+
+# ---- tests ----------------------------------------------------------------------------------------------------------
+
+
+def test_spec_reader_matches_on_fake_topk_cache(tmp_path):
+    write_fake_cache(str(tmp_path), num_units=3, seqs_per_unit=4, k=8, vocab=64)
+    assert assert_same_as_reader(tmp_path) == 12
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+@pytest.mark.parametrize(
+    "mode, logprobs",
+    [("topk", "u8"), ("topk", "u16"), ("topk", "f32"), ("sample", "u8"), ("hybrid", "u16"), ("hybrid", "f32")],
+)
+def test_spec_reader_matches(tmp_path, fmt, mode, logprobs):
+    manifest = build_cache(tmp_path, fmt=fmt, mode=mode, logprobs=logprobs, vocab=70_000 if mode == "topk" else 300)
+    assert manifest["fingerprint_inputs"]["codec"]["logprobs"] == logprobs
+    assert assert_same_as_reader(tmp_path) == 6
+
+
+def test_parquet_gap_planes_follow_the_largest_gap(tmp_path):
+    build_cache(tmp_path, vocab=2000)  # gaps < 2000, some above 255: two planes
+    small = pq.read_table(tmp_path / "shards" / "unit0000-a0.parquet")
+    assert small.schema.field("target_gaps").type.byte_width == 2 * 6
+    meta = json.loads(small.schema.metadata[b"kdcache"])
+    assert meta["gap_planes"] == 2 and meta["codec"]["logprobs"] == "u8" and meta["unit_id"] == "unit0000"
+
+
+def test_row_groups_never_split_a_sequence(tmp_path):
+    build_cache(tmp_path, num_units=1, seqs_per_unit=12, row_group_tokens=15)
+    pf = pq.ParquetFile(tmp_path / "shards" / "unit0000-a0.parquet")
+    assert pf.num_row_groups > 2
+    seen: set[int] = set()
+    for g in range(pf.num_row_groups):
+        ids = set(pf.read_row_group(g, columns=["seq_id"]).column("seq_id").to_pylist())
+        assert not ids & seen  # a sequence lives in exactly one row group
+        seen |= ids
+        if g < pf.num_row_groups - 1:
+            assert pf.metadata.row_group(g).num_rows >= 15
+
+
+def test_zarr_shard_is_a_plain_zip_of_a_zarr_v3_group(tmp_path):
+    build_cache(tmp_path, fmt="zarr", num_units=1, mode="hybrid")
+    path = tmp_path / "shards" / "unit0000-a0.zarr.zip"
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        assert names == sorted(names) and all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+        root = json.loads(zf.read("zarr.json"))
+    assert root["zarr_format"] == 3 and root["node_type"] == "group"
+    assert root["attributes"]["kdcache"]["num_samples"] == 12
+    codecs = {
+        c["name"]
+        for n in names
+        if n.endswith("/zarr.json")
+        for c in json.loads(zipfile.ZipFile(path).read(n))["codecs"]
+    }
+    assert codecs <= {"bytes", "transpose", "blosc", "zstd"}  # Zarr v3 core codecs only
+
+
+def test_same_input_same_bytes_in_both_formats(tmp_path):
+    for fmt in ("parquet", "zarr"):
+        a = build_cache(tmp_path / f"{fmt}1", fmt=fmt, mode="hybrid")
+        b = build_cache(tmp_path / f"{fmt}2", fmt=fmt, mode="hybrid")
+        assert [u["sha256"] for u in a["units"]] == [u["sha256"] for u in b["units"]]
+
+
+def test_codec_options_round_trip_within_their_bounds():
+    rng = np.random.default_rng(0)
+    lp = np.concatenate([-rng.exponential(3.0, 5000), [0.0, -1e-9, -15.99, -31.9]]).astype(np.float32)
+    for name, bound in (("u8", 0.0314), ("u16", 2.45e-4), ("f32", 0.0)):
+        codec = CodecParams.for_logprobs(name)
+        back = _logprobs(_encode_for_test(lp, codec), codec.to_dict())
+        inside = lp >= (codec.logprob_min if name != "f32" else -np.inf)
+        assert np.abs(back[inside] - lp[inside]).max() <= bound + 1e-6, name
+        assert CodecParams.from_dict(codec.to_dict()) == codec
+    with pytest.raises(ValueError, match="log-prob coding"):
+        CodecParams.for_logprobs("u4")
+
+
+def _encode_for_test(lp: np.ndarray, codec: CodecParams) -> np.ndarray:
+    from kdcache.codec import quantize_logprobs
+
+    codes = quantize_logprobs(lp, codec)
+    return codes.view("<u4") if codec.logprobs == "f32" else codes
