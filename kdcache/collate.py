@@ -73,7 +73,9 @@ def collate_sequences(
     }
     sampled = [s for s in seqs if s is not None and "sample_ids" in s]
     if sampled:
-        width = max(max(s["sample_ids"].shape[1] for s in sampled), 1)
+        # width = the most unique ids of any position (valid entries come first in a row): independent of how
+        # the shard was decoded (per unit or per sequence), so both formats give identical batches
+        width = max(max(int((s["sample_counts"] > 0).sum(axis=1).max(initial=0)) for s in sampled), 1)
         out["sample_ids"] = np.zeros((b, length, width), dtype=np.int64)
         out["sample_counts"] = np.zeros((b, length, width), dtype=np.int32)
         out["sample_logprobs"] = np.full((b, length, width), -np.inf, dtype=np.float32)
@@ -81,10 +83,10 @@ def collate_sequences(
         if seq is None:
             continue
         if sampled:
-            m = seq["sample_ids"].shape[1]
-            out["sample_ids"][i, :n, :m] = seq["sample_ids"]
-            out["sample_counts"][i, :n, :m] = seq["sample_counts"]
-            out["sample_logprobs"][i, :n, :m] = seq["sample_logprobs"]
+            m = min(seq["sample_ids"].shape[1], width)
+            out["sample_ids"][i, :n, :m] = seq["sample_ids"][:, :m]
+            out["sample_counts"][i, :n, :m] = seq["sample_counts"][:, :m]
+            out["sample_logprobs"][i, :n, :m] = seq["sample_logprobs"][:, :m]
         out["seq_id"][i] = seq["seq_id"]
         out["input_ids"][i, :n] = seq["input_ids"]
         out["attention_mask"][i, :n] = 1

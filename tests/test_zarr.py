@@ -8,6 +8,7 @@ import json
 import zipfile
 
 import numpy as np
+import torch
 import pytest
 from test_format_spec import build_cache
 
@@ -90,3 +91,14 @@ def test_same_job_as_parquet_and_zarr_reads_back_identically(ray_session, tiny_t
             assert np.asarray(a[name]).dtype == np.asarray(b[name]).dtype, name
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert sum(len(s["input_ids"]) for s in zarr_) == sum(len(s["input_ids"]) for s in parquet)
+    # the training reader serves both formats identically too
+    from kdcache.dataset import KDCacheDataset
+
+    batches = {
+        fmt: list(KDCacheDataset(f"{tmp_path}/{fmt}", batch_size=2, seed=3, shuffle=True)) for fmt in ("parquet", "zarr")
+    }
+    assert len(batches["parquet"]) == len(batches["zarr"]) > 0
+    for a, b in zip(batches["parquet"], batches["zarr"]):
+        for name, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[name]), name
