@@ -142,7 +142,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kdcache.job import run_cache_job
 
     workdir = Path(args.workdir)
-    print(f"[demo] kdcache demo: a tiny teacher trained here on the Python standard library (not a real model)")
+    print("[demo] kdcache demo: a tiny teacher trained here on the Python standard library (not a real model)")
     assets = prepare_demo(workdir / "assets", progress=not args.quiet)
     overrides = [
         f"teacher.model={assets.teacher_dir}",
@@ -154,6 +154,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}")
     run_cache_job(cfg)
     print(format_summary(cache_summary(cfg.output.uri)))
+    if args.student_steps <= 0:
+        return 0
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the teacher actors are done: free the cores for the students
+    from kdcache.students import demo_students
+
+    demo_students(
+        assets.teacher_dir,
+        assets.valid_dir,
+        cfg.output.uri,
+        workdir / "students.png",
+        steps=args.student_steps,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -203,10 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true", help="also sha256, decode everything and check invariants")
     p.add_argument("--workers", type=int, default=8, help="shards checked concurrently")
     p.set_defaults(func=_cmd_verify)
-    p = sub.add_parser("demo", help="tiny end-to-end demo, offline, on local Ray")
+    p = sub.add_parser("demo", help="tiny end-to-end demo, offline: teacher, cache on local Ray, students")
     p.add_argument("--workdir", default=".kdcache/demo", help="where the demo's teacher, corpus and cache go")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--config", default=str(REPO_CONFIGS / "quickstart.yaml"), help="base config")
+    p.add_argument("--student-steps", type=int, default=100, help="steps per demo student after caching (0: none)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("report", help="charts of a cache's telemetry, bytes and throughput, with an index.html")

@@ -4,8 +4,13 @@
 
 Steps: (1) read the teacher's config and tokenizer (no weights) and compute the cache fingerprint; refuse a cache
 made with a different one; (2) plan work units; skip those already committed (a rerun of a complete cache does no
-work and starts no Ray); (3) run `cluster.num_actors` actors that pull units, write shards and return commit
-records; a failed unit is retried on a fresh actor up to `cluster.max_retries` times; (4) write `index.json` last.
+work and starts no Ray); (3) `schedule_units` runs `cluster.num_actors` actors that pull units, write shards and
+return commit records (see its docstring for retries, lost actors and nodes, and backup copies of stragglers);
+(4) delete shards no commit names (attempts that lost or died) and write `index.json` last, with the run's
+statistics in `stats.last_run`.
+
+The scheduling loop takes its actors from a factory (`start()` / `stop(handle)`), so `bench/driver.py` measures the
+real loop with fake actors that compute nothing.
 """
 
 from __future__ import annotations
@@ -13,35 +18,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import time
-from collections import deque
 from typing import Any
 
 from kdcache.codec import CodecParams
 from kdcache.config import KDCacheConfig
-from kdcache.errors import CacheMismatchError, ConfigError, KdcacheError
-from kdcache.formats.parquet import SHARD_SUFFIX
+from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.manifest import (
     COMMITS_DIR,
     FINGERPRINT_KEY,
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_KEY,
+    SHARDS_DIR,
     build_manifest,
     commit_key,
     dumps,
     read_manifest,
 )
 from kdcache.plan import WorkUnit, fingerprint_of, plan_units
+from kdcache.pool import ActorFactory, JobFailed, RunStats, schedule_units
 from kdcache.store import Store
 
-__all__ = ["JobFailed", "compute_fingerprint", "run_cache_job"]
+__all__ = ["ActorFactory", "JobFailed", "RunStats", "compute_fingerprint", "run_cache_job", "schedule_units"]
 
 log = logging.getLogger("kdcache.job")
-
-
-class JobFailed(KdcacheError):
-    """A unit failed more than `cluster.max_retries` times, or failed on bad input."""
 
 
 def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
         "teacher": {"model": t.model, "revision": t.revision, "dtype": t.dtype, **info},
         "tokenizer": {"name": cfg.data.tokenizer or t.model, **tokenizer_fingerprint(tok)},
         "targets": cfg.targets.fingerprint(),
-        "codec": CodecParams().to_dict(),
+        "codec": CodecParams.for_logprobs(getattr(cfg.targets, "logprob_codec", "u8")).to_dict(),
         "windowing": {
             "max_length": cfg.data.max_length,
             "min_length": cfg.data.min_length,
@@ -120,6 +122,7 @@ def _init_ray(cfg: KDCacheConfig):
     if cfg.cluster.address is None:
         needed = cfg.cluster.num_actors * cfg.cluster.cpus_per_actor
         ray.init(
+            address="local",  # a new embedded Ray, never whatever cluster `ray start` last left on this machine
             num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
             include_dashboard=False,
             object_store_memory=256 * 2**20,
@@ -130,87 +133,38 @@ def _init_ray(cfg: KDCacheConfig):
     return ray
 
 
-def _run_units(cfg: KDCacheConfig, settings: dict[str, Any], units: list[WorkUnit], progress_total: int, done: int):
-    """Schedule units on the actor pool; returns (commit records, failures)."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
+def _delete_orphan_shards(store: Store, units: list[dict[str, Any]]) -> int:
+    """Delete shards that no manifest entry names: attempts that lost a commit race or died before committing.
 
-    from kdcache.actors import start_actor
-    from kdcache.errors import SourceError
-
-    c = cfg.cluster
-
-    def new_actor():
-        return start_actor(settings, num_gpus=c.gpus_per_actor, num_cpus=c.cpus_per_actor)
-
-    actors = [new_actor() for _ in range(min(c.num_actors, len(units)))]
-    queue: deque[WorkUnit] = deque(units)
-    inflight: dict[Any, tuple[int, WorkUnit]] = {}
-    attempts: dict[str, int] = {}
-    records: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    busy = [0] * len(actors)
-    per_actor = 2  # one running, one queued so the actor never waits on the driver
-    bar = _progress(progress_total, done, c.progress)
-    tokens = 0
-    t0 = time.perf_counter()
-    try:
-        while queue or inflight:
-            for a in range(len(actors)):
-                while queue and busy[a] < per_actor:
-                    unit = queue.popleft()
-                    inflight[actors[a].process.remote(unit.to_dict())] = (a, unit)
-                    busy[a] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                a, unit = inflight.pop(ref)
-                busy[a] -= 1
-                try:
-                    record = ray.get(ref)
-                except (RayActorError, RayTaskError) as exc:
-                    cause = exc.cause if isinstance(exc, RayTaskError) else None
-                    if isinstance(cause, (SourceError, ConfigError)):
-                        raise JobFailed(f"unit {unit.unit_id} ({unit.url}): {cause}") from None
-                    attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
-                    failures.append({"unit_id": unit.unit_id, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
-                    log.warning("unit %s failed (attempt %d): %s", unit.unit_id, attempts[unit.unit_id], exc)
-                    if attempts[unit.unit_id] > c.max_retries:
-                        raise JobFailed(
-                            f"unit {unit.unit_id} ({unit.url} [{unit.start}:{unit.stop}]) failed "
-                            f"{attempts[unit.unit_id]} times; last error: {exc}"
-                        ) from None
-                    if isinstance(exc, RayActorError):  # the actor is gone: replace it, requeue its work
-                        actors[a] = new_actor()
-                    queue.appendleft(unit)
-                    continue
-                records.append(record)
-                tokens += record["num_tokens"]
-                if bar is not None:
-                    rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    return records, failures
+    Safe once every unit has a commit record: any attempt still running anywhere can only lose its commit (and
+    would delete its own shard anyway).
+    """
+    keep = {posixpath.basename(u["path"]) for u in units}
+    orphans = [name for name in store.list_names(SHARDS_DIR) if name not in keep]
+    for name in orphans:
+        store.delete(f"{SHARDS_DIR}/{name}")
+    if orphans:
+        log.info("%s: deleted %d orphaned shard(s) of attempts that lost or died", store.uri, len(orphans))
+    return len(orphans)
 
 
-def _progress(total: int, done: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def run_cache_job(
+    cfg: KDCacheConfig, *, factory: ActorFactory | None = None, actor_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run (or resume, or skip) a caching job; return the manifest written to `index.json`.
 
-    return tqdm(total=total, initial=done, unit="unit", desc="kdcache", dynamic_ncols=True)
-
-
-def run_cache_job(cfg: KDCacheConfig) -> dict[str, Any]:
-    """Run (or resume, or skip) a caching job; return the manifest written to `index.json`."""
+    Args:
+        cfg: the job configuration.
+        factory: actors to run the units on (default: teacher actors as `cfg.cluster` asks for; benchmarks pass
+            fakes).
+        actor_options: more Ray options for the teacher actors, e.g. {"runtime_env": {"env_vars": {...}}} or a
+            scheduling_strategy.
+    """
     store = Store(cfg.output.uri, cfg.output.storage_options)
     if store.protocol == "memory":
         raise ConfigError("output.uri: memory:// is private to one process; Ray actors cannot write to it")
-    if not store.exclusive_create_is_atomic:
+    atomic = store.exclusive_create_is_atomic
+    if not atomic:
         log.warning("%s: exclusive create is not atomic on %s; run one job per cache", store.uri, store.protocol)
     started = time.time()
     inputs = compute_fingerprint(cfg)
@@ -223,57 +177,93 @@ def run_cache_job(cfg: KDCacheConfig) -> dict[str, Any]:
     units = plan_units(cfg.data.source, cfg.data.format, unit_bytes=cfg.data.unit_bytes)
     committed = {name[: -len(".json")] for name in store.list_names(COMMITS_DIR) if name.endswith(".json")}
     pending = [u for u in units if u.unit_id not in committed]
-    log.info("%s: %d units planned, %d already committed, %d to run", store.uri, len(units), len(units) - len(pending), len(pending))
-    run_records: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    log.info(
+        "%s: %d units planned, %d already committed, %d to run",
+        store.uri, len(units), len(units) - len(pending), len(pending),
+    )  # fmt: skip
+    stats = RunStats()
     if pending:
-        _init_ray(cfg)
-        settings = {
-            "teacher": cfg.to_dict()["teacher"],
-            "data": cfg.to_dict()["data"],
-            "k": cfg.targets.stored_k,
-            "num_samples": cfg.targets.num_samples,
-            "seed": cfg.targets.seed,
-            "temperatures": cfg.targets.temperatures,
-            "output_uri": cfg.output.uri,
-            "storage_options": cfg.output.storage_options,
-            "compression_level": cfg.output.compression_level,
-            "batch_tokens": cfg.cluster.batch_tokens,
-            "shard_metadata": {"fingerprint": fingerprint, "format_version": FORMAT_VERSION},
-        }
-        run_records, failures = _run_units(cfg, settings, pending, len(units), len(units) - len(pending))
-    run_wall_s = time.perf_counter() - t0
-    by_id = {r["unit_id"]: r for r in run_records}
+        stats = _run_units(cfg, fingerprint, pending, len(units), factory, actor_options)
+    by_id = {r["unit_id"]: r for r in stats.records}
+    if not atomic:  # two attempts may both have "won": the commit records on the store are the truth
+        by_id = {}
+    missing = [commit_key(u.unit_id) for u in units if u.unit_id not in by_id]
+    for data in store.read_many(missing).values():
+        record = json.loads(data)
+        by_id[record["unit_id"]] = record
     manifest_units = []
     for unit in units:
-        record = by_id.get(unit.unit_id) or json.loads(store.read_bytes(commit_key(unit.unit_id)))
+        record = by_id[unit.unit_id]
         manifest_units.append(
             {key: record[key] for key in ("unit_id", "path", "bytes", "sha256", "num_sequences", "num_tokens")}
             | {"source": unit.url, "range": [unit.start, unit.stop], "padded_tokens": record.get("padded_tokens", 0)}
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
             | {k: record[k] for k in ("telemetry", "timing_s", "finished_at") if k in record}
         )
-    manifest = _build_manifest(cfg, fingerprint, inputs, manifest_units, run_records, failures, run_wall_s, started)
+    orphans = _delete_orphan_shards(store, manifest_units)
+    manifest = _build_manifest(cfg, fingerprint, inputs, manifest_units, stats.last_run(orphans), started)
     store.write_bytes(INDEX_KEY, dumps(manifest))
     return manifest
 
 
-def _build_manifest(cfg, fingerprint, inputs, units, run_records, failures, run_wall_s, started) -> dict[str, Any]:
-    run_tokens = sum(r["num_tokens"] for r in run_records)
-    last_run = {
-        "units": len(run_records),
-        "tokens": run_tokens,
-        "wall_time_s": run_wall_s,
-        "tokens_per_s": run_tokens / run_wall_s if run_records and run_wall_s > 0 else 0.0,
-        "failures": failures,
+def _run_units(
+    cfg: KDCacheConfig,
+    fingerprint: str,
+    pending: list[WorkUnit],
+    total: int,
+    factory: ActorFactory | None,
+    actor_options: dict[str, Any] | None,
+) -> RunStats:
+    """Start Ray and schedule the pending units on teacher actors (or on `factory`'s actors)."""
+    _init_ray(cfg)
+    c = cfg.cluster
+    if factory is None:
+        from kdcache.actors import TeacherActorFactory
+
+        settings = _worker_settings(cfg, fingerprint)
+        factory = TeacherActorFactory(
+            settings, num_gpus=c.gpus_per_actor, num_cpus=c.cpus_per_actor, options=actor_options
+        )
+    return schedule_units(
+        pending,
+        factory,
+        num_actors=c.num_actors,
+        max_retries=c.max_retries,
+        backup_after_s=getattr(c, "backup_after_s", None),
+        progress=c.progress,
+        progress_total=total,
+        progress_done=total - len(pending),
+    )
+
+
+def _worker_settings(cfg: KDCacheConfig, fingerprint: str) -> dict[str, Any]:
+    """What every actor needs (a `WorkerSettings` dict); storage options travel to the actors, never to a file."""
+    raw = cfg.to_dict()
+    extra = {"row_group_tokens": cfg.output.row_group_tokens} if hasattr(cfg.output, "row_group_tokens") else {}
+    return extra | {
+        "teacher": raw["teacher"],
+        "data": raw["data"],
+        "k": cfg.targets.stored_k,
+        "num_samples": cfg.targets.num_samples,
+        "seed": cfg.targets.seed,
+        "temperatures": cfg.targets.temperatures,
+        "output_uri": cfg.output.uri,
+        "storage_options": cfg.output.storage_options,
+        "compression_level": cfg.output.compression_level,
+        "batch_tokens": cfg.cluster.batch_tokens,
+        "shard_metadata": {"fingerprint": fingerprint, "format_version": FORMAT_VERSION},
     }
+
+
+def _build_manifest(cfg, fingerprint, inputs, units, last_run, started) -> dict[str, Any]:
+    from kdcache.formats import get_format
+
     return build_manifest(
         fingerprint=fingerprint,
         fingerprint_inputs=inputs,
         units=units,
         shard_format=cfg.output.format,
-        shard_suffix=SHARD_SUFFIX,
+        shard_suffix=get_format(cfg.output.format).SUFFIX,
         config=_sanitized_config(cfg),
         last_run=last_run,
         created_at=started,

@@ -1,13 +1,21 @@
 """Storage access through fsspec (local paths, s3://, gs://, memory://): the only module that imports fsspec.
 
 A `Store` is a cache root plus relative keys. It offers what the commit protocol needs and nothing more:
-whole-object reads and writes, exclusive creation of small records (first writer wins), deletion, and one
-listing used by the driver to find commit records. Every relative key is checked to stay inside the root.
-Transient errors are retried with exponential backoff, then raised naming the key.
+whole-object reads and writes, exclusive creation of small records (first writer wins), deletion, and listings
+used by the driver to find commit records and orphaned shards. Every relative key is checked to stay inside the
+root. Transient errors (network, throttling, 5xx) are retried with exponential backoff, then raised as
+`StoreError` naming the key; `Store.retries_used` counts the retries for the job's statistics.
+
+Exclusive creation on object stores is a conditional PUT (`If-None-Match: *`). Not every S3-compatible server
+honours that header, so a Store probes it once per process and bucket (a PUT of a scratch key, then a second PUT
+that must be refused) and, where it is ignored, falls back to check-write-read-back, which is not atomic: two
+racing writers may both believe they won. Even then nothing a reader sees is wrong: a winner never deletes its
+shard, the driver names one of the identical shards in the manifest and deletes the other as an orphan.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import threading
@@ -21,11 +29,18 @@ from fsspec.core import url_to_fs
 
 from kdcache.errors import KdcacheError
 
-__all__ = ["Store", "StoreError", "expand_urls", "join_url", "open_url", "safe_relpath"]
+__all__ = ["Store", "StoreError", "expand_urls", "is_transient", "join_url", "open_url", "safe_relpath"]
 
 T = TypeVar("T")
+log = logging.getLogger("kdcache.store")
 _MEMORY_LOCK = threading.Lock()
 _NOT_TRANSIENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Exceptions from these libraries are network or service trouble (connection resets, timeouts, 5xx) unless they
+# are one of the _NOT_TRANSIENT types; s3fs and gcsfs let some of them through untranslated.
+_NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "gcsfs", "s3fs", "http")
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs")
+_CONDITIONAL_PUT: dict[tuple[str, str], bool] = {}  # (protocol + endpoint, bucket) -> whether If-None-Match works
+_CONDITIONAL_PUT_LOCK = threading.Lock()
 
 
 class StoreError(KdcacheError):
@@ -49,16 +64,37 @@ def join_url(uri: str, relpath: str) -> str:
     return uri.rstrip("/") + "/" + safe_relpath(relpath)
 
 
-def _with_retries(what: str, fn: Callable[[], T], retries: int, base_delay_s: float) -> T:
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error is worth retrying: I/O, timeouts and network-library errors, not missing/existing keys."""
+    if isinstance(exc, _NOT_TRANSIENT) or isinstance(exc, StoreError):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return any(type(c).__module__.split(".")[0] in _NETWORK_MODULES for c in _causes(exc))
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and len(out) < 8:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _with_retries(
+    what: str, fn: Callable[[], T], retries: int, base_delay_s: float, on_retry: Callable[[], None] | None = None
+) -> T:
     for attempt in range(retries + 1):
         try:
             return fn()
-        except _NOT_TRANSIENT:
-            raise
-        except OSError as exc:  # network or server trouble: back off and try again
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             if attempt == retries:
-                raise StoreError(f"{what}: failed after {retries + 1} attempts: {exc}") from exc
-            time.sleep(base_delay_s * 2**attempt)
+                raise StoreError(f"{what}: failed after {retries + 1} attempts: {type(exc).__name__}: {exc}") from exc
+            if on_retry is not None:
+                on_retry()
+            time.sleep(base_delay_s * 2**attempt)  # 0.2, 0.4, 0.8, 1.6 s by default: rides out throttling
     raise AssertionError("unreachable")
 
 
@@ -81,6 +117,7 @@ class Store:
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.retries = retries
         self.base_delay_s = base_delay_s
+        self.retries_used = 0  # transient errors retried so far (reported in the job's statistics)
 
     @property
     def is_local(self) -> bool:
@@ -94,7 +131,10 @@ class Store:
         return join_url(self.uri, relpath)
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        return _with_retries(what, fn, self.retries, self.base_delay_s)
+        return _with_retries(what, fn, self.retries, self.base_delay_s, self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.retries_used += 1
 
     def exists(self, relpath: str) -> bool:
         return self._retry(f"exists {self.url(relpath)}", lambda: self.fs.exists(self.path(relpath)))
@@ -122,41 +162,77 @@ class Store:
         """Create a small object only if it does not exist yet. Returns True if this call created it.
 
         Local disk: write a temporary file, then hard-link it into place (the link fails if the name exists).
-        S3: a conditional PUT (If-None-Match: *). memory://: a process-wide lock. Others: check-then-write,
-        which is not atomic; the job warns about it at start.
+        S3 / GCS: a conditional PUT (If-None-Match: * / ifGenerationMatch=0); an S3-compatible server that ignores
+        the header is detected once and handled by check-write-read-back (not atomic, see the module docstring).
+        memory://: a process-wide lock. Others: check-then-write, not atomic; the job warns about it at start.
+
+        Idempotent under retries: if the object exists with exactly `data`, this counts as created. A PUT whose
+        response was lost (timeout, reset) may have landed; its retry must not be taken for a lost race, or the
+        worker would delete the shard its own commit record names. Commit records name a shard key unique to
+        their attempt, so equal bytes can only be this attempt's own record.
         """
         path = self.path(relpath)
         what = f"create {self.url(relpath)}"
         if self.is_local:
-            return self._retry(what, lambda: _local_exclusive_write(path, data))
-        if self.protocol == "memory":
+            created = self._retry(what, lambda: _local_exclusive_write(path, data))
+        elif self.protocol == "memory":
             with _MEMORY_LOCK:
-                if self.fs.exists(path):
-                    return False
-                self.fs.pipe_file(path, data)
-                return True
-        if self.protocol in ("s3", "s3a", "gs", "gcs"):
+                created = not self.fs.exists(path)
+                if created:
+                    self.fs.pipe_file(path, data)
+        elif self.protocol in _OBJECT_STORES and self.conditional_put_works():
+            created = self._retry(what, lambda: _conditional_put(self.fs, path, data))
+        else:
+            created = self._retry(what, lambda: _check_write_verify(self.fs, path, data))
+        return created or self._holds(relpath, data)
 
-            def put() -> bool:
-                try:
-                    self.fs.pipe_file(path, data, mode="create")
-                    return True
-                except FileExistsError:
-                    return False
-                except OSError as exc:
-                    if _is_precondition_failure(exc):
-                        return False
-                    raise
-
-            return self._retry(what, put)
-        if self.exists(relpath):
+    def _holds(self, relpath: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(relpath) == data
+        except FileNotFoundError:  # deleted in between: someone else's business, not a win
             return False
-        self.write_bytes(relpath, data)
-        return True
+
+    def conditional_put_works(self) -> bool:
+        """Whether this object store refuses a conditional PUT onto an existing key (probed once per process)."""
+        if self.protocol not in _OBJECT_STORES:
+            return False
+        if self.protocol in ("gs", "gcs"):  # GCS has always honoured generation preconditions
+            return True
+        client_kwargs = self.storage_options.get("client_kwargs") or {}
+        endpoint = str(self.storage_options.get("endpoint_url") or client_kwargs.get("endpoint_url") or "aws")
+        key = (f"{self.protocol}:{endpoint}", self.root.split("/", 1)[0])
+        with _CONDITIONAL_PUT_LOCK:
+            if key not in _CONDITIONAL_PUT:
+                what = f"probe conditional PUT at {self.uri}"
+                _CONDITIONAL_PUT[key] = self._retry(what, self._probe_conditional_put)
+                if not _CONDITIONAL_PUT[key]:
+                    log.warning(
+                        "%s: the server ignores If-None-Match; commits fall back to check-write-read-back, which is "
+                        "not atomic (duplicates are possible, never lost or torn shards)",
+                        self.uri,
+                    )
+            return _CONDITIONAL_PUT[key]
+
+    def _probe_conditional_put(self) -> bool:
+        path = self.path(f"_kdcache_probe/{uuid.uuid4().hex}")
+        try:
+            _conditional_put(self.fs, path, b"1")
+            return not _conditional_put(self.fs, path, b"2")
+        except OSError as exc:
+            if "NotImplemented" in str(exc) or "501" in str(exc):
+                return False
+            raise
+        finally:
+            try:
+                self.fs.rm_file(path)
+            except OSError:
+                pass
 
     @property
     def exclusive_create_is_atomic(self) -> bool:
-        return self.is_local or self.protocol in ("memory", "s3", "s3a", "gs", "gcs")
+        if self.is_local or self.protocol == "memory":
+            return True
+        return self.protocol in _OBJECT_STORES and self.conditional_put_works()
 
     def delete(self, relpath: str, *, missing_ok: bool = True) -> None:
         path = self.path(relpath)
@@ -166,6 +242,17 @@ class Store:
             if not missing_ok:
                 raise
 
+    def read_many(self, relpaths: list[str]) -> dict[str, bytes]:
+        """Several whole objects by relative key (concurrent requests on object stores); a missing one raises."""
+        if not relpaths:
+            return {}
+        by_path = {self.fs._strip_protocol(self.path(r)): r for r in relpaths}
+        what = f"read {len(relpaths)} objects under {self.uri}"
+        found = self._retry(what, lambda: self.fs.cat(list(by_path), on_error="raise"))
+        if not isinstance(found, dict):  # some filesystems answer a one-element list with the bytes
+            found = {next(iter(by_path)): found}
+        return {by_path[self.fs._strip_protocol(p)]: data for p, data in found.items()}
+
     def list_names(self, reldir: str) -> list[str]:
         """Names of the objects directly under `reldir` (empty if it does not exist). Used by the driver only."""
         path = self.path(reldir)
@@ -174,6 +261,27 @@ class Store:
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def _conditional_put(fs: Any, path: str, data: bytes) -> bool:
+    """PUT `data` only if `path` does not exist; False if it does (412 Precondition Failed)."""
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if _is_precondition_failure(exc):
+            return False
+        raise
+
+
+def _check_write_verify(fs: Any, path: str, data: bytes) -> bool:
+    """Exclusive create without server support: not atomic, but the read-back catches most races."""
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return fs.cat_file(path) == data
 
 
 def _is_precondition_failure(exc: BaseException) -> bool:
