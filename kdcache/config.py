@@ -124,6 +124,11 @@ class ClusterConfig:
     cpus_per_actor: float = _f(1, "CPUs reserved per teacher actor")
     batch_tokens: int = _f(16384, "token budget of one teacher batch (padded tokens, batch_size * longest)")
     max_retries: int = _f(3, "times a failed unit is retried before the job fails")
+    backup_after_s: float | None = _f(
+        None, "seconds before a still-running unit gets a backup copy once the queue is empty (null: 3x the median "
+        "unit time, at least 30 s; .inf: never)"
+    )
+    runtime_env: dict = _f({}, "Ray runtime_env for `kdcache submit` (working_dir, pip, env_vars); flags override it")
     progress: bool = _f(True, "show a progress bar on the driver")
 
 
@@ -213,6 +218,8 @@ class KDCacheConfig:
             raise ConfigError(
                 f"cluster.batch_tokens: must be >= data.max_length ({self.data.max_length}) so one window fits a batch"
             )
+        if self.cluster.backup_after_s is not None and self.cluster.backup_after_s <= 0:
+            raise ConfigError(f"cluster.backup_after_s: must be > 0 or null, got {self.cluster.backup_after_s}")
         if self.cluster.max_retries < 0:
             raise ConfigError(f"cluster.max_retries: must be >= 0, got {self.cluster.max_retries}")
 
