@@ -4,6 +4,9 @@
     kdcache info URI [--json]              summary of a cache: teacher, k, sequences, tokens, bytes, complete or not
     kdcache verify URI [--deep]            check every shard against the manifest (--deep: checksums, decode all)
     kdcache demo [--workdir DIR]           build a tiny teacher offline, cache a corpus with 2 actors, print the summary
+    kdcache submit CONFIG [k=v ...] --address http://HEAD:8265   submit the caching job to a Ray cluster (Ray Jobs)
+    kdcache verify URI [--deep]            check every shard against the manifest (sizes, counts; --deep: checksums)
+    kdcache report URI --out DIR           PNG plots and an HTML page of a cache's telemetry, sizes and throughput
 """
 
 from __future__ import annotations
