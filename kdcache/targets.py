@@ -6,8 +6,9 @@ For each token position the teacher's full distribution over the vocabulary is s
 - for every temperature T_j the log-normalizer ``logsumexp(z / T_j)`` over the full vocabulary, so a student can
   re-normalise the stored head at any cached temperature: ``log p_T(i) = z_i / T - log_normalizer_T`` and
   ``z_i = logprob_1(i) + log_normalizer_1``;
-- for every temperature the exact log-mass of the tail (all ids not kept), computed as the logsumexp of the
-  complement rather than ``log(1 - sum p)``, which loses every digit when the head holds nearly all the mass;
+- for every temperature the exact log-mass of the tail (all ids not kept), summed directly over the complement
+  (exponentials with the head entries zeroed) rather than as ``log(1 - sum p)``, which loses every digit when the
+  head holds nearly all the mass;
 - the entropy of the full distribution at T = 1, in nats.
 
 Usage::
@@ -89,18 +90,127 @@ def _check_temperatures(temperatures: Sequence[float]) -> list[float]:
     return temps
 
 
-def _topk_mask(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask ``[N, V]`` with exactly k True per row: the k largest, lowest ids first among equal values.
+# Float32 bytes of one row block of the exp/sum passes on CPU. The three block buffers (shifted logits, two exp
+# buffers) stay in the L3 cache while every temperature reuses them, and malloc recycles blocks this small (below
+# glibc's 32 MiB mmap threshold) instead of mapping and page-faulting them anew on every call. Not smaller: each op
+# is a parallel region, and on a loaded machine every region can stall for a scheduler slice (measured at 2 threads
+# on 2 shared cores: 2 MiB blocks 1.4x slower than 8 MiB; alone, the two are equal). On accelerators the whole
+# chunk is one block.
+_CPU_BLOCK_BYTES = 8 * 2**20
+# Input dtypes whose conversion to float32 is exact and order-preserving: ranked as they are, converted per block.
+_EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-    ``torch.topk`` picks an unspecified subset of tied values (it can differ between devices and batch shapes), so
-    the tie at the k-th value is resolved here explicitly.
+
+def _resolve_ties(rows: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """Exact top-k ids ``[r, k]`` of rows whose k-th value is tied with a value that ``torch.topk`` left out.
+
+    ``torch.topk`` picks an unspecified subset of tied values (it can differ between devices and batch shapes). Every
+    value strictly above the k-th is kept (all of them are among ``top_ids``); the remaining places go to the lowest
+    ids whose value equals the k-th, found with a second ``topk`` over those ids.
+
+    Args:
+        rows: ``[r, V]`` logits of the tied rows (no NaN, no +inf).
+        top_values: ``[r, k]`` the k largest values of each row, sorted descending.
+        top_ids: ``[r, k]`` int64 ids of ``top_values``.
+
+    Returns:
+        ``[r, k]`` int64 ids, sorted ascending.
     """
-    kth = torch.topk(z, k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values  # [N, 1]
-    above = z > kth
-    at_kth = z == kth
-    n_needed = k - above.sum(dim=-1, keepdim=True, dtype=torch.int32)  # [N, 1], >= 1
-    rank_at_kth = at_kth.cumsum(dim=-1, dtype=torch.int32)  # 1-based rank among tied values, in id order
-    return above | (at_kth & (rank_at_kth <= n_needed))
+    vocab, k = rows.shape[1], top_values.shape[1]
+    kth = top_values[:, k - 1 :]  # [r, 1]
+    above = top_values > kth  # [r, k]
+    n_needed = k - above.sum(dim=-1, keepdim=True)  # [r, 1], >= 1
+    arange = torch.arange(vocab, dtype=torch.int32, device=rows.device)
+    tie_key = torch.where(rows == kth, arange, vocab)  # the id of each value equal to the k-th, V elsewhere
+    tied_ids = torch.topk(tie_key, k, dim=-1, largest=False, sorted=True).values.long()  # lowest tied ids first
+    take = torch.arange(k, device=rows.device) < n_needed
+    candidates = torch.cat([torch.where(above, top_ids, vocab), torch.where(take, tied_ids, vocab)], dim=-1)
+    return candidates.sort(dim=-1).values[:, :k]  # exactly k candidates are < V
+
+
+def _select_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids ``[N, k]`` int64 sorted ascending (lowest ids win ties at the k-th value), and row maxima ``[N]``.
+
+    Raises:
+        ValueError: a row holds NaN or +inf, or only -inf. ``topk`` and ``amax`` rank NaN above every number (on CPU
+            and CUDA), so a row's maximum is NaN if it holds a NaN and +inf if it holds +inf: the maxima tell all.
+    """
+    n_tokens, vocab = logits.shape
+    if k == vocab:
+        ids, row_max = torch.arange(vocab, device=logits.device).expand(n_tokens, vocab), logits.amax(dim=-1)
+    else:
+        values, ids = torch.topk(logits, k + 1, dim=-1, sorted=True)  # the one pass over [N, V] for every row
+        row_max = values[:, 0]
+    if bool((row_max.isnan() | row_max.isposinf()).any()):
+        raise ValueError("logits hold NaN or +inf; the teacher forward is numerically broken")
+    if bool(row_max.isneginf().any()):
+        raise ValueError("a row of logits is entirely -inf; every position needs at least one finite logit")
+    if k == vocab:
+        return ids, row_max.float()
+    # The value just past the k-th says whether the k-th is tied with one that topk left out; only then is topk's
+    # choice among equal values ambiguous, and only those rows (rare in float32, common in bfloat16) pay for the
+    # exact rule: one compare and one topk pass more.
+    tied = values[:, k] == values[:, k - 1]
+    values, ids = values[:, :k], ids[:, :k]
+    n_tied = int(tied.sum())
+    if 2 * n_tied > n_tokens:  # the exact rule is right for every row; skip gathering the tied ones
+        ids = _resolve_ties(logits, values, ids)
+    elif n_tied:
+        rows = tied.nonzero()[:, 0]
+        ids = ids.clone()
+        ids[rows] = _resolve_ties(logits[rows], values[rows], ids[rows])
+    return ids.sort(dim=-1).values, row_max.float()
+
+
+def _exp_sums(
+    logits: torch.Tensor, row_max: torch.Tensor, ids: torch.Tensor, temps: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over the ids NOT in ``ids`` of ``exp((z - max) / T)`` per temperature, and of ``exp(z - max) (z - max)``.
+
+    The exponentials are computed once per temperature and the head entries zeroed in place before summing, so a
+    tail holding 1e-10 of the mass is summed directly and keeps its digits (no ``1 - head``). Sums are torch's
+    cascade sums (a BLAS dot product accumulates naively and loses ~1e-4 at V = 32k). Temperatures are visited
+    from the highest down, and ``exp(x / T)`` is taken as the square of ``exp(x / 2T)`` when 2T was just done
+    (T = 1 after T = 2): one multiply instead of one exp, within a few float32 ulps, underflowing to 0 (through
+    the same subnormals) where the exp would.
+
+    Args:
+        logits: ``[N, V]`` logits in an exact dtype (float32, bfloat16, float16); converted to float32 per block.
+        row_max: ``[N]`` float32 finite row maxima.
+        ids: ``[N, k]`` int64 head ids.
+        temps: temperatures; ``temps[0]`` is 1.
+
+    Returns:
+        (``[N, nT]`` float32 tail sums, ``[N]`` float32 tail sums of ``exp(z - max) (z - max)`` with ``0 * -inf``
+        counted as 0).
+    """
+    n_tokens, vocab = logits.shape
+    block = max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n_tokens
+    order = sorted(range(len(temps)), key=lambda j: -temps[j])
+    rest = torch.empty((len(temps), n_tokens), dtype=torch.float32, device=logits.device)
+    rest_dot = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
+    shifted_buf = torch.empty((min(block, n_tokens), vocab), dtype=torch.float32, device=logits.device)
+    bufs = [torch.empty_like(shifted_buf), torch.empty_like(shifted_buf)]  # current exp, previous exp / scratch
+    for start in range(0, n_tokens, block):
+        stop = min(start + block, n_tokens)
+        shifted, head = shifted_buf[: stop - start], ids[start:stop]
+        e, prev = (b[: stop - start] for b in bufs)
+        torch.sub(logits[start:stop], row_max[start:stop, None], out=shifted)  # z - max <= 0, in float32
+        prev_t = None
+        for j in order:
+            t = temps[j]
+            if prev_t == 2.0 * t:
+                torch.mul(prev, prev, out=e)  # head entries are already 0 in prev
+            else:
+                torch.exp(shifted, out=e) if t == 1.0 else torch.exp(torch.mul(shifted, 1.0 / t, out=e), out=e)
+                e.scatter_(1, head, 0.0)
+            torch.sum(e, dim=-1, out=rest[j, start:stop])
+            if t == 1.0:  # the entropy's tail sum, in the free buffer
+                torch.sum(torch.mul(e, shifted, out=prev), dim=-1, out=rest_dot[start:stop])
+                if bool(rest_dot[start:stop].isnan().any()):  # exp(-inf) * -inf: those terms are 0
+                    torch.sum(prev.nan_to_num_(nan=0.0), dim=-1, out=rest_dot[start:stop])
+            e, prev, prev_t = prev, e, t
+    return rest.T, rest_dot
 
 
 def select_topk(logits: torch.Tensor, k: int, temperatures: Sequence[float]) -> TokenTargets:
@@ -109,9 +219,14 @@ def select_topk(logits: torch.Tensor, k: int, temperatures: Sequence[float]) -> 
     All math is done in float32 whatever the input dtype. ``-inf`` logits (masked vocabulary entries) are valid and
     never produce NaN; they have probability 0 and contribute 0 to the entropy.
 
+    Cost: one ``topk`` pass over ``[N, V]``, then over cache-sized row blocks one exp (or, for T after 2T, one
+    multiply) and one sum per temperature, plus a multiply and a sum for the entropy; rows whose k-th value is
+    tied with an id outside topk's pick take one more compare and ``topk`` pass. Measured on one CPU thread: ~3 ns
+    per row and vocabulary entry with T in {1, 2} (``python bench/capture.py``).
+
     Args:
         logits: ``[N, V]`` floating point (float32, bfloat16, float16, float64) teacher logits after every final
-            transform of the architecture (softcapping, scaling).
+            transform of the architecture (softcapping, scaling). Never modified.
         k: Number of ids to keep per position, ``1 <= k <= V``. ``k == V`` keeps every id (tail is ``-inf``).
         temperatures: Temperatures at which to record normalizers and tail masses; ``temperatures[0]`` must be 1.0.
 
@@ -131,37 +246,35 @@ def select_topk(logits: torch.Tensor, k: int, temperatures: Sequence[float]) -> 
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, V={vocab}]; got k={k}")
     temps = _check_temperatures(temperatures)
-    z = logits.float()  # no copy when already float32: never modify z in place
-    if bool(torch.isnan(z).any()) or bool(torch.isposinf(z).any()):
-        raise ValueError("logits hold NaN or +inf; the teacher forward is numerically broken")
+    n_temps, device = len(temps), logits.device
+    if n_tokens == 0:
+        empty = torch.empty((0, k), dtype=torch.float32, device=device)
+        nt = torch.empty((0, n_temps), dtype=torch.float32, device=device)
+        return TokenTargets(
+            ids=empty.long(), logprobs=empty, log_normalizers=nt, tail_logprobs=nt.clone(), entropy=empty[:, 0]
+        )
+    z = logits if logits.dtype in _EXACT_DTYPES else logits.float()  # never modified in place
 
-    keep = _topk_mask(z, k)
-    # nonzero() walks rows in order and ids ascending within a row, which is exactly the stored layout.
-    ids = keep.nonzero()[:, 1].reshape(n_tokens, k)
-    z_rest = z.masked_fill(keep, float("-inf"))
+    ids, row_max = _select_ids(z, k)  # [N, k], [N] finite
 
-    log_norms, tails = [], []
-    for t in temps:
-        scaled = z if t == 1.0 else z / t
-        scaled_rest = z_rest if t == 1.0 else z_rest / t
-        log_norm = torch.logsumexp(scaled, dim=-1)  # [N]
-        log_norms.append(log_norm)
-        # logsumexp of an all -inf row is -inf, and -inf minus a finite normalizer stays -inf: no NaN.
-        tails.append(torch.logsumexp(scaled_rest, dim=-1) - log_norm)
-    log_norm_1 = log_norms[0]
-    if bool(torch.isneginf(log_norm_1).any()):
-        raise ValueError("a row of logits is entirely -inf; every position needs at least one finite logit")
-
-    logp = z - log_norm_1.unsqueeze(-1)  # [N, V], -inf where the logit is -inf
-    # p * log p with 0 * log 0 := 0; exp underflow to 0 on very negative finite logp gives 0 as well.
-    plogp = torch.where(torch.isneginf(logp), 0.0, logp.exp() * logp)
-    entropy = (-plogp.sum(dim=-1)).clamp_min(0.0)  # rounding can dip a hair below 0 for a near one-hot row
+    rest, rest_dot = _exp_sums(z, row_max, ids, temps)  # [N, nT], [N]
+    head_shifted = z.gather(1, ids).float() - row_max.unsqueeze(-1)  # [N, k] z - max, -inf for -inf logits
+    scale = torch.tensor([1.0 / t for t in temps], dtype=torch.float32, device=device)  # [nT]
+    head_exp = torch.exp(head_shifted.unsqueeze(1) * scale[:, None])  # [N, nT, k]
+    total = head_exp.sum(dim=-1) + rest  # [N, nT] sum of exp((z - max) / T) over V, >= 1 (the max gives exp(0))
+    log_total = torch.log(total)
+    log_norms = row_max.unsqueeze(-1) * scale + log_total
+    # log 0 = -inf when nothing but -inf logits is left outside the head, and -inf minus a finite number is no NaN.
+    tails = torch.log(rest) - log_total
+    # H = -sum p log p with p = e / s, e = exp(z - max), s = sum e: H = log s - sum(e (z - max)) / s.
+    head_dot = torch.where(head_exp[:, 0] > 0, head_exp[:, 0] * head_shifted, 0.0).sum(dim=-1)
+    entropy = (log_total[:, 0] - (head_dot + rest_dot) / total[:, 0]).clamp_min(0.0)  # rounding can dip below 0
 
     return TokenTargets(
         ids=ids,
-        logprobs=logp.gather(-1, ids),
-        log_normalizers=torch.stack(log_norms, dim=-1),
-        tail_logprobs=torch.stack(tails, dim=-1),
+        logprobs=head_shifted - log_total[:, :1],
+        log_normalizers=log_norms,
+        tail_logprobs=tails,
         entropy=entropy,
     )
 
@@ -222,7 +335,11 @@ class SampledTargets:
 
 
 def sample_ids(
-    logits: torch.Tensor, num_samples: int, *, exclude: torch.Tensor | None = None, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    num_samples: int,
+    *,
+    exclude: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> SampledTargets:
     """Draw `num_samples` ids per row with replacement from softmax(logits) restricted to ids not in `exclude`.
 

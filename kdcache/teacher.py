@@ -381,7 +381,11 @@ class Teacher:
         if self.padded_vocab_size == 0 or input_ids.numel() == 0 or int(attention_mask.sum()) == 0:
             empty = torch.empty(0, self.padded_vocab_size, device=self.device)
             return select_topk(empty, k, temperatures)
-        parts = self.map_logit_chunks(input_ids, attention_mask, lambda z: select_topk(z, k, temperatures))
+        # select_topk ranks bfloat16/float16 logits as they are and converts them per cache-sized block: no float32
+        # copy of the chunk.
+        parts = self.map_logit_chunks(
+            input_ids, attention_mask, lambda z: select_topk(z, k, temperatures), as_float32=False
+        )
         return TokenTargets.concat(parts)
 
     @torch.inference_mode()
@@ -403,19 +407,30 @@ class Teacher:
         parts = self.map_logit_chunks(
             input_ids,
             attention_mask,
-            lambda z: sample_targets(z, num_samples=num_samples, head=head, temperatures=temperatures, generator=generator),
+            lambda z: sample_targets(
+                z, num_samples=num_samples, head=head, temperatures=temperatures, generator=generator
+            ),
         )
         return TokenTargets.concat([p[0] for p in parts]), SampledTargets.concat([p[1] for p in parts])
 
-    def map_logit_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> list:
-        """Run the body once, then `fn(float32 logits [n, V])` on chunks of valid positions in row-major order.
+    def map_logit_chunks(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fn: Callable[[torch.Tensor], Any],
+        *,
+        as_float32: bool = True,
+    ) -> list:
+        """Run the body once, then `fn(logits [n, V])` on chunks of valid positions in row-major order.
 
         Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole.
+        ``fn`` gets float32 logits, or with ``as_float32=False`` logits in the model's dtype.
         """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
         hidden = self._hidden_states(input_ids, mask)[mask.bool()]  # [N, H], row-major
         rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
-        return [fn(self._logits(hidden[start : start + rows]).float()) for start in range(0, hidden.shape[0], rows)]
+        chunks = (self._logits(hidden[start : start + rows]) for start in range(0, hidden.shape[0], rows))
+        return [fn(z.float() if as_float32 else z) for z in chunks]
 
     @torch.inference_mode()
     def full_log_softmax(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

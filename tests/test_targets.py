@@ -5,11 +5,13 @@ Run: ``python -m pytest tests/test_targets.py -q``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+import kdcache.targets as targets_module
 from kdcache.targets import TokenTargets, select_topk, tail_logprob_from_head
 
 TEMPS = (1.0, 0.5, 2.0, 4.0)
@@ -202,3 +204,86 @@ def test_tail_logprob_from_head_edge_cases() -> None:
     assert tail_logprob_from_head(torch.tensor([-30.0])).item() == pytest.approx(-math.exp(-30.0), rel=1e-6)
     tiny_tail = tail_logprob_from_head(torch.tensor([math.log1p(-1e-6)], dtype=torch.float64))
     assert tiny_tail.item() == pytest.approx(math.log(1e-6), abs=1e-6)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
+def mixed_tie_logits(n_rows: int, vocab: int, k: int, seed: int) -> torch.Tensor:
+    """Rows alternating between distinct values and a tie at the k-th value that topk must break by id."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_rows, vocab, generator=gen) * 4.0
+    kth = torch.sort(logits, dim=-1, descending=True).values[:, k - 1 : k]
+    for row in range(0, n_rows, 2):  # copy the k-th value onto 3 random lower ids: 4 ids share the k-th place
+        lower = (logits[row] < kth[row]).nonzero()[:, 0]
+        pick = lower[torch.randperm(len(lower), generator=gen)[:3]]
+        logits[row, pick] = kth[row]
+    return logits
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])
+def test_row_blocks_do_not_change_results(monkeypatch, block_rows: int) -> None:
+    # The CPU path sums exponentials block by block; block boundaries must not show, -inf entries included.
+    logits = mixed_tie_logits(13, 300, 10, seed=2)
+    logits[4, 200:] = float("-inf")
+    monkeypatch.setattr(targets_module, "_CPU_BLOCK_BYTES", block_rows * 300 * 4)
+    assert_matches_reference(select_topk(logits, 10, TEMPS), dense_reference(logits, 10, TEMPS))
+
+
+@pytest.mark.parametrize("n_tied_rows", [0, 1, 5, 12])
+def test_tied_and_untied_rows_in_one_batch(n_tied_rows: int) -> None:
+    # 0 tied rows: topk's pick only; few: the exact rule on those rows; most (> half): the exact rule on all rows.
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 500, generator=gen) * 4.0
+    tied = mixed_tie_logits(2 * n_tied_rows, 500, 7, seed=4)[::2]
+    logits[:n_tied_rows] = tied
+    targets = select_topk(logits, 7, TEMPS)
+    assert_matches_reference(targets, dense_reference(logits, 7, TEMPS))
+    by_row = TokenTargets.concat([select_topk(logits[i : i + 1], 7, TEMPS) for i in range(12)])
+    assert torch.equal(by_row.ids, targets.ids)
+
+
+def test_large_vocab_matches_float64() -> None:
+    # Sums over 32k terms: a naive float32 accumulation (e.g. a BLAS dot) would be off by ~1e-4 in the entropy.
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 32000, generator=gen) * 4.0
+    logits[0, 123] = 40.0  # a near one-hot row: tail ~1e-6, entropy ~1e-5
+    assert_matches_reference(select_topk(logits, 64, TEMPS), dense_reference(logits, 64, TEMPS), atol=2e-6)
+
+
+def test_nan_or_inf_anywhere_in_a_row_is_refused() -> None:
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(6))
+    for value in (float("nan"), float("inf")):
+        bad = logits.clone()
+        bad[3, 517] = value  # far from the row's top-k
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            select_topk(bad, 4, [1.0])
+        tied = torch.zeros(5, 1000)  # every row tied at the k-th place: the exact path must refuse it as well
+        tied[2, 999] = value
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            select_topk(tied, 4, [1.0])
+
+
+def test_logits_are_not_modified(logits: torch.Tensor) -> None:
+    for tensor in (logits, logits.bfloat16()):
+        before = tensor.clone()
+        select_topk(tensor, 8, TEMPS)
+        assert torch.equal(tensor, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_topk_on_device_bf16_and_float32(device: str, dtype: torch.dtype) -> None:
+    # Same ids on every device (the tie rule does not depend on topk's internals); values match float64.
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(300, 5000, generator=gen) * 4.0).to(dtype)  # bfloat16: ties at the k-th place are common
+    logits[:, 4000:] = float("-inf")  # a padded vocabulary
+    logits[7, torch.arange(5000) != 10] = float("-inf")  # a one-hot row
+    targets = select_topk(logits.to(device), 32, TEMPS)
+    assert targets.ids.device.type == device
+    cpu = TokenTargets(**{f.name: getattr(targets, f.name).cpu() for f in dataclasses.fields(targets)})
+    assert_matches_reference(cpu, dense_reference(logits, 32, TEMPS), atol=1e-5)
+    assert torch.equal(cpu.ids, select_topk(logits, 32, TEMPS).ids)
