@@ -1,12 +1,12 @@
 """The `kdcache` command line.
 
-    kdcache cache CONFIG [key=value ...]   run or resume a caching job (embedded Ray when cluster.address is null)
-    kdcache info URI [--json]              summary of a cache: teacher, k, sequences, tokens, bytes, complete or not
-    kdcache verify URI [--deep]            check every shard against the manifest (--deep: checksums, decode all)
-    kdcache demo [--workdir DIR]           build a tiny teacher offline, cache a corpus with 2 actors, print the summary
-    kdcache submit CONFIG [k=v ...] --address http://HEAD:8265   submit the caching job to a Ray cluster (Ray Jobs)
-    kdcache verify URI [--deep]            check every shard against the manifest (sizes, counts; --deep: checksums)
-    kdcache report URI --out DIR           PNG plots and an HTML page of a cache's telemetry, sizes and throughput
+kdcache cache CONFIG [key=value ...]   run or resume a caching job (embedded Ray when cluster.address is null)
+kdcache info URI [--json]              summary of a cache: teacher, k, sequences, tokens, bytes, complete or not
+kdcache verify URI [--deep]            check every shard against the manifest (--deep: checksums, decode all)
+kdcache demo [--workdir DIR]           build a tiny teacher offline, cache a corpus with 2 actors, print the summary
+kdcache submit CONFIG [k=v ...] --address http://HEAD:8265   submit the caching job to a Ray cluster (Ray Jobs)
+kdcache verify URI [--deep]            check every shard against the manifest (sizes, counts; --deep: checksums)
+kdcache report URI --out DIR           PNG plots and an HTML page of a cache's telemetry, sizes and throughput
 """
 
 from __future__ import annotations
@@ -109,7 +109,10 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{s['real_token_fraction']:.3f}",
             *[
                 f"  {name:<12} mean {t['mean']:.3f}, p10 {t['p10']:.3f}, median {t['p50']:.3f}, p90 {t['p90']:.3f}"
-                for name, t in (("entropy", s["telemetry"].get("entropy")), ("captured", s["telemetry"].get("captured_mass")))
+                for name, t in (
+                    ("entropy", s["telemetry"].get("entropy")),
+                    ("captured", s["telemetry"].get("captured_mass")),
+                )
                 if t
             ],
             f"  fingerprint  {s['fingerprint']}",

@@ -45,7 +45,9 @@ class TeacherConfig:
 
     model: str = _f("", "local path or hub id of a Hugging Face causal LM (required)")
     revision: str | None = _f(None, "hub revision (branch, tag or commit); recorded in the cache fingerprint")
-    dtype: str = _f("auto", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on GPU, float32 on CPU)")
+    dtype: str = _f(
+        "auto", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on GPU, float32 on CPU)"
+    )
     trust_remote_code: bool = _f(False, "allow the checkpoint's own Python code to run (off unless you trust it)")
     chunk_bytes: int = _f(64 * 2**20, "bytes of float32 logits per lm_head chunk (peak extra memory is ~8x this)")
 
@@ -125,8 +127,9 @@ class ClusterConfig:
     batch_tokens: int = _f(16384, "token budget of one teacher batch (padded tokens, batch_size * longest)")
     max_retries: int = _f(3, "times a failed unit is retried before the job fails")
     backup_after_s: float | None = _f(
-        None, "seconds before a still-running unit gets a backup copy once the queue is empty (null: 3x the median "
-        "unit time, at least 30 s; .inf: never)"
+        None,
+        "seconds before a still-running unit gets a backup copy once the queue is empty (null: 3x the median "
+        "unit time, at least 30 s; .inf: never)",
     )
     runtime_env: dict = _f({}, "Ray runtime_env for `kdcache submit` (working_dir, pip, env_vars); flags override it")
     progress: bool = _f(True, "show a progress bar on the driver")
@@ -196,7 +199,9 @@ class KDCacheConfig:
         _one_of(self.targets.mode, TARGET_MODES, "targets.mode")
         _positive(self.targets.k, "targets.k")
         if not 1 <= self.targets.samples <= 255:
-            raise ConfigError(f"targets.samples: must be in 1..255 (counts are stored as uint8), got {self.targets.samples}")
+            raise ConfigError(
+                f"targets.samples: must be in 1..255 (counts are stored as uint8), got {self.targets.samples}"
+            )
         _positive(self.targets.head, "targets.head")
         temps = self.targets.temperatures
         if not temps or any((not isinstance(t, (int, float))) or isinstance(t, bool) or t <= 0 for t in temps):
@@ -226,7 +231,9 @@ class KDCacheConfig:
     def validate_against_vocab(self, padded_vocab_size: int) -> None:
         """Checks that need the teacher's vocabulary size (read from its config, before any work)."""
         key = {"topk": "targets.k", "hybrid": "targets.head", "sample": "targets.k"}[self.targets.mode]
-        if self.targets.stored_k > padded_vocab_size or (self.targets.mode == "hybrid" and self.targets.head >= padded_vocab_size):
+        if self.targets.stored_k > padded_vocab_size or (
+            self.targets.mode == "hybrid" and self.targets.head >= padded_vocab_size
+        ):
             raise ConfigError(
                 f"{key}: must be <= the teacher's vocab size ({padded_vocab_size}), got {self.targets.stored_k}"
             )

@@ -56,13 +56,17 @@ def plan_units(
             starts = list(range(0, max(size, 1), unit_bytes))
             for start in starts:
                 stop = min(start + unit_bytes, size)
-                units.append(WorkUnit(_unit_id(url, size, "bytes", start, stop), 0, url, "bytes", start, stop, stop - start))
+                units.append(
+                    WorkUnit(_unit_id(url, size, "bytes", start, stop), 0, url, "bytes", start, stop, stop - start)
+                )
         elif fmt == "parquet":
             groups = parquet_row_groups(url, storage_options)
             for g, rows in enumerate(groups):
                 if rows == 0:
                     continue
-                unit = WorkUnit(_unit_id(url, size, "row_group", g, g + 1), 0, url, "row_group", g, g + 1, size // len(groups))
+                unit = WorkUnit(
+                    _unit_id(url, size, "row_group", g, g + 1), 0, url, "row_group", g, g + 1, size // len(groups)
+                )
                 units.append(unit)
         elif fmt == "text":
             units.append(WorkUnit(_unit_id(url, size, "file", 0, size), 0, url, "file", 0, size, size))

@@ -39,7 +39,9 @@ class CacheReader:
         self.store = Store(uri, storage_options)
         manifest = read_manifest(self.store)
         if manifest is None:
-            raise KdcacheError(f"{self.store.url(INDEX_KEY)}: no manifest; the cache is missing or its job has not finished")
+            raise KdcacheError(
+                f"{self.store.url(INDEX_KEY)}: no manifest; the cache is missing or its job has not finished"
+            )
         self.manifest: dict[str, Any] = manifest
         inputs = manifest["fingerprint_inputs"]
         self.k: int = inputs["targets"]["k"]

@@ -21,7 +21,15 @@ import numpy as np
 from kdcache.errors import SourceError
 from kdcache.store import open_url
 
-__all__ = ["Document", "Window", "iter_documents", "make_seq_id", "parquet_row_groups", "tokenize_documents", "cut_windows"]
+__all__ = [
+    "Document",
+    "Window",
+    "iter_documents",
+    "make_seq_id",
+    "parquet_row_groups",
+    "tokenize_documents",
+    "cut_windows",
+]
 
 
 @dataclass(frozen=True)

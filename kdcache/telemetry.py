@@ -19,7 +19,11 @@ MASS_EDGES = np.linspace(0.0, 1.0, 51)  # probability
 
 def captured_mass(head_logprobs: np.ndarray, sample_logprobs: np.ndarray | None = None) -> np.ndarray:
     """[N] probability mass of the stored ids (head plus unique sampled ids) at T = 1."""
-    mass = np.exp(head_logprobs.astype(np.float64)).sum(axis=1) if head_logprobs.shape[1] else np.zeros(len(head_logprobs))
+    mass = (
+        np.exp(head_logprobs.astype(np.float64)).sum(axis=1)
+        if head_logprobs.shape[1]
+        else np.zeros(len(head_logprobs))
+    )
     if sample_logprobs is not None and sample_logprobs.size:
         mass = mass + np.exp(sample_logprobs.astype(np.float64)).sum(axis=1)
     return np.clip(mass, 0.0, 1.0)

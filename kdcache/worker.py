@@ -220,7 +220,8 @@ class UnitWorker:
             "padded_tokens": padded,
             **counts,
             "telemetry": summarize_tokens(
-                np.concatenate(entropies) if entropies else np.zeros(0), np.concatenate(masses) if masses else np.zeros(0)
+                np.concatenate(entropies) if entropies else np.zeros(0),
+                np.concatenate(masses) if masses else np.zeros(0),
             ),
             "timing_s": {"read": t_read - t0, "forward": forward_s, "encode": time.perf_counter() - e0},
         }
@@ -240,8 +241,10 @@ def _draw_seed(seed: int, unit_id: str, batch_index: int) -> int:
 
 
 def _is_empty(doc, counts: dict[str, int]) -> bool:
-    empty = (doc.text is None and doc.ids is None) or (doc.text is not None and not doc.text.strip()) or (
-        doc.ids is not None and len(doc.ids) == 0
+    empty = (
+        (doc.text is None and doc.ids is None)
+        or (doc.text is not None and not doc.text.strip())
+        or (doc.ids is not None and len(doc.ids) == 0)
     )
     if empty:
         counts["empty_documents"] += 1

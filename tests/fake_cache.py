@@ -1,7 +1,7 @@
 """A FakeTeacher cache writer for tests: real shards and manifest, targets from seeded random logits, no model, no Ray.
 
-    manifest = write_fake_cache("memory://c1", num_units=3, seqs_per_unit=5, k=8, vocab=64)
-    logits = fake_logits(seq_id, length, vocab)   # the dense teacher logits behind a cached sequence
+manifest = write_fake_cache("memory://c1", num_units=3, seqs_per_unit=5, k=8, vocab=64)
+logits = fake_logits(seq_id, length, vocab)   # the dense teacher logits behind a cached sequence
 """
 
 from __future__ import annotations
@@ -47,7 +47,13 @@ def write_fake_cache(
     per_unit = [seqs_per_unit] * num_units if isinstance(seqs_per_unit, int) else list(seqs_per_unit)
     inputs = {
         "format_version": 1,
-        "teacher": {"model": "fake", "revision": None, "dtype": "float32", "padded_vocab_size": vocab, "model_type": "fake"},
+        "teacher": {
+            "model": "fake",
+            "revision": None,
+            "dtype": "float32",
+            "padded_vocab_size": vocab,
+            "model_type": "fake",
+        },
         "tokenizer": {"name": "fake", "hash": tokenizer_hash, "vocab_size": tokenizer_vocab or vocab},
         "targets": {"mode": "topk", "k": k, "temperatures": list(temperatures)},
         "codec": CodecParams().to_dict(),
@@ -90,7 +96,11 @@ def write_fake_cache(
             }
         )
     manifest = build_manifest(
-        fingerprint=fingerprint, fingerprint_inputs=inputs, units=units, shard_format="parquet", shard_suffix=SHARD_SUFFIX
+        fingerprint=fingerprint,
+        fingerprint_inputs=inputs,
+        units=units,
+        shard_format="parquet",
+        shard_suffix=SHARD_SUFFIX,
     )
     store.write_bytes(INDEX_KEY, dumps(manifest))
     return manifest

@@ -72,7 +72,9 @@ def test_k_larger_than_vocab_names_the_key():
 def test_overrides_are_typed_yaml_scalars(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("teacher: {model: m}\ndata: {source: s}\noutput: {uri: u}\n")
-    cfg = load_config(path, ["targets.k=16", "cluster.address=auto", "targets.temperatures=[2, 1]", "cluster.gpus_per_actor=1"])
+    cfg = load_config(
+        path, ["targets.k=16", "cluster.address=auto", "targets.temperatures=[2, 1]", "cluster.gpus_per_actor=1"]
+    )
     assert cfg.targets.k == 16 and cfg.cluster.address == "auto"
     assert cfg.targets.temperatures == [1.0, 2.0]
     assert cfg.cluster.gpus_per_actor == 1.0

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import stdlib_texts, write_jsonl
+
 from kdcache.cli import cache_summary, main
 from kdcache.codec import CodecParams
 from kdcache.config import load_config
@@ -132,7 +132,9 @@ def test_rerun_does_no_work_and_other_fingerprint_is_refused(finished_cache, tin
         run_cache_job(job_config(tiny_teacher, job_corpus, out, "targets.k=4"))
 
 
-def test_resume_after_partial_run_skips_committed_units(ray_session, tiny_teacher, job_corpus, tmp_path, finished_cache):
+def test_resume_after_partial_run_skips_committed_units(
+    ray_session, tiny_teacher, job_corpus, tmp_path, finished_cache
+):
     """Simulate a crash: keep some commit records and shards, drop index.json; the rerun computes only the rest."""
     import shutil
 
@@ -164,7 +166,9 @@ def test_cache_is_plain_parquet_and_json(finished_cache):
         path = out / unit["path"]
         assert not unit["path"].startswith("/") and path.stat().st_size == unit["bytes"]
         table = pq.read_table(path)
-        assert {"seq_id", "input_id", "target_gaps", "target_codes", "tail_logprob_0", "entropy"} <= set(table.column_names)
+        assert {"seq_id", "input_id", "target_gaps", "target_codes", "tail_logprob_0", "entropy"} <= set(
+            table.column_names
+        )
         total += table.num_rows
         assert b"pickle" not in path.read_bytes()
     assert total == manifest["stats"]["num_tokens"]

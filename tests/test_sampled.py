@@ -28,7 +28,9 @@ def test_sample_mode_draws_unique_ids_with_counts():
 
 def test_hybrid_draws_only_outside_the_head_and_estimates_the_tail():
     logits = torch.randn(4, 30) * 2
-    head, s = sample_targets(logits, num_samples=255, head=5, temperatures=[1.0], generator=torch.Generator().manual_seed(1))
+    head, s = sample_targets(
+        logits, num_samples=255, head=5, temperatures=[1.0], generator=torch.Generator().manual_seed(1)
+    )
     for row in range(4):
         drawn = set(s.ids[row][s.counts[row] > 0].tolist())
         assert not drawn & set(head.ids[row].tolist())
@@ -37,7 +39,9 @@ def test_hybrid_draws_only_outside_the_head_and_estimates_the_tail():
     est = torch.zeros_like(p)
     reps = 200
     for r in range(reps):
-        _, s = sample_targets(logits, num_samples=50, head=5, temperatures=[1.0], generator=torch.Generator().manual_seed(r))
+        _, s = sample_targets(
+            logits, num_samples=50, head=5, temperatures=[1.0], generator=torch.Generator().manual_seed(r)
+        )
         w = head.tail_logprobs[:, :1].double().exp() * s.counts.double() / 50
         est.scatter_add_(1, s.ids, w)
     est /= reps
@@ -58,7 +62,18 @@ def test_shard_round_trip_with_samples():
     lps = np.where(counts > 0, -rng.exponential(2, size=(t, m)), -np.inf).astype(np.float32)
     writer = ShardWriter(k=2, num_temperatures=1, num_samples=10)
     head_ids = np.tile([3, 9], (t, 1))
-    writer.add(5, np.arange(t), head_ids, np.full((t, 2), -1.0, np.float32), np.zeros((t, 1)), np.zeros((t, 1)), np.ones(t), ids, counts, lps)
+    writer.add(
+        5,
+        np.arange(t),
+        head_ids,
+        np.full((t, 2), -1.0, np.float32),
+        np.zeros((t, 1)),
+        np.zeros((t, 1)),
+        np.ones(t),
+        ids,
+        counts,
+        lps,
+    )
     data = read_shard(writer.finish(), k=2, num_temperatures=1)
     got = {}
     for row in range(t):
@@ -77,6 +92,7 @@ def test_shard_round_trip_with_samples():
 @pytest.mark.parametrize("mode", ["sample", "hybrid"])
 def test_sampled_job_end_to_end_is_reproducible(ray_session, tiny_teacher, tmp_path, mode):
     from conftest import stdlib_texts, write_jsonl
+
     from kdcache.config import load_config
     from kdcache.job import run_cache_job
     from kdcache.reader import open_cache
@@ -107,6 +123,7 @@ def test_sampled_job_end_to_end_is_reproducible(ray_session, tiny_teacher, tmp_p
 @pytest.mark.parametrize("mode", ["sample", "hybrid"])
 def test_dataset_serves_sampled_caches_to_sampled_kl(ray_session, tiny_teacher, tmp_path, mode):
     from conftest import stdlib_texts, write_jsonl
+
     from kdcache.config import load_config
     from kdcache.dataset import KDCacheDataset
     from kdcache.job import run_cache_job

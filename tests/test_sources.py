@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_jsonl
+
 from kdcache.errors import SourceError
 from kdcache.plan import plan_units
 from kdcache.sources import cut_windows, iter_documents, make_seq_id
@@ -58,7 +58,9 @@ def test_parquet_units_are_row_groups_and_rows_are_named(tmp_path):
     docs = docs_of(units, fmt="parquet")
     assert [d.text for _, d in docs] == [f"t{i}" for i in range(10)]
     assert docs[5][1].locator == "r5"
-    ids = [d.ids for u in units for d in iter_documents(u.to_dict(), fmt="parquet", text_field="text", ids_field="ids")]
+    ids = [
+        d.ids for u in units for d in iter_documents(u.to_dict(), fmt="parquet", text_field="text", ids_field="ids")
+    ]
     assert ids[3] == [3, 4]
     with pytest.raises(SourceError, match="no column 'body'"):
         list(iter_documents(units[0].to_dict(), fmt="parquet", text_field="body", ids_field=None))

@@ -8,8 +8,8 @@ import json
 import zipfile
 
 import numpy as np
-import torch
 import pytest
+import torch
 from test_format_spec import build_cache
 
 from kdcache.config import load_config
@@ -95,7 +95,8 @@ def test_same_job_as_parquet_and_zarr_reads_back_identically(ray_session, tiny_t
     from kdcache.dataset import KDCacheDataset
 
     batches = {
-        fmt: list(KDCacheDataset(f"{tmp_path}/{fmt}", batch_size=2, seed=3, shuffle=True)) for fmt in ("parquet", "zarr")
+        fmt: list(KDCacheDataset(f"{tmp_path}/{fmt}", batch_size=2, seed=3, shuffle=True))
+        for fmt in ("parquet", "zarr")
     }
     assert len(batches["parquet"]) == len(batches["zarr"]) > 0
     for a, b in zip(batches["parquet"], batches["zarr"]):
