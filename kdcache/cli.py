@@ -73,7 +73,10 @@ def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> di
         "num_tokens": stats["num_tokens"],
         "total_bytes": stats["total_bytes"],
         "bytes_per_token": stats["bytes_per_token"],
-        "bytes_per_entry": stats["bytes_per_token"] / inputs["targets"]["k"],
+        # per stored top-k entry: meaningful for topk caches only (hybrid/sample also store samples, sample has k=0)
+        "bytes_per_entry": stats["bytes_per_token"] / inputs["targets"]["k"]
+        if inputs["targets"]["mode"] == "topk"
+        else None,
         "real_token_fraction": stats["real_token_fraction"],
         "empty_documents": stats["empty_documents"],
         "last_run": {k: v for k, v in stats["last_run"].items() if k != "failures"}
@@ -103,7 +106,7 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  targets      {s['mode']} k={s['k']}, temperatures {s['temperatures']}, windows of {s['max_length']}",
             f"  contents     {s['num_sequences']:,} sequences, {s['num_tokens']:,} tokens in {s['num_units']} units",
             f"  size         {s['total_bytes']:,} bytes = {s['bytes_per_token']:.1f} bytes/token "
-            f"({s['bytes_per_entry']:.2f} bytes per top-k entry)",
+            + (f"({s['bytes_per_entry']:.2f} bytes per top-k entry)" if s["bytes_per_entry"] is not None else ""),
             f"  last run     {lr['units']} units, {lr['tokens']:,} tokens in {lr['wall_time_s']:.1f}s "
             f"({lr['tokens_per_s']:,.0f} tok/s), {lr['failures']} failures; real-token fraction "
             f"{s['real_token_fraction']:.3f}",

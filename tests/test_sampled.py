@@ -118,6 +118,11 @@ def test_sampled_job_end_to_end_is_reproducible(ray_session, tiny_teacher, tmp_p
     assert seq["target_ids"].shape[1] == (4 if mode == "hybrid" else 0)
     assert np.all(seq["sample_counts"].sum(-1) == 20)
     assert m1["fingerprint_inputs"]["targets"]["samples"] == 20
+    from kdcache.cli import cache_summary, format_summary
+
+    summary = cache_summary(f"{tmp_path}/c1")  # info works on sampled caches (k may be 0)
+    assert summary["mode"] == mode and summary["bytes_per_entry"] is None
+    assert "bytes/token" in format_summary(summary)
 
 
 @pytest.mark.parametrize("mode", ["sample", "hybrid"])
