@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -41,7 +41,13 @@ from kdcache.codec import (
     planar_to_values,
     values_to_planar,
 )
-from kdcache.formats.shard import ShardData, TokenBuffer, ragged_ids, ragged_to_padded, split_sequences
+from kdcache.formats.shard import (
+    BufferedShardWriter,
+    ShardData,
+    ragged_ids,
+    ragged_to_padded,
+    split_sequences,
+)
 
 __all__ = [
     "NAME",
@@ -89,7 +95,7 @@ def _binary_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 @dataclass
-class ShardWriter:
+class ShardWriter(BufferedShardWriter):
     """Collects a unit's sequences and produces the Parquet file bytes (`add` ... `finish`).
 
     Args:
@@ -99,54 +105,7 @@ class ShardWriter:
         row_group_tokens: tokens per row group (whole sequences, so a group can be a sequence longer).
     """
 
-    k: int
-    num_temperatures: int
-    num_samples: int = 0
-    compression_level: int = 3
-    codec: CodecParams = field(default_factory=CodecParams)
-    metadata: dict[str, Any] = field(default_factory=dict)
     row_group_tokens: int = ROW_GROUP_TOKENS
-    _buffer: TokenBuffer = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._buffer = TokenBuffer(self.k, self.num_temperatures, self.num_samples, self.codec)
-
-    @property
-    def num_sequences(self) -> int:
-        return self._buffer.num_sequences
-
-    @property
-    def num_tokens(self) -> int:
-        return self._buffer.num_tokens
-
-    def add(
-        self,
-        seq_id: int,
-        input_ids: np.ndarray,
-        target_ids: np.ndarray,
-        target_logprobs: np.ndarray,
-        log_normalizers: np.ndarray,
-        tail_logprobs: np.ndarray,
-        entropy: np.ndarray,
-        sample_ids: np.ndarray | None = None,
-        sample_counts: np.ndarray | None = None,
-        sample_logprobs: np.ndarray | None = None,
-    ) -> None:
-        """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
-        tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
-        Ids need not be sorted (they are sorted here)."""
-        self._buffer.add(
-            seq_id,
-            input_ids,
-            target_ids,
-            target_logprobs,
-            log_normalizers,
-            tail_logprobs,
-            entropy,
-            sample_ids,
-            sample_counts,
-            sample_logprobs,
-        )
 
     def schema(self, planes: int = 1) -> pa.Schema:
         fields = [pa.field("seq_id", pa.int64()), pa.field("input_id", pa.int32())]

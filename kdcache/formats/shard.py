@@ -13,7 +13,7 @@ import numpy as np
 
 from kdcache.codec import CodecParams, encode_ids, quantize_logprobs, sort_targets
 
-__all__ = ["ShardData", "TokenBuffer", "ragged_to_padded", "ragged_ids", "split_sequences"]
+__all__ = ["BufferedShardWriter", "ShardData", "TokenBuffer", "ragged_to_padded", "ragged_ids", "split_sequences"]
 
 
 @dataclass
@@ -182,3 +182,68 @@ def _encode_samples(
         "sample_counts": counts_s[keep].astype(np.uint8),
         "sample_codes": quantize_logprobs(lps_s[keep], codec),
     }
+
+
+@dataclass
+class BufferedShardWriter:
+    """What every format's writer shares: its settings, a `TokenBuffer`, counts, and `add`; a format's subclass
+    only implements `finish() -> bytes` from `self._buffer.arrays()`.
+
+    Args:
+        k: top-k entries per token; num_temperatures: number of stored temperatures (index 0 is T = 1);
+        num_samples: draws per token (0: no sample columns); compression_level: zstd level;
+        codec: log-prob coding; metadata: JSON-able dict stored in the file under "kdcache";
+        row_group_tokens: tokens per Parquet row group / Zarr chunk (whole sequences per row group).
+    """
+
+    k: int
+    num_temperatures: int
+    num_samples: int = 0
+    compression_level: int = 3
+    codec: CodecParams = field(default_factory=CodecParams)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    row_group_tokens: int = 65536
+    _buffer: TokenBuffer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._buffer = TokenBuffer(self.k, self.num_temperatures, self.num_samples, self.codec)
+
+    @property
+    def num_sequences(self) -> int:
+        return self._buffer.num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return self._buffer.num_tokens
+
+    def add(
+        self,
+        seq_id: int,
+        input_ids: np.ndarray,
+        target_ids: np.ndarray,
+        target_logprobs: np.ndarray,
+        log_normalizers: np.ndarray,
+        tail_logprobs: np.ndarray,
+        entropy: np.ndarray,
+        sample_ids: np.ndarray | None = None,
+        sample_counts: np.ndarray | None = None,
+        sample_logprobs: np.ndarray | None = None,
+    ) -> None:
+        """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
+        tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
+        Ids need not be sorted (they are sorted here)."""
+        self._buffer.add(
+            seq_id,
+            input_ids,
+            target_ids,
+            target_logprobs,
+            log_normalizers,
+            tail_logprobs,
+            entropy,
+            sample_ids,
+            sample_counts,
+            sample_logprobs,
+        )
+
+    def finish(self) -> bytes:
+        raise NotImplementedError

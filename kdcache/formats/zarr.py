@@ -35,13 +35,19 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs
-from kdcache.formats.shard import ShardData, TokenBuffer, ragged_ids, ragged_to_padded, split_sequences
+from kdcache.formats.shard import (
+    BufferedShardWriter,
+    ShardData,
+    ragged_ids,
+    ragged_to_padded,
+    split_sequences,
+)
 
 __all__ = [
     "NAME",
@@ -78,58 +84,13 @@ def _codecs(kind: str, itemsize: int, level: int) -> dict[str, Any]:
 
 
 @dataclass
-class ShardWriter:
+class ShardWriter(BufferedShardWriter):
     """Collects a unit's sequences and produces the zipped Zarr group as bytes (`add` ... `finish`).
 
     Same constructor and `add` as the Parquet writer; `row_group_tokens` is the chunk length along tokens.
     """
 
-    k: int
-    num_temperatures: int
-    num_samples: int = 0
-    compression_level: int = 3
-    codec: CodecParams = field(default_factory=CodecParams)
-    metadata: dict[str, Any] = field(default_factory=dict)
     row_group_tokens: int = CHUNK_TOKENS
-    _buffer: TokenBuffer = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._buffer = TokenBuffer(self.k, self.num_temperatures, self.num_samples, self.codec)
-
-    @property
-    def num_sequences(self) -> int:
-        return self._buffer.num_sequences
-
-    @property
-    def num_tokens(self) -> int:
-        return self._buffer.num_tokens
-
-    def add(
-        self,
-        seq_id: int,
-        input_ids: np.ndarray,
-        target_ids: np.ndarray,
-        target_logprobs: np.ndarray,
-        log_normalizers: np.ndarray,
-        tail_logprobs: np.ndarray,
-        entropy: np.ndarray,
-        sample_ids: np.ndarray | None = None,
-        sample_counts: np.ndarray | None = None,
-        sample_logprobs: np.ndarray | None = None,
-    ) -> None:
-        """Add one sequence (shapes as `kdcache.formats.parquet.ShardWriter.add`)."""
-        self._buffer.add(
-            seq_id,
-            input_ids,
-            target_ids,
-            target_logprobs,
-            log_normalizers,
-            tail_logprobs,
-            entropy,
-            sample_ids,
-            sample_counts,
-            sample_logprobs,
-        )
 
     def finish(self) -> bytes:
         """The unit's Zarr group, zipped (ZIP_STORED, sorted entries, fixed timestamps)."""
