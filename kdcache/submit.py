@@ -1,6 +1,6 @@
 """Submit a caching job to a running Ray cluster's job server (`kdcache submit`), through Ray's `JobSubmissionClient`.
 
-    kdcache submit configs/llama70b-gpu.yaml targets.k=32 --address http://HEAD:8265 --working-dir .
+    kdcache submit configs/llama8b-gpu.yaml targets.k=32 --address http://HEAD:8265 --working-dir .
     # -> Submitted kdcache job raysubmit_XXXX ...  follow it: ray job logs -f raysubmit_XXXX --address ...
 
 The config and overrides are validated here first, so a wrong key fails before anything is sent. The cluster then
