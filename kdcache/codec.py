@@ -1,22 +1,23 @@
 """Pure encode/decode of per-token targets (numpy only; no I/O). Versioned: see docs/FORMAT.md.
 
-Codec `topk-gap` version 1:
+Codec `topk-gap` version 2:
 
 - ids: each row of k distinct ids is sorted ascending and stored as gaps, ``gap[0] = id[0]``,
   ``gap[j] = id[j] - id[j-1] - 1`` (every gap >= 0). Shard formats store the gaps *planar*: the P low-order bytes
   of each gap in P byte planes (plane p holds byte p of every gap of the row), so the near-uniform low bytes and the
   skewed high bytes reach the entropy coder as separate streams (measured 5-7% smaller than interleaved uint32).
-- log-probs, one of (``CodecParams.logprobs``):
+- log-probs, one of (``CodecParams.logprobs``), each a table of float32 levels indexed by the stored code:
 
-  - ``u8`` (default): uniform quantization of [logprob_min = -16, 0] nats into 256 levels,
-    ``code = round(-clip(logprob, logprob_min, 0) / step)``, ``step = -logprob_min / 255``; decode ``-code * step``.
-    Error at most step / 2 = 0.031 nats; values below logprob_min decode to logprob_min (probability < 1.1e-7).
-    Renormalized-head KL ~8e-5 nats on LLM-like heads (bench/storage.py).
-  - ``u16``: the same over [-32, 0] with 65536 levels: error at most 2.4e-4 nats, KL ~5e-9 (near-lossless).
+  - ``u8`` (default): 256 levels over [logprob_min = -24, 0] nats, *companded*: uniform in
+    ``y = exp(logprob / compand)`` with ``compand = 6``, so the step grows as the probability falls (0.023 nats near
+    log-prob 0, 0.09 at -8, 0.33 at -16). The KL error of an entry is ~p * step^2, so this spends the byte where the
+    mass is: renormalized-head KL ~4e-5 nats at T = 1 and at T = 2 on LLM-like heads (bench/storage.py), half the
+    KL of a uniform [-16, 0] grid at the same size, and no clipping of the entries a T = 2 student still weighs.
+  - ``u16``: 65536 levels uniform in log space over [-32, 0]: error at most 2.4e-4 nats, KL ~5e-9 (near-lossless).
   - ``f32``: the teacher's float32 log-probs unchanged (lossless).
 
-  Uniform steps in log space are kept on purpose: the error in nats is the same for every entry, so it stays
-  bounded by step / (2 T) at any temperature T a student re-normalizes to.
+Version 2 (this one) introduced the companded u8 table; version 1 caches (uniform u8 over [-16, 0], float32 side
+columns) are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "decode_planar_gaps",
     "dequantize_logprobs",
     "encode_ids",
+    "error_bound",
     "gap_planes",
     "planar_to_values",
     "quantize_logprobs",
@@ -43,14 +45,13 @@ __all__ = [
 ]
 
 CODEC_NAME = "topk-gap"
-CODEC_VERSION = 1
-LOGPROB_MIN = -16.0  # nats; the lowest log-prob the default uint8 code represents to half a step
-LEVELS = 256
-# name -> (logprob_min in nats, levels, stored little-endian dtype); f32 is not quantized
-LOGPROB_CODECS: dict[str, tuple[float, int, str]] = {
-    "u8": (-16.0, 256, "u1"),
-    "u16": (-32.0, 65536, "<u2"),
-    "f32": (0.0, 0, "<f4"),
+CODEC_VERSION = 2
+# name -> (logprob_min in nats, levels, stored little-endian dtype, compand); f32 is not quantized.
+# compand 0: levels uniform in log-prob; compand c > 0: levels uniform in exp(logprob / c) (module docstring)
+LOGPROB_CODECS: dict[str, tuple[float, int, str, float]] = {
+    "u8": (-24.0, 256, "u1", 6.0),
+    "u16": (-32.0, 65536, "<u2", 0.0),
+    "f32": (0.0, 0, "<f4", 0.0),
 }
 
 
@@ -62,35 +63,49 @@ class CodecParams:
         logprob_min: lowest representable log-prob in nats (quantized codecs).
         levels: number of quantization levels (0 for f32).
         logprobs: "u8" | "u16" | "f32" (see module docstring).
+        compand: 0 for levels uniform in log-prob, c > 0 for levels uniform in exp(logprob / c).
     """
 
-    logprob_min: float = LOGPROB_MIN
-    levels: int = LEVELS
+    logprob_min: float = LOGPROB_CODECS["u8"][0]
+    levels: int = LOGPROB_CODECS["u8"][1]
     logprobs: str = "u8"
+    compand: float = LOGPROB_CODECS["u8"][3]
 
     def __post_init__(self) -> None:
         if self.logprobs not in LOGPROB_CODECS:
             raise ValueError(f"codec: unknown log-prob coding {self.logprobs!r} (known: {', '.join(LOGPROB_CODECS)})")
-        if self.logprobs != "f32" and (self.levels < 2 or self.levels > 256**self.code_bytes or self.logprob_min >= 0):
-            raise ValueError(f"codec: invalid quantization {self.logprob_min} nats / {self.levels} levels")
+        if self.logprobs != "f32" and (
+            self.levels < 2 or self.levels > 256**self.code_bytes or self.logprob_min >= 0 or self.compand < 0
+        ):
+            raise ValueError(
+                f"codec: invalid quantization {self.logprob_min} nats / {self.levels} levels / compand {self.compand}"
+            )
 
     @classmethod
     def for_logprobs(cls, name: str) -> CodecParams:
         """The standard parameters of a log-prob coding name ("u8", "u16", "f32")."""
         if name not in LOGPROB_CODECS:
             raise ValueError(f"codec: unknown log-prob coding {name!r} (known: {', '.join(LOGPROB_CODECS)})")
-        lo, levels, _ = LOGPROB_CODECS[name]
-        return cls(logprob_min=lo, levels=levels, logprobs=name)
+        lo, levels, _, compand = LOGPROB_CODECS[name]
+        return cls(logprob_min=lo, levels=levels, logprobs=name, compand=compand)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CodecParams:
         """Parse a manifest's codec section (as written by `to_dict`)."""
         if not str(raw.get("name", CODEC_NAME)).startswith(CODEC_NAME) or raw.get("version", 1) != CODEC_VERSION:
-            raise ValueError(f"codec: unsupported codec {raw.get('name')!r} version {raw.get('version')!r}")
+            raise ValueError(
+                f"codec: unsupported codec {raw.get('name')!r} version {raw.get('version')!r} (this kdcache reads "
+                f"{CODEC_NAME} version {CODEC_VERSION}; re-create the cache with this version)"
+            )
         name = raw.get("logprobs", "u8")
         if name == "f32":
             return cls.for_logprobs("f32")
-        return cls(logprob_min=float(raw["logprob_min"]), levels=int(raw["levels"]), logprobs=name)
+        return cls(
+            logprob_min=float(raw["logprob_min"]),
+            levels=int(raw["levels"]),
+            logprobs=name,
+            compand=float(raw.get("compand", 0.0)),
+        )
 
     @property
     def code_dtype(self) -> np.dtype:
@@ -103,9 +118,17 @@ class CodecParams:
         return self.code_dtype.itemsize
 
     @property
+    def table(self) -> np.ndarray:
+        """The decode table: float32 log-prob of each code, descending from 0 to logprob_min (empty for f32)."""
+        return _level_table(self.logprob_min, self.levels, self.compand) if self.logprobs != "f32" else _EMPTY
+
+    @property
     def step(self) -> float:
-        """Quantization step in nats (0.0 for f32): the decode error is at most step / 2 inside the range."""
-        return 0.0 if self.logprobs == "f32" else -self.logprob_min / (self.levels - 1)
+        """The largest quantization step in nats (0.0 for f32); the decode error is at most half the local step."""
+        if self.logprobs == "f32":
+            return 0.0
+        t = self.table
+        return float(t[-2] - t[-1])
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -115,8 +138,30 @@ class CodecParams:
             "logprobs": self.logprobs,
         }
         if self.logprobs != "f32":
-            out.update(logprob_min=self.logprob_min, levels=self.levels)
+            out.update(logprob_min=self.logprob_min, levels=self.levels, compand=self.compand)
         return out
+
+
+_EMPTY = np.zeros(0, dtype=np.float32)
+_TABLES: dict[tuple[float, int, float], np.ndarray] = {}
+
+
+def _level_table(logprob_min: float, levels: int, compand: float) -> np.ndarray:
+    """Decode table of a quantized codec, computed in float64 and rounded once to float32 (cached, read-only)."""
+    key = (float(logprob_min), int(levels), float(compand))
+    table = _TABLES.get(key)
+    if table is None:
+        code = np.arange(levels, dtype=np.float64)
+        if compand > 0:
+            y_min = np.exp(logprob_min / compand)
+            values = compand * np.log1p(-code * ((1.0 - y_min) / (levels - 1)))
+        else:
+            values = code * (logprob_min / (levels - 1))
+        values[0], values[-1] = 0.0, logprob_min  # exact end points whatever the rounding
+        table = values.astype(np.float32)
+        table.setflags(write=False)
+        _TABLES[key] = table
+    return table
 
 
 def sort_targets(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,41 +247,102 @@ def planar_to_values(raw: np.ndarray, k: int, dtype: np.dtype | str = np.uint32)
     return out.view(dtype) if dtype.kind == "f" else out.astype(dtype, copy=False)
 
 
-def decode_planar_gaps(raw: np.ndarray, k: int) -> np.ndarray:
-    """[N, P * k] planar gap bytes -> [N, k] int64 ascending ids (`planar_to_values` + `decode_ids`, fused)."""
+_DECODE_BLOCK_VALUES = 2**17  # gaps per pass of decode_planar_gaps: 512 KiB of uint32 scratch stay in the cache
+
+
+def decode_planar_gaps(
+    raw: np.ndarray, k: int, dtype: np.dtype | str = np.int64, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """[N, P * k] planar gap bytes -> [N, k] ascending ids (`planar_to_values` + `decode_ids`, fused).
+
+    Args:
+        raw: [N, P * k] uint8, plane-major per row (docs/FORMAT.md).
+        k: ids per row.
+        dtype: of the result: int64 (default), uint32 (ids are < 2**32 by the format) or uint16 (raises ValueError
+            if an id does not fit).
+        out: optional [N, k] array of `dtype` to write into (returned).
+
+    Rows are decoded in blocks that keep the uint32 scratch in the CPU cache: planes -> gaps, +1 on gaps 1.. (so the
+    running sum is the id, `id[j] = sum(gap[:j+1]) + j`; no overflow, as `gap[j] + 1 <= id[j] - id[j-1]`), an
+    in-place cumsum, then one widening or narrowing copy into the result.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.int64), np.dtype(np.uint32), np.dtype(np.uint16)):
+        raise ValueError(f"decode_planar_gaps: dtype must be int64, uint32 or uint16, got {dtype}")
     raw = np.asarray(raw, dtype=np.uint8)
     n = raw.shape[0]
+    if out is None:
+        out = np.empty((n, k), dtype=dtype)
+    elif out.shape != (n, k) or out.dtype != dtype:
+        raise ValueError(f"decode_planar_gaps: out must be [{n}, {k}] {dtype}, got {list(out.shape)} {out.dtype}")
     if k == 0 or n == 0:
-        return np.zeros((n, k), dtype=np.int64)
+        return out
     planar = raw.reshape(n, -1, k)
-    run = planar[:, -1, :].astype(np.uint32)
-    for p in range(planar.shape[1] - 2, -1, -1):
-        run <<= 8
-        run |= planar[:, p, :]
-    np.cumsum(run, axis=1, out=run)
-    out = run.astype(np.int64)
-    out += np.arange(k, dtype=np.int64)
+    block = max(1, _DECODE_BLOCK_VALUES // k)
+    scratch = None if dtype == np.uint32 else np.empty((min(n, block), k), dtype=np.uint32)
+    direct = dtype == np.uint32  # decode in place in the result
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        run = out[lo:hi] if direct else scratch[: hi - lo]
+        np.copyto(run, planar[lo:hi, -1, :])
+        for p in range(planar.shape[1] - 2, -1, -1):
+            run <<= 8
+            run |= planar[lo:hi, p, :]
+        run[:, 1:] += np.uint32(1)
+        np.cumsum(run, axis=1, out=run)
+        if dtype == np.uint16 and int(run[:, -1].max()) >= 2**16:  # the last id of a row is its largest
+            raise ValueError(f"decode_planar_gaps: id {int(run[:, -1].max())} does not fit uint16")
+        if not direct:
+            np.copyto(out[lo:hi], run, casting="unsafe")
     return out
 
 
 def quantize_logprobs(logprobs: np.ndarray, params: CodecParams = CodecParams()) -> np.ndarray:
     """[..] float log-probs (<= 0, -inf allowed) -> [..] codes of `params.code_dtype`; NaN raises ValueError.
 
-    f32 keeps the values (as float32); a -inf log-prob is stored as -inf only by f32.
+    Values below logprob_min take the last code. Uniform codecs round to the nearest level in log-prob; companded ones
+    round to the nearest level in y = exp(logprob / compand) (the error is then at most half the local step, plus a
+    second-order term). f32 keeps the values (as float32); a -inf log-prob is stored as -inf only by f32.
     """
     lp = np.asarray(logprobs, dtype=np.float32)
     if np.isnan(lp).any():
         raise ValueError("quantize_logprobs: NaN log-probabilities (the teacher produced NaN logits)")
     if params.logprobs == "f32":
         return np.minimum(lp, np.float32(0.0)).astype("<f4", copy=False)
-    codes = np.rint(np.clip(-lp, 0.0, -params.logprob_min) / params.step)
-    return codes.astype(params.code_dtype)
+    lo, top = params.logprob_min, params.levels - 1
+    if params.compand > 0:
+        y_min = np.exp(lo / params.compand)
+        y = np.exp(np.clip(lp, lo, 0.0) * np.float32(1.0 / params.compand))
+        codes = np.rint((1.0 - y) * np.float32(top / (1.0 - y_min)))
+    else:
+        codes = np.rint(np.clip(-lp, 0.0, -lo) * np.float32(top / -lo))
+    return np.clip(codes, 0, top).astype(params.code_dtype)
 
 
 def dequantize_logprobs(codes: np.ndarray, params: CodecParams = CodecParams()) -> np.ndarray:
-    """[..] codes -> [..] float32 log-probs in [logprob_min, 0] (f32: the stored values)."""
+    """[..] codes -> [..] float32 log-probs in [logprob_min, 0] (f32: the stored values): a table look-up."""
     if params.logprobs == "f32":
         return np.asarray(codes).astype(np.float32, copy=False)
-    out = np.asarray(codes).astype(np.float32)
-    out *= np.float32(-params.step)
-    return out
+    return params.table[np.asarray(codes)]
+
+
+def error_bound(logprobs: np.ndarray, params: CodecParams = CodecParams()) -> np.ndarray:
+    """Per-value bound on |dequantize(quantize(lp)) - lp| in nats for lp in [logprob_min, 0] (0 for f32).
+
+    The distance from the value's level to the farther of its two decision boundaries (the rounding midpoints, in
+    log-prob for uniform codecs and in exp(logprob / compand) for companded ones), plus 1e-6 of float32 slack.
+    """
+    lp = np.asarray(logprobs, dtype=np.float32)
+    if params.logprobs == "f32":
+        return np.zeros(lp.shape, dtype=np.float32)
+    lo, top, c = params.logprob_min, params.levels - 1, params.compand
+    half = np.arange(top, dtype=np.float64) + 0.5  # boundary between code i and i + 1
+    if c > 0:
+        bounds = c * np.log1p(-half * ((1.0 - np.exp(lo / c)) / top))
+    else:
+        bounds = half * (lo / top)
+    table = params.table.astype(np.float64)
+    below = np.concatenate([table[:-1] - bounds, [0.0]])
+    above = np.concatenate([[0.0], bounds - table[1:]])
+    worst = np.maximum(below, above).astype(np.float32)
+    return worst[quantize_logprobs(lp, params).astype(np.int64)] + np.float32(1e-6)

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_KEY = "index.json"
 FINGERPRINT_KEY = "fingerprint.json"
 COMMITS_DIR = "commits"

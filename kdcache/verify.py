@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.codec import CodecParams
+from kdcache.codec import CodecParams, error_bound
 from kdcache.errors import KdcacheError
 from kdcache.formats import get_format
 from kdcache.manifest import INDEX_KEY, read_manifest
@@ -101,10 +101,17 @@ def check_shard_data(
         # the head and the tail partition the distribution: their masses add up to 1 (up to quantization)
         head = np.logaddexp.reduce(lps.astype(np.float64), axis=1)
         total = np.logaddexp(head, tails[:, 0].astype(np.float64))
-        tolerance = codec.step / 2 + 1e-3 + k * np.exp(codec.logprob_min if codec.step else -np.inf)
-        worst = float(np.abs(total).max())
-        if not worst <= tolerance:
-            found.append(f"head + tail mass differs from 1 by up to {worst:.3g} nats (tolerance {tolerance:.3g})")
+        # each head log-prob is off by at most its level's bound, so their logsumexp is too; plus the entries clipped
+        # at logprob_min, the float16 tail (relative 2**-11) and float32 rounding
+        clipped = k * np.exp(codec.logprob_min) if codec.logprobs != "f32" else 0.0
+        tolerance = error_bound(lps, codec).max(axis=1) + clipped + 1e-3
+        excess = np.abs(total) - tolerance
+        if not bool((excess <= 0).all()):
+            row = int(np.argmax(excess))
+            found.append(
+                f"head + tail mass differs from 1 by {abs(total[row]):.3g} nats at token {row} "
+                f"(tolerance {tolerance[row]:.3g})"
+            )
     if num_samples > 0:
         if data.sample_counts is None:
             return [*found, "sample columns missing from a sampled cache"]

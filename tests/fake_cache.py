@@ -46,7 +46,7 @@ def write_fake_cache(
     rng = np.random.default_rng(seed)
     per_unit = [seqs_per_unit] * num_units if isinstance(seqs_per_unit, int) else list(seqs_per_unit)
     inputs = {
-        "format_version": 1,
+        "format_version": 2,
         "teacher": {
             "model": "fake",
             "revision": None,

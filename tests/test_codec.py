@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs, encode_ids, quantize_logprobs, sort_targets
+from kdcache.codec import (
+    CodecParams,
+    decode_ids,
+    dequantize_logprobs,
+    encode_ids,
+    error_bound,
+    quantize_logprobs,
+    sort_targets,
+)
 
 
 def random_topk(rng, n, k, vocab):
@@ -42,21 +50,36 @@ def test_unsorted_or_duplicate_ids_are_refused():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(min_value=-16.0, max_value=0.0, allow_nan=False), min_size=1, max_size=64))
-def test_quantization_error_at_most_half_a_step(values):
-    params = CodecParams()
-    lp = np.asarray(values, dtype=np.float32)
+@given(
+    st.sampled_from(["u8", "u16"]),
+    st.lists(st.floats(min_value=-32.0, max_value=0.0, allow_nan=False), min_size=1, max_size=64),
+)
+def test_quantization_error_within_the_local_bound(name, values):
+    params = CodecParams.for_logprobs(name)
+    lp = np.maximum(np.asarray(values, dtype=np.float32), params.logprob_min)
     back = dequantize_logprobs(quantize_logprobs(lp, params), params)
-    assert np.abs(back - lp).max() <= params.step / 2 + 1e-6
+    assert (np.abs(back - lp) <= error_bound(lp, params)).all()
+
+
+def test_u8_levels_are_fine_where_the_mass_is():
+    params = CodecParams()
+    table = params.table
+    assert table[0] == 0.0 and table[-1] == params.logprob_min == -24.0 and len(table) == 256
+    steps = -np.diff(table)
+    assert (steps > 0).all() and (np.diff(steps) > 0).all()  # strictly descending, coarser as p falls
+    assert steps[0] < 0.025 and 0.04 < float(error_bound(np.float32(-8.0), params)) < 0.05
+    # half the u16 grid's step bounds its error everywhere
+    u16 = CodecParams.for_logprobs("u16")
+    assert float(error_bound(np.float32(-31.0), u16)) <= 32 / 65535 / 2 + 5e-6  # + float32 rounding of levels
 
 
 def test_quantization_edge_values():
     params = CodecParams()
-    lp = np.array([0.0, -np.inf, -100.0, -16.0, -1e-9], dtype=np.float32)
+    lp = np.array([0.0, -np.inf, -100.0, -24.0, -1e-9], dtype=np.float32)
     codes = quantize_logprobs(lp, params)
     assert codes.dtype == np.uint8
     back = dequantize_logprobs(codes, params)
-    assert back[0] == 0.0 and back[1] == -16.0 and back[2] == -16.0 and back[3] == pytest.approx(-16.0)
+    assert back[0] == 0.0 and back[1] == -24.0 and back[2] == -24.0 and back[3] == -24.0 and back[4] == 0.0
     assert np.isfinite(back).all()
     with pytest.raises(ValueError, match="NaN"):
         quantize_logprobs(np.array([np.nan], dtype=np.float32))

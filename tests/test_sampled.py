@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.codec import CodecParams
+from kdcache.codec import CodecParams, error_bound
 from kdcache.formats.parquet import ShardWriter, read_shard
 from kdcache.targets import sample_targets
 
@@ -81,10 +81,11 @@ def test_shard_round_trip_with_samples():
         got[row] = dict(zip(data.sample_ids[row][valid].tolist(), data.sample_counts[row][valid].tolist()))
         want = {int(i): int(c) for i, c in zip(ids[row], counts[row]) if c > 0}
         assert got[row] == want
-        step = CodecParams().step
+        codec = CodecParams()
         want_lp = {int(i): float(lp) for i, lp, c in zip(ids[row], lps[row], counts[row]) if c > 0}
         for i, lp in zip(data.sample_ids[row][valid], data.sample_logprobs[row][valid]):
-            assert abs(lp - max(want_lp[int(i)], -16)) <= step / 2 + 1e-6
+            want = max(want_lp[int(i)], codec.logprob_min)
+            assert abs(lp - want) <= error_bound(np.float32(want), codec)
     assert data.sample_counts[2].sum() == 0
     np.testing.assert_array_equal(data.target_ids, head_ids)
 

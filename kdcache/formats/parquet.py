@@ -1,4 +1,4 @@
-"""Parquet shards (format v1): write one immutable file per work unit, and read it back. pyarrow alone reads them.
+"""Parquet shards (format v2): write one immutable file per work unit, and read it back. pyarrow alone reads them.
 
 One row per token, rows ordered by sequence then position; a row group holds whole sequences only (about
 `row_group_tokens` tokens, rounded up to the end of a sequence). Columns (docs/FORMAT.md is the contract):
@@ -10,8 +10,8 @@ One row per token, rows ordered by sequence then position; a row group holds who
 | target_gaps        | FIXED_LEN_BYTE_ARRAY(Pk) | BYTE_STREAM_SPLIT          | k gap-coded ids in P byte planes       |
 | target_codes       | FIXED_LEN_BYTE_ARRAY(Bk) | PLAIN (B=1) / BSS (B>1)    | k log-prob codes in B byte planes      |
 | log_normalizer_{j} | FLOAT                    | BYTE_STREAM_SPLIT          | logsumexp(z / T_j) over the vocab      |
-| tail_logprob_{j}   | FLOAT                    | BYTE_STREAM_SPLIT          | log mass outside the k ids at T_j      |
-| entropy            | FLOAT                    | BYTE_STREAM_SPLIT          | entropy of the distribution at T=1     |
+| tail_logprob_{j}   | FLOAT16                  | BYTE_STREAM_SPLIT          | log mass outside the k ids at T_j      |
+| entropy            | FLOAT16                  | BYTE_STREAM_SPLIT          | entropy of the distribution at T=1     |
 | sample_gaps        | LIST<INT32>              | BYTE_STREAM_SPLIT          | gap-coded unique sampled ids           |
 | sample_counts      | BYTE_ARRAY               | DELTA_LENGTH_BYTE_ARRAY    | one uint8 draw count per sampled id    |
 | sample_codes       | BYTE_ARRAY               | DELTA_LENGTH_BYTE_ARRAY    | one B-byte log-prob code per sampled id|
@@ -115,8 +115,8 @@ class ShardWriter(BufferedShardWriter):
                 pa.field("target_codes", pa.binary(self.codec.code_bytes * self.k)),
             ]
         for j in range(self.num_temperatures):
-            fields += [pa.field(f"log_normalizer_{j}", pa.float32()), pa.field(f"tail_logprob_{j}", pa.float32())]
-        fields.append(pa.field("entropy", pa.float32()))
+            fields += [pa.field(f"log_normalizer_{j}", pa.float32()), pa.field(f"tail_logprob_{j}", pa.float16())]
+        fields.append(pa.field("entropy", pa.float16()))
         if self.num_samples > 0:
             fields += [
                 pa.field("sample_gaps", pa.list_(pa.int32())),
@@ -143,8 +143,8 @@ class ShardWriter(BufferedShardWriter):
             columns["target_codes"] = _fixed_binary(values_to_planar(codes, self.codec.code_bytes))
         for j in range(self.num_temperatures):
             columns[f"log_normalizer_{j}"] = pa.array(np.ascontiguousarray(a["log_normalizers"][lo:hi, j]))
-            columns[f"tail_logprob_{j}"] = pa.array(np.ascontiguousarray(a["tail_logprobs"][lo:hi, j]))
-        columns["entropy"] = pa.array(a["entropy"][lo:hi])
+            columns[f"tail_logprob_{j}"] = pa.array(a["tail_logprobs"][lo:hi, j].astype(np.float16))
+        columns["entropy"] = pa.array(a["entropy"][lo:hi].astype(np.float16))
         if self.num_samples > 0:
             offsets = np.concatenate([[0], np.cumsum(a["sample_lengths"], dtype=np.int64)])
             e0, e1 = int(offsets[lo]), int(offsets[hi])

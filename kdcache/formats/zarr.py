@@ -1,4 +1,4 @@
-"""Zarr v3 shards (format v1, `output.format: zarr`): one Zarr group per work unit, written whole, shipped as one
+"""Zarr v3 shards (format v2, `output.format: zarr`): one Zarr group per work unit, written whole, shipped as one
 zip object (`.zarr.zip`) so the commit protocol is the same as Parquet's (bytes -> sha256 -> one data object ->
 exclusive commit record). The only module that imports zarr.
 
@@ -19,8 +19,8 @@ Arrays of the group (docs/FORMAT.md is the contract; N tokens, S sequences, M sa
 | target_gaps    | [N, k]  | uint32     | transpose(1, 0) + bytes + blosc(zstd, bitshuffle)               |
 | target_codes   | [N, k]  | codec's    | u8: bytes + zstd; u16/f32: bytes + blosc(zstd, shuffle)         |
 | log_normalizers| [N, nT] | float32    | bytes + blosc(zstd, shuffle)                                    |
-| tail_logprobs  | [N, nT] | float32    | bytes + blosc(zstd, shuffle)                                    |
-| entropy        | [N]     | float32    | bytes + blosc(zstd, shuffle)                                    |
+| tail_logprobs  | [N, nT] | float16    | bytes + blosc(zstd, shuffle)                                    |
+| entropy        | [N]     | float16    | bytes + blosc(zstd, shuffle)                                    |
 | sample_lengths | [N]     | uint8      | bytes + zstd (unique sampled ids per token)                     |
 | sample_gaps    | [M]     | uint32     | bytes + blosc(zstd, bitshuffle)                                 |
 | sample_counts  | [M]     | uint8      | bytes + zstd                                                    |
@@ -113,8 +113,8 @@ class ShardWriter(BufferedShardWriter):
             arrays += [("target_gaps", a["gaps"], "gaps"), ("target_codes", a["codes"], "shuffle")]
         arrays += [
             ("log_normalizers", a["log_normalizers"], "shuffle"),
-            ("tail_logprobs", a["tail_logprobs"], "shuffle"),
-            ("entropy", a["entropy"], "shuffle"),
+            ("tail_logprobs", a["tail_logprobs"].astype(np.float16), "shuffle"),
+            ("entropy", a["entropy"].astype(np.float16), "shuffle"),
         ]
         if self.num_samples > 0:
             arrays += [
@@ -206,8 +206,8 @@ def read_shard(source: bytes, *, k: int, num_temperatures: int, codec: CodecPara
         target_ids=target_ids,
         target_logprobs=target_logprobs,
         log_normalizers=a["log_normalizers"].reshape(n, num_temperatures),
-        tail_logprobs=a["tail_logprobs"].reshape(n, num_temperatures),
-        entropy=a["entropy"],
+        tail_logprobs=a["tail_logprobs"].astype(np.float32).reshape(n, num_temperatures),
+        entropy=a["entropy"].astype(np.float32),
         sample_ids=samples[0],
         sample_counts=samples[1],
         sample_logprobs=samples[2],
