@@ -41,6 +41,9 @@ Memory: positions are flattened to the unmasked ones and processed ``chunk_token
 the student's logits exists for one chunk only. A custom autograd function computes each chunk's gradient during the
 forward pass and keeps one gradient buffer in the student's dtype (double backward is not supported).
 
+Layout: this module is the public entry point (batch checks, teacher targets, the losses); the chunked autograd
+machinery is in `kdcache.chunked`, the divergences and per-row student computations in `kdcache.divergences`.
+
 Usage::
 
     loss = distillation_loss(logits, batch, kind="forward_kl", alpha=0.5, temperature=2.0)
@@ -58,6 +61,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdcache import divergences
+from kdcache.chunked import compute_dtype, mean_over_rows
+from kdcache.divergences import (
+    bucket_rows,
+    cross_entropy_rows,
+    log1mexp,
+    masked_log_softmax,
+    renormalized_rows,
+    sampled_rows,
+)
+
 __all__ = [
     "IGNORE_INDEX",
     "LOSSES",
@@ -74,7 +88,6 @@ __all__ = [
 
 IGNORE_INDEX = -100  # label value that CE and the default loss mask skip
 _NEG_INF = float("-inf")
-RowLoss = Callable[[Tensor, dict[str, Tensor]], Tensor]  # (student logits / T [C, V], row data [C, ...]) -> [C]
 
 
 class TemperatureFallbackWarning(UserWarning):
@@ -82,75 +95,7 @@ class TemperatureFallbackWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Chunked evaluation
-
-
-class _ChunkedRowLoss(torch.autograd.Function):
-    """Sum of a per-row loss over selected rows of ``[N, V]`` logits, chunk by chunk, gradient computed eagerly."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logits: Tensor,
-        rows: Tensor,
-        data: dict,
-        row_loss: RowLoss,
-        temperature: float,
-        chunk_tokens: int,
-        needs_grad: bool,
-    ) -> Tensor:
-        dtype = _compute_dtype(logits)
-        total = torch.zeros((), dtype=dtype, device=logits.device)
-        grad = torch.zeros_like(logits) if needs_grad else None
-        for start in range(0, rows.numel(), chunk_tokens):
-            index = rows[start : start + chunk_tokens]
-            part = {key: value[start : start + chunk_tokens] for key, value in data.items()}
-            x = logits.index_select(0, index).to(dtype)
-            with torch.enable_grad() if needs_grad else torch.no_grad():
-                x.requires_grad_(needs_grad)
-                loss = row_loss(x / temperature if temperature != 1.0 else x, part).sum()
-                if needs_grad:
-                    (chunk_grad,) = torch.autograd.grad(loss, x)
-                    grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
-            total += loss.detach()
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype), None, None, None, None, None, None)
-
-
-def _mean_over_rows(
-    student_logits: Tensor,
-    mask: Tensor,
-    data: dict[str, Tensor],
-    row_loss: RowLoss,
-    *,
-    temperature: float,
-    chunk_tokens: int,
-) -> Tensor:
-    """Mean of ``row_loss`` over the positions where ``mask`` is true; ``data`` values are ``[B, T, ...]`` teacher
-    tensors (moved to the student's device here), handed to ``row_loss`` as ``[C, ...]`` chunks."""
-    if int(chunk_tokens) < 1:
-        raise ValueError(f"chunk_tokens must be >= 1 positions, got {chunk_tokens}")
-    vocab = student_logits.shape[-1]
-    logits = student_logits.reshape(-1, vocab)
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    flat = {key: value.to(logits.device).flatten(0, 1)[rows] for key, value in data.items()}
-    needs_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    total = _ChunkedRowLoss.apply(logits, rows, flat, row_loss, temperature, int(chunk_tokens), needs_grad)
-    return total / max(rows.numel(), 1)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Batch validation and teacher targets
-
-
-def _compute_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _require(batch: Mapping[str, Any], key: str, loss: str) -> Tensor:
@@ -246,112 +191,15 @@ def _teacher_head_tail(
     logprobs = logprobs.masked_fill(~valid, _NEG_INF)
     if temperature == 1.0:
         tail = batch.get("tail_logprob")
-        tail = _log1mexp(torch.logsumexp(logprobs, -1)) if tail is None else tail.to(dtype)
+        tail = log1mexp(torch.logsumexp(logprobs, -1)) if tail is None else tail.to(dtype)
         return logprobs, tail, valid
     j = _stored_temperature(batch, temperature, loss, stacklevel=4)  # user -> loss -> _bucket_loss -> here
     if j is None:
-        return _masked_log_softmax(logprobs / temperature, valid), None, valid
+        return masked_log_softmax(logprobs / temperature, valid), None, valid
     head = logprobs / temperature + _temperature_offset(batch, j, temperature, dtype)
     tails = batch.get("tail_logprobs")
-    tail = _log1mexp(torch.logsumexp(head, -1)) if tails is None else tails[..., j].to(dtype)
+    tail = log1mexp(torch.logsumexp(head, -1)) if tails is None else tails[..., j].to(dtype)
     return head, tail, valid
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Divergences on log-probabilities [..., n]; entries of -inf are zero mass and never produce NaN gradients.
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends; ``-inf`` where ``x >= 0``."""
-    x = x.clamp(max=0.0)
-    safe = torch.where(x < 0, x, -1.0)
-    out = torch.where(safe > -math.log(2.0), torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
-    return torch.where(x < 0, out, _NEG_INF)
-
-
-def _masked_log_softmax(x: Tensor, valid: Tensor) -> Tensor:
-    """Log-softmax over the valid entries of the last axis; invalid entries (and rows with none) are ``-inf``."""
-    any_valid = valid.any(-1, keepdim=True)
-    x = x.masked_fill(~valid, _NEG_INF).masked_fill(~any_valid, 0.0)
-    return torch.log_softmax(x, -1).masked_fill(~valid, _NEG_INF)
-
-
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """``sum a (log a - log b)`` over the last axis with ``0 log 0 = 0``."""
-    a = log_a.exp()
-    positive = a > 0
-    diff = torch.where(positive, log_a, 0.0) - torch.where(positive, log_b, 0.0)
-    return torch.where(positive, a * diff, 0.0).sum(-1)
-
-
-def _forward_kl(lp: Tensor, lq: Tensor) -> Tensor:
-    return _kl(lp, lq)
-
-
-def _reverse_kl(lp: Tensor, lq: Tensor) -> Tensor:
-    return _kl(lq, lp)
-
-
-def _jsd(lp: Tensor, lq: Tensor, *, beta: float) -> Tensor:
-    """``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q`` (TRL's generalised JSD)."""
-    if beta == 0.0:
-        return _kl(lp, lq)
-    if beta == 1.0:
-        return _kl(lq, lp)
-    empty = (lp == _NEG_INF) & (lq == _NEG_INF)
-    log_m = torch.logaddexp(
-        torch.where(empty, 0.0, lp) + math.log(beta), torch.where(empty, 0.0, lq) + math.log1p(-beta)
-    ).masked_fill(empty, _NEG_INF)
-    return beta * _kl(lp, log_m) + (1.0 - beta) * _kl(lq, log_m)
-
-
-def _tvd(lp: Tensor, lq: Tensor) -> Tensor:
-    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Per-row student computations (x is one chunk of student logits / T, [C, V], float32 or float64)
-
-
-def _student_buckets(x: Tensor, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Student log-probs at the head ids ``[C, k]`` (-inf where invalid) and of the rest of the vocab ``[C]``."""
-    vocab = x.shape[-1]
-    normalizer = torch.logsumexp(x, -1, keepdim=True)
-    head = (x.gather(-1, ids) - normalizer).masked_fill(~valid, _NEG_INF)
-    # Padding ids point at a dummy column so they never hide a real id from the complement.
-    in_head = torch.zeros(x.shape[0], vocab + 1, dtype=torch.bool, device=x.device)
-    in_head = in_head.scatter_(-1, ids.masked_fill(~valid, vocab), True)[:, :vocab]
-    empty = in_head.all(-1, keepdim=True)  # k == V: no complement, and logsumexp of all -inf has a NaN gradient
-    complement = x.masked_fill(in_head, _NEG_INF).masked_fill(empty, 0.0)
-    tail = (torch.logsumexp(complement, -1, keepdim=True) - normalizer).masked_fill(empty, _NEG_INF)
-    return head, tail.squeeze(-1)
-
-
-def _bucket_rows(x: Tensor, data: dict[str, Tensor], *, divergence: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    lq_head, lq_tail = _student_buckets(x, data["ids"], data["valid"])
-    lp = torch.cat([data["head"], data["tail"].unsqueeze(-1)], -1)
-    lq = torch.cat([lq_head, lq_tail.unsqueeze(-1)], -1)
-    return divergence(lp, lq)
-
-
-def _renormalized_rows(
-    x: Tensor, data: dict[str, Tensor], *, divergence: Callable[[Tensor, Tensor], Tensor]
-) -> Tensor:
-    return divergence(data["head"], _masked_log_softmax(x.gather(-1, data["ids"]), data["valid"]))
-
-
-def _sampled_rows(x: Tensor, data: dict[str, Tensor]) -> Tensor:
-    normalizer = torch.logsumexp(x, -1, keepdim=True)
-    lq = x.gather(-1, data["sample_ids"]) - normalizer
-    loss = (data["sample_weights"] * (data["sample_logprobs"] - lq)).sum(-1)
-    if "head_ids" in data:  # hybrid: exact head term
-        lq_head = (x.gather(-1, data["head_ids"]) - normalizer).masked_fill(~data["head_valid"], _NEG_INF)
-        loss = loss + _kl(data["head"], lq_head)
-    return loss
-
-
-def _cross_entropy_rows(x: Tensor, data: dict[str, Tensor]) -> Tensor:
-    return torch.logsumexp(x, -1) - x.gather(-1, data["labels"].unsqueeze(-1)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,19 +219,19 @@ def _bucket_loss(
     ids = _require(batch, "target_ids", loss)
     _check_student(student_logits, batch, [ids], loss)
     if renormalize:
-        logprobs = _require(batch, "target_logprobs", loss).to(_compute_dtype(student_logits))
+        logprobs = _require(batch, "target_logprobs", loss).to(compute_dtype(student_logits))
         valid = logprobs > _NEG_INF
-        head, tail = _masked_log_softmax(logprobs / temperature, valid), None
+        head, tail = masked_log_softmax(logprobs / temperature, valid), None
     else:
-        head, tail, valid = _teacher_head_tail(batch, temperature, _compute_dtype(student_logits), loss)
+        head, tail, valid = _teacher_head_tail(batch, temperature, compute_dtype(student_logits), loss)
     data = {"ids": ids.long(), "valid": valid, "head": head}
     if tail is None:  # renormalised top-k on both sides, no tail bucket
-        row_loss = functools.partial(_renormalized_rows, divergence=divergence)
+        row_loss = functools.partial(renormalized_rows, divergence=divergence)
     else:
         data["tail"] = tail
-        row_loss = functools.partial(_bucket_rows, divergence=divergence)
+        row_loss = functools.partial(bucket_rows, divergence=divergence)
     mask = _loss_mask(batch, ids.shape[:2], student_logits.device)
-    return _mean_over_rows(student_logits, mask, data, row_loss, temperature=temperature, chunk_tokens=chunk_tokens)
+    return mean_over_rows(student_logits, mask, data, row_loss, temperature=temperature, chunk_tokens=chunk_tokens)
 
 
 def forward_kl_tail(
@@ -407,14 +255,14 @@ def forward_kl_tail(
     Raises:
         ValueError: The batch lacks a key, shapes disagree, or the student's vocabulary is smaller than the teacher's.
     """
-    return _bucket_loss(student_logits, batch, _forward_kl, "forward_kl_tail", temperature, chunk_tokens)
+    return _bucket_loss(student_logits, batch, divergences.forward_kl, "forward_kl_tail", temperature, chunk_tokens)
 
 
 def reverse_kl(
     student_logits: Tensor, batch: Mapping[str, Any], *, temperature: float = 1.0, chunk_tokens: int = 1024
 ) -> Tensor:
     """Reverse KL(q_student || p_teacher) on the head + tail buckets; arguments as :func:`forward_kl_tail`."""
-    return _bucket_loss(student_logits, batch, _reverse_kl, "reverse_kl", temperature, chunk_tokens)
+    return _bucket_loss(student_logits, batch, divergences.reverse_kl, "reverse_kl", temperature, chunk_tokens)
 
 
 def jsd(
@@ -432,7 +280,7 @@ def jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd: beta must lie in [0, 1], got {beta}")
-    divergence = functools.partial(_jsd, beta=float(beta))
+    divergence = functools.partial(divergences.jsd, beta=float(beta))
     return _bucket_loss(student_logits, batch, divergence, "jsd", temperature, chunk_tokens)
 
 
@@ -440,7 +288,7 @@ def tvd(
     student_logits: Tensor, batch: Mapping[str, Any], *, temperature: float = 1.0, chunk_tokens: int = 1024
 ) -> Tensor:
     """Total variation ``0.5 * sum |p - q|`` on the head + tail buckets; arguments as :func:`forward_kl_tail`."""
-    return _bucket_loss(student_logits, batch, _tvd, "tvd", temperature, chunk_tokens)
+    return _bucket_loss(student_logits, batch, divergences.tvd, "tvd", temperature, chunk_tokens)
 
 
 def renormalized_topk_kl(
@@ -453,7 +301,13 @@ def renormalized_topk_kl(
     value as :func:`forward_kl_tail`.
     """
     return _bucket_loss(
-        student_logits, batch, _forward_kl, "renormalized_topk_kl", temperature, chunk_tokens, renormalize=True
+        student_logits,
+        batch,
+        divergences.forward_kl,
+        "renormalized_topk_kl",
+        temperature,
+        chunk_tokens,
+        renormalize=True,
     )
 
 
@@ -485,7 +339,7 @@ def sampled_kl(
     """
     loss = "sampled_kl"
     temperature = _check_temperature(temperature, loss)
-    dtype = _compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits)
     ids = _require(batch, "sample_ids", loss).long()
     weights = _require(batch, "sample_weights", loss).to(dtype)
     logprobs = _require(batch, "sample_logprobs", loss).to(dtype)
@@ -518,9 +372,7 @@ def sampled_kl(
     if hybrid:
         data.update(head_ids=head_ids, head_valid=head_valid, head=head)
     mask = _loss_mask(batch, ids.shape[:2], student_logits.device)
-    return _mean_over_rows(
-        student_logits, mask, data, _sampled_rows, temperature=temperature, chunk_tokens=chunk_tokens
-    )
+    return mean_over_rows(student_logits, mask, data, sampled_rows, temperature=temperature, chunk_tokens=chunk_tokens)
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, *, chunk_tokens: int = 1024) -> Tensor:
@@ -537,7 +389,7 @@ def cross_entropy(student_logits: Tensor, labels: Tensor, *, chunk_tokens: int =
     _check_student(student_logits, {}, [labels], "cross_entropy")
     mask = labels != IGNORE_INDEX
     data = {"labels": labels.long().masked_fill(~mask, 0)}
-    return _mean_over_rows(student_logits, mask, data, _cross_entropy_rows, temperature=1.0, chunk_tokens=chunk_tokens)
+    return mean_over_rows(student_logits, mask, data, cross_entropy_rows, temperature=1.0, chunk_tokens=chunk_tokens)
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
@@ -583,7 +435,7 @@ def distillation_loss(
         raise ValueError(f"distillation_loss: unknown kind {kind!r}; choose one of {sorted(LOSSES)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"distillation_loss: alpha must lie in [0, 1], got {alpha}")
-    total = student_logits.new_zeros((), dtype=_compute_dtype(student_logits))
+    total = student_logits.new_zeros((), dtype=compute_dtype(student_logits))
     if alpha > 0.0:
         kd = LOSSES[kind](student_logits, batch, temperature=temperature, chunk_tokens=chunk_tokens, **loss_kwargs)
         total = total + alpha * temperature**2 * kd
