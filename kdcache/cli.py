@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import CacheMismatchError, KdcacheError
 
 __all__ = ["cache_summary", "main"]
 
@@ -161,7 +162,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ]
     cfg = load_config(args.config, overrides)
     print(f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}")
-    run_cache_job(cfg)
+    try:
+        run_cache_job(cfg)
+    except CacheMismatchError as exc:
+        if cfg.output.uri != str(workdir / "cache"):
+            raise  # the user's own output: never deleted
+        # the demo owns its workdir: a cache left by another kdcache version or demo config is rebuilt
+        print(f"[demo] replacing the demo cache made with other settings ({str(exc).split(': ', 1)[-1][:160]})")
+        shutil.rmtree(workdir / "cache")
+        run_cache_job(cfg)
     print(format_summary(cache_summary(cfg.output.uri)))
     if args.student_steps <= 0:
         return 0
