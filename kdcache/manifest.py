@@ -102,7 +102,11 @@ def build_manifest(
     last_run: dict[str, Any] | None = None,
     created_at: float | None = None,
 ) -> dict[str, Any]:
-    """Assemble a complete manifest from per-unit entries (each with at least UNIT_KEYS) in plan order."""
+    """Assemble a complete manifest from per-unit entries (each with at least UNIT_KEYS) in plan order.
+
+    Per-unit `telemetry` histograms are merged into `stats.telemetry` and left out of the unit entries (they stay in
+    the commit records): ~2 KB per unit that every reader would otherwise download.
+    """
     from kdcache import __version__
 
     num_tokens = sum(u["num_tokens"] for u in units)
@@ -119,7 +123,7 @@ def build_manifest(
         "shard_format": shard_format,
         "shard_suffix": shard_suffix,
         "config": config or {},
-        "units": units,
+        "units": [{key: value for key, value in u.items() if key != "telemetry"} for u in units],
         "stats": {
             "num_units": len(units),
             "num_sequences": sum(u["num_sequences"] for u in units),

@@ -28,3 +28,22 @@ def test_captured_mass_sums_head_and_samples():
     assert np.allclose(captured_mass(head, samples), [0.875])
     assert np.allclose(captured_mass(np.zeros((1, 0)), samples), [0.125])
     assert describe(None) is None and merge_summaries([None]) is None
+
+
+def test_manifest_merges_unit_telemetry_and_leaves_it_in_the_commit_records():
+    from kdcache.manifest import build_manifest
+
+    rng = np.random.default_rng(1)
+    units = []
+    for u in range(3):
+        ent, mass = rng.gamma(2.0, 1.0, size=100), rng.uniform(0, 1, size=100)
+        units.append(
+            {"unit_id": f"u{u}", "path": f"shards/u{u}-a.parquet", "bytes": 10, "sha256": "0" * 64}
+            | {"num_sequences": 1, "num_tokens": 100, "telemetry": summarize_tokens(ent, mass)}
+        )
+    manifest = build_manifest(
+        fingerprint="f", fingerprint_inputs={}, units=units, shard_format="parquet", shard_suffix=".parquet"
+    )
+    assert manifest["stats"]["telemetry"]["entropy"]["count"] == 300
+    assert all("telemetry" not in u for u in manifest["units"])
+    assert all("telemetry" in u for u in units)  # the caller's entries (the commit records' copies) are untouched
