@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from kdcache import divergences
-from kdcache.chunked import compute_dtype, mean_over_rows
+from kdcache.chunked import RowLoss, compute_dtype, mean_over_rows  # noqa: F401 (RowLoss: re-exported)
 from kdcache.divergences import (
     bucket_rows,
     cross_entropy_rows,
