@@ -24,6 +24,7 @@ from kdcache.demo import (
     train_teacher,
     write_corpus,
 )
+from kdcache.threads import ThreadChooser
 
 SMALL = {"train_steps": 120, "max_files": 40, "corpus_files": 3, "progress": False}
 TINY = {"max_files": 12, "corpus_files": 2, "progress": False}  # for tests that build more than once
@@ -191,7 +192,7 @@ def test_train_teacher_time_bound_and_argument_checks(assets: DemoAssets):
 
 
 def test_thread_chooser_falls_back_to_one_thread_while_cpus_are_contended():
-    chooser = demo._ThreadChooser(2, probe_steps=3, backoff_steps=2)
+    chooser = ThreadChooser(2, probe_steps=3, backoff_steps=2)
     step_seconds = {1: 0.10, 2: 0.06}  # idle cores: two threads are faster
     used = []
 
@@ -207,7 +208,7 @@ def test_thread_chooser_falls_back_to_one_thread_while_cpus_are_contended():
     run(6)
     assert used[6:] == [2, 2, 1, 1, 2, 2]  # two slow steps -> back off for 2 steps -> retry
     assert chooser.steps_by_threads == {"1": 5, "2": 7}
-    assert demo._ThreadChooser(1).threads() == 1
+    assert ThreadChooser(1).threads() == 1
 
 
 # ------------------------------------------------------------------------------------------------ prepare_demo
