@@ -24,26 +24,45 @@ KL(teacher || student) over the full vocabulary, and the expected calibration er
 
 Math (`dense_forward_kl`, `kl_to_teacher`, `expected_calibration_error`) is pure functions on tensors; transformers
 and matplotlib are imported inside the functions that use them.
+
+Layout: `kdcache.evaluation` builds students (`StudentSpec`, `build_student`) and measures them (`ValidationSet`,
+`make_validation`, `evaluate` and the pure metrics); `kdcache.training` holds the loss of a run (`make_loss`), the
+batch stream (`cache_batches`) and the loop (`train_student`); this module trains and compares runs (`StudentRun`,
+`train_runs`, `RunResult`, `format_results`, `plot_curves`) and the demo's students. Every name listed in `__all__`
+stays importable from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from kdcache import losses
-
-if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM
+from kdcache.evaluation import (
+    ECE_BINS,
+    StudentSpec,
+    ValidationSet,
+    build_student,
+    dense_forward_kl,
+    evaluate,
+    expected_calibration_error,
+    kl_to_teacher,
+    make_validation,
+    num_parameters,
+    read_texts,
+)
+from kdcache.training import (  # noqa: F401 (LossFn, TARGETS: re-exported)
+    TARGETS,
+    LossFn,
+    TrainSettings,
+    cache_batches,
+    make_loss,
+    train_student,
+)
 
 __all__ = [
     "DEMO_STUDENTS",
@@ -70,370 +89,31 @@ __all__ = [
     "train_student",
 ]
 
-ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
-TARGETS = ("cache", "online", "hard")
 
-
-# --------------------------------------------------------------------------------------------------- students
+# --------------------------------------------------------------------------------------------------- comparisons
 
 
 @dataclass(frozen=True)
-class StudentSpec:
-    """Shape of a Llama student (the tokenizer and the output vocabulary are the teacher's).
+class StudentRun:
+    """One student to train in a comparison.
 
     Attributes:
-        name: Short label, e.g. ``"h64-L1"``.
-        hidden_size: Model width.
-        num_layers: Decoder layers.
-        heads: Attention heads (``hidden_size`` must be a multiple).
+        label: Row label, e.g. ``"h64-L1 <- top-8 cache"``.
+        spec: The student's shape.
+        targets: ``"cache"``, ``"online"`` or ``"hard"`` (see `make_loss`).
+        cache_uri: The cache the batches come from (its soft targets are used only for ``"cache"``).
+        seed: Seeds the student's initialisation (and, added to ``TrainSettings.data_seed``, the batch order).
+        loss: A key of `kdcache.losses.LOSSES` for ``"cache"`` runs; None: the mode's default (see `make_loss`).
+        mode: The cache's ``targets.mode`` (filled in by `train_runs` from the manifest).
     """
 
-    name: str
-    hidden_size: int
-    num_layers: int
-    heads: int
-
-
-def build_student(spec: StudentSpec, *, vocab_size: int, tokenizer: Any = None, seed: int = 0) -> LlamaForCausalLM:
-    """An untrained ``LlamaForCausalLM`` with ``vocab_size`` output columns (the teacher's padded vocabulary).
-
-    Word embeddings are tied to the output head; the MLP is ``4 * hidden_size`` wide; the global torch RNG is left
-    untouched.
-
-    Args:
-        spec: Width, depth and heads.
-        vocab_size: Logit columns; at least the teacher's padded vocabulary (a cache refuses fewer).
-        tokenizer: Supplies bos / eos / pad ids when given.
-        seed: Seeds the weight initialisation.
-
-    Returns:
-        The model, float32, train mode.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if spec.hidden_size % spec.heads:
-        raise ValueError(
-            f"student {spec.name}: hidden_size {spec.hidden_size} is not a multiple of heads {spec.heads}"
-        )
-    ids = {}
-    if tokenizer is not None:
-        ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=4 * spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        **ids,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
-
-
-def num_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# --------------------------------------------------------------------------------------------------- metrics
-
-
-def dense_forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """KL(teacher || student) on dense logits, mean over the positions where ``mask`` is true.
-
-    Args:
-        student_logits: ``[B, T, V]`` float.
-        teacher_logits: ``[B, T, V']`` float, ``V' <= V`` (student columns past ``V'`` get teacher probability 0).
-        mask: ``[B, T]`` bool; None means every position.
-
-    Returns:
-        Scalar float32 tensor (0 when no position is selected), differentiable w.r.t. ``student_logits``.
-    """
-    vocab = teacher_logits.shape[-1]
-    if student_logits.shape[-1] < vocab:
-        raise ValueError(f"student vocab {student_logits.shape[-1]} < teacher vocab {vocab}")
-    if mask is None:
-        mask = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=student_logits.device)
-    s = student_logits[mask].float()  # [N, V]
-    log_p = torch.log_softmax(teacher_logits[mask].float(), -1)  # [N, V']
-    log_q = torch.log_softmax(s, -1)[:, :vocab]
-    per_row = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return per_row.sum() / max(int(mask.sum()), 1)
-
-
-def kl_to_teacher(student_logits: Tensor, teacher_logprobs: Tensor) -> Tensor:
-    """Per-position KL(teacher || student) over the full vocabulary.
-
-    Args:
-        student_logits: ``[..., V]`` float.
-        teacher_logprobs: ``[..., V']`` float log-softmax of the teacher, ``V' <= V``.
-
-    Returns:
-        ``[...]`` float32, in nats.
-    """
-    vocab = teacher_logprobs.shape[-1]
-    log_q = torch.log_softmax(student_logits.float(), -1)[..., :vocab]
-    log_p = teacher_logprobs.float()
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def expected_calibration_error(confidence: Tensor, correct: Tensor, *, bins: int = ECE_BINS) -> float:
-    """Expected calibration error of top-1 predictions with ``bins`` equal-width confidence bins.
-
-    ``ECE = sum_b (n_b / N) |accuracy_b - mean confidence_b|`` with bin b = ``(b / bins, (b + 1) / bins]`` (a
-    confidence of exactly 0 goes to the first bin), as in Guo et al. (2017).
-
-    Args:
-        confidence: ``[N]`` float in [0, 1], the probability of the predicted token.
-        correct: ``[N]`` bool, whether the predicted token is the true one.
-        bins: Number of bins.
-
-    Returns:
-        The ECE as a fraction in [0, 1] (0.0 for N = 0).
-    """
-    confidence = confidence.reshape(-1).double()
-    correct = correct.reshape(-1).double()
-    if confidence.numel() != correct.numel():
-        raise ValueError(f"confidence has {confidence.numel()} entries, correct {correct.numel()}")
-    n = confidence.numel()
-    if n == 0:
-        return 0.0
-    index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
-    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
-    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
-    return float((acc_sum - conf_sum).abs().sum() / n)  # sum_b n_b/N |acc_b - conf_b| = sum_b |acc_sum - conf_sum|/N
-
-
-# --------------------------------------------------------------------------------------------------- validation
-
-
-@dataclass
-class ValidationSet:
-    """Held-out windows and the teacher's distributions on them.
-
-    Attributes:
-        input_ids: ``[N, L]`` int64.
-        labels: ``[N, L]`` int64, the true next token of every position.
-        teacher_logprobs: ``[N, L, V]`` float32, the teacher's log-softmax at every position.
-        teacher: The teacher's own metrics on these windows (``ce``, ``ece``, ``accuracy``, ``entropy``, ``params``;
-            ``curve_ce`` on the curve windows only).
-        curve_windows: Windows used for the intermediate points of training curves (the first ones); final
-            metrics use all N.
-    """
-
-    input_ids: Tensor
-    labels: Tensor
-    teacher_logprobs: Tensor
-    teacher: dict[str, float] = field(default_factory=dict)
-    curve_windows: int | None = None
-
-    @property
-    def tokens(self) -> int:
-        return int(self.labels.numel())
-
-
-def read_texts(folder: str | Path) -> list[str]:
-    """The ``text`` field of every record of the ``*.jsonl`` files in ``folder`` (sorted by file name)."""
-    texts = []
-    for path in sorted(Path(folder).glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                texts.append(json.loads(line)["text"])
-    if not texts:
-        raise ValueError(f"{folder}: no jsonl records with a 'text' field")
-    return texts
-
-
-def make_validation(
-    teacher: torch.nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    windows: int,
-    length: int,
-    curve_windows: int | None = None,
-    batch_windows: int = 8,
-) -> ValidationSet:
-    """Cut ``windows`` windows of ``length + 1`` tokens, spread evenly over the packed texts, and run the teacher.
-
-    The texts are tokenized and packed as ``<bos> text <eos> <bos> ...``; window i's inputs are its first ``length``
-    tokens and its labels the last ``length``.
-
-    Args:
-        teacher: A causal LM returning ``.logits`` ``[B, L, V]``.
-        tokenizer: A transformers fast tokenizer (``backend_tokenizer``, ``bos_token_id``, ``eos_token_id``).
-        texts: Held-out documents.
-        windows: Number of windows N.
-        length: Tokens per window L.
-        curve_windows: Windows used for curve points (default: all).
-        batch_windows: Windows per teacher forward.
-
-    Returns:
-        The set, with the teacher's own CE / ECE / accuracy / entropy.
-
-    Raises:
-        ValueError: Fewer than ``windows * (length + 1)`` tokens of text.
-    """
-    stream: list[int] = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False):
-        stream += [tokenizer.bos_token_id, *enc.ids, tokenizer.eos_token_id]
-    need = windows * (length + 1)
-    if len(stream) < need:
-        raise ValueError(f"validation text has {len(stream)} tokens, need {need}; use fewer windows or shorter ones")
-    step = (len(stream) - (length + 1)) // max(windows - 1, 1)
-    data = torch.tensor([stream[i * step : i * step + length + 1] for i in range(windows)], dtype=torch.long)
-    input_ids, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    parts = []
-    teacher.eval()
-    with torch.no_grad():
-        for lo in range(0, windows, batch_windows):
-            logits = teacher(input_ids=input_ids[lo : lo + batch_windows]).logits.float()
-            parts.append(torch.log_softmax(logits, -1))
-    logprobs = torch.cat(parts)
-    valid = ValidationSet(input_ids, labels, logprobs, curve_windows=curve_windows)
-    confidence, predicted = logprobs.max(-1)
-    token_ce = -logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N, L]
-    valid.teacher = {
-        "ce": float(token_ce.mean()),
-        "curve_ce": float(token_ce[:curve_windows].mean()),  # on the windows the curves are drawn on
-        "kl": 0.0,
-        "accuracy": float((predicted == labels).double().mean()),
-        "ece": expected_calibration_error(confidence.exp(), predicted == labels),
-        "entropy": float(-(logprobs.exp() * logprobs).sum(-1).mean()),
-        "params": num_parameters(teacher),
-    }
-    return valid
-
-
-def evaluate(
-    model: torch.nn.Module, valid: ValidationSet, *, windows: int | None = None, batch_windows: int = 8
-) -> dict[str, float]:
-    """A student's metrics on the validation windows (the first ``windows`` of them; default all).
-
-    Returns:
-        ``ce`` (nats per token against the true next token), ``kl`` (mean KL(teacher || student), nats), ``ece``
-        (top-1, `ECE_BINS` bins, a fraction), ``accuracy`` (top-1) and ``confidence`` (mean top-1 probability).
-    """
-    n = valid.input_ids.shape[0] if windows is None else min(windows, valid.input_ids.shape[0])
-    was_training = model.training
-    model.eval()
-    ce, kl, confs, corrects = [], [], [], []
-    with torch.no_grad():
-        for lo in range(0, n, batch_windows):
-            hi = min(lo + batch_windows, n)
-            logits = model(input_ids=valid.input_ids[lo:hi]).logits.float()
-            labels = valid.labels[lo:hi]
-            log_q = torch.log_softmax(logits, -1)
-            ce.append(-log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
-            kl.append(kl_to_teacher(logits, valid.teacher_logprobs[lo:hi]))
-            conf, predicted = log_q.max(-1)
-            confs.append(conf.exp())
-            corrects.append(predicted == labels)
-    model.train(was_training)
-    confidence, correct = torch.cat(confs).reshape(-1), torch.cat(corrects).reshape(-1)
-    return {
-        "ce": float(torch.cat(ce).double().mean()),
-        "kl": float(torch.cat(kl).double().mean()),
-        "ece": expected_calibration_error(confidence, correct),
-        "accuracy": float(correct.double().mean()),
-        "confidence": float(confidence.double().mean()),
-    }
-
-
-# --------------------------------------------------------------------------------------------------- training
-
-
-LossFn = Callable[[Tensor, Mapping[str, Any]], Tensor]  # (student logits [B, L, V], batch) -> scalar
-
-
-def make_loss(
-    targets: str,
-    *,
-    mode: str = "topk",
-    kind: str | None = None,
-    teacher: torch.nn.Module | None = None,
-    alpha: float = 1.0,
-) -> LossFn:
-    """The training loss of a run.
-
-    Args:
-        targets: ``"cache"`` (the batch's cached soft targets), ``"online"`` (the teacher's dense logits, computed
-            here on the batch's ``input_ids``) or ``"hard"`` (cross-entropy against ``labels``).
-        mode: The cache's ``targets.mode`` (``"cache"`` only): ``topk`` trains with `forward_kl_tail`, ``sample`` and
-            ``hybrid`` with `sampled_kl`.
-        kind: A key of `kdcache.losses.LOSSES` instead of the mode's default (``"cache"`` only), e.g.
-            ``"renormalized_topk_kl"``.
-        teacher: Required for ``"online"``.
-        alpha: Weight of the KD term; ``1 - alpha`` goes to hard-label CE (ignored for ``"hard"``).
-
-    Returns:
-        ``loss(student_logits, batch) -> scalar``.
-    """
-    if targets not in TARGETS:
-        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
-    if targets == "hard":
-        return lambda logits, batch: losses.cross_entropy(logits, batch["labels"])
-    if targets == "online":
-        if teacher is None:
-            raise ValueError("online KD needs the teacher")
-
-        def online(logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            kd = dense_forward_kl(logits, teacher_logits, batch["loss_mask"].bool())
-            return kd if alpha == 1.0 else alpha * kd + (1 - alpha) * losses.cross_entropy(logits, batch["labels"])
-
-        return online
-    kind = kind or ("forward_kl" if mode == "topk" else "sampled_kl")
-    return lambda logits, batch: losses.distillation_loss(logits, batch, kind=kind, alpha=alpha)
-
-
-def cache_batches(
-    uri: str, *, batch_size: int, seed: int, student_vocab_size: int | None = None
-) -> Iterator[dict[str, Any]]:
-    """Endless batches of a cache: epoch 0, 1, ... of `KDCacheDataset` (full batches only), a pure function of seed."""
-    from kdcache.dataset import KDCacheDataset
-
-    ds = KDCacheDataset(uri, batch_size=batch_size, seed=seed, drop_last=True, student_vocab_size=student_vocab_size)
-    if len(ds) == 0:
-        raise ValueError(f"{uri}: {ds.num_sequences} sequences, fewer than one batch of {batch_size}")
-    epoch = 0
-    while True:
-        ds.set_epoch(epoch)
-        yield from ds
-        epoch += 1
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How every student of a comparison is trained (the same for all of them).
-
-    Attributes:
-        steps: Optimizer steps.
-        batch_size: Sequences per step.
-        lr: Peak AdamW learning rate (linear warmup over ``warmup`` of the steps, cosine decay to 10%).
-        warmup: Fraction of the steps spent warming up.
-        alpha: KD weight of the distillation runs (1.0: pure KD; the rest is hard-label CE).
-        eval_every: Steps between curve points (0: none but the last; the last step is always one).
-        data_seed: Seed of the batch order (the same for every run).
-        threads: Torch threads of the training step. 1 (default) leaves the other cores to the dataset's background
-            decoding and keeps timings comparable on a shared machine (two threads on two busy cores measured 8x
-            slower); None chooses per step (all CPUs while they are free, 1 under contention).
-    """
-
-    steps: int = 150
-    batch_size: int = 8
-    lr: float = 3e-3
-    warmup: float = 0.1
-    alpha: float = 1.0
-    eval_every: int = 25
-    data_seed: int = 0
-    threads: int | None = 1
+    label: str
+    spec: StudentSpec
+    targets: str
+    cache_uri: str
+    seed: int = 0
+    loss: str | None = None
+    mode: str | None = None
 
 
 @dataclass
@@ -481,131 +161,6 @@ class RunResult:
             "first_loss": self.losses[0] if self.losses else None,
             "last_loss": self.losses[-1] if self.losses else None,
         }
-
-
-def _learning_rate(step: int, settings: TrainSettings) -> float:
-    warmup = max(1, round(settings.warmup * settings.steps))
-    if step < warmup:
-        return settings.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, settings.steps - warmup)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def train_student(
-    model: torch.nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    loss_fn: LossFn,
-    settings: TrainSettings,
-    *,
-    valid: ValidationSet | None = None,
-    progress: bool = False,
-    desc: str = "student",
-) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """Train ``model`` in place with AdamW for ``settings.steps`` steps; evaluate along the way.
-
-    Args:
-        model: A causal LM taking ``input_ids`` / ``attention_mask`` and returning ``.logits`` ``[B, L, V]``.
-        batches: Yields batches with ``input_ids``, ``attention_mask`` ``[B, L]`` and whatever ``loss_fn`` reads;
-            at least ``settings.steps`` of them.
-        loss_fn: ``loss(logits, batch) -> scalar``.
-        settings: Steps, learning rate, evaluation interval, threads.
-        valid: Evaluated at step 0, every ``eval_every`` steps and after the last step; None skips evaluation.
-        progress: Show a tqdm bar.
-        desc: The bar's label.
-
-    Returns:
-        ``(curve, stats)``: the curve points (`evaluate` metrics on ``valid.curve_windows`` plus ``step``) and
-        ``{"train_seconds", "eval_seconds", "losses", "tokens", "final"}``, ``final`` the metrics after the last step
-        on every validation window (empty without ``valid``).
-    """
-    from tqdm.auto import tqdm
-
-    from kdcache.demo import _available_cpus, _ThreadChooser
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    chooser = _ThreadChooser(_available_cpus()) if settings.threads is None else None
-    previous_threads = torch.get_num_threads()
-    curve: list[dict[str, float]] = []
-    step_losses: list[float] = []
-    train_seconds = eval_seconds = 0.0
-    tokens = 0
-    final: dict[str, float] = {}
-
-    def run_eval(step: int, last: bool) -> None:
-        nonlocal eval_seconds
-        if valid is None:
-            return
-        started = time.perf_counter()
-        point = evaluate(model, valid, windows=valid.curve_windows)
-        curve.append({"step": step, **point})
-        if last:
-            n = valid.input_ids.shape[0]
-            final.update(point if valid.curve_windows is None or valid.curve_windows >= n else evaluate(model, valid))
-        eval_seconds += time.perf_counter() - started
-
-    bar = tqdm(total=settings.steps, desc=desc, unit="step", disable=not progress, leave=False)
-    model.train()
-    iterator = iter(batches)
-    try:
-        torch.set_num_threads(settings.threads or chooser.threads())
-        run_eval(0, False)
-        for step in range(settings.steps):
-            started = time.perf_counter()
-            batch = next(iterator)
-            threads = settings.threads or chooser.threads()
-            torch.set_num_threads(threads)
-            step_started = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(step, settings)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = loss_fn(logits, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_losses.append(float(loss.detach()))
-            tokens += int(batch["loss_mask"].sum()) if "loss_mask" in batch else int(batch["input_ids"].numel())
-            now = time.perf_counter()
-            if chooser is not None:
-                chooser.record(threads, now - step_started, timed=step > 0)
-            train_seconds += now - started
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_losses[-1]:.3f}")
-            last = step + 1 == settings.steps
-            if last or (settings.eval_every and (step + 1) % settings.eval_every == 0):
-                run_eval(step + 1, last)
-    finally:
-        bar.close()
-        torch.set_num_threads(previous_threads)
-        model.eval()
-    stats = {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "losses": step_losses, "tokens": tokens}
-    return curve, stats | {"final": final}
-
-
-# --------------------------------------------------------------------------------------------------- comparisons
-
-
-@dataclass(frozen=True)
-class StudentRun:
-    """One student to train in a comparison.
-
-    Attributes:
-        label: Row label, e.g. ``"h64-L1 <- top-8 cache"``.
-        spec: The student's shape.
-        targets: ``"cache"``, ``"online"`` or ``"hard"`` (see `make_loss`).
-        cache_uri: The cache the batches come from (its soft targets are used only for ``"cache"``).
-        seed: Seeds the student's initialisation (and, added to ``TrainSettings.data_seed``, the batch order).
-        loss: A key of `kdcache.losses.LOSSES` for ``"cache"`` runs; None: the mode's default (see `make_loss`).
-        mode: The cache's ``targets.mode`` (filled in by `train_runs` from the manifest).
-    """
-
-    label: str
-    spec: StudentSpec
-    targets: str
-    cache_uri: str
-    seed: int = 0
-    loss: str | None = None
-    mode: str | None = None
 
 
 def train_runs(
