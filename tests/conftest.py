@@ -1,11 +1,14 @@
-"""Shared fixtures: a session-wide local Ray, tiny real teachers saved with save_pretrained, small corpora."""
+"""Shared fixtures: a session-wide local Ray, tiny real teachers saved with save_pretrained, small corpora, and the
+config of a tiny cache job (`tiny_job_config`) that the job, fault and report tests run."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +17,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from tiny_models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+if TYPE_CHECKING:
+    from kdcache.config import KDCacheConfig
+
+# A job small enough for 2 CPUs that still has several units over 2 actors: top-8 targets, 96-token windows,
+# ~1500-byte units, 512-token teacher batches.
+TINY_JOB_SETTINGS = (
+    "targets.k=8",
+    "data.max_length=96",
+    "data.unit_bytes=1500",
+    "cluster.num_actors=2",
+    "cluster.batch_tokens=512",
+    "cluster.progress=false",
+)
 
 
 @pytest.fixture(scope="session")
@@ -51,10 +68,25 @@ def stdlib_texts(n: int, max_chars: int = 3000) -> list[str]:
     return [p.read_text(encoding="utf-8", errors="replace")[:max_chars] for p in files]
 
 
+def write_text_corpus(root: Path, files: Sequence[Sequence[str]]) -> Path:
+    """Write ``files[0]``, ``files[1]``, ... as ``root/a.jsonl``, ``root/b.jsonl``, ..., one ``{"text"}`` record per
+    text in order; returns ``root``."""
+    for index, texts in enumerate(files):
+        write_jsonl(root / f"{chr(ord('a') + index)}.jsonl", [{"text": t} for t in texts])
+    return root
+
+
+def tiny_job_config(teacher: Path, corpus: Path, out: Path | str, *extra: str) -> KDCacheConfig:
+    """The config of a tiny cache job: ``teacher``, every ``*.jsonl`` of ``corpus``, output at ``out``, with
+    `TINY_JOB_SETTINGS`; ``extra`` ``key=value`` overrides come last (so they win)."""
+    from kdcache.config import load_config
+
+    base = [f"teacher.model={teacher}", f"data.source={corpus}/*.jsonl", f"output.uri={out}"]
+    return load_config(None, [*base, *TINY_JOB_SETTINGS, *extra])
+
+
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     """Two jsonl files with documents of varied length, including an empty one."""
     texts = stdlib_texts(12, max_chars=1500)
-    write_jsonl(tmp_path / "data" / "a.jsonl", [{"text": t} for t in texts[:6]] + [{"text": ""}])
-    write_jsonl(tmp_path / "data" / "b.jsonl", [{"text": t[:200]} for t in texts[6:]])
-    return tmp_path / "data"
+    return write_text_corpus(tmp_path / "data", [[*texts[:6], ""], [t[:200] for t in texts[6:]]])

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from cluster_helpers import LocalRayCluster, assert_no_stray_shards, assert_same_sequences, read_back
-from conftest import stdlib_texts, write_jsonl
+from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
 from kdcache.actors import FAULTS_ENV
-from kdcache.config import load_config
 from kdcache.errors import SourceError
 from kdcache.job import JobFailed, run_cache_job, schedule_units
 from kdcache.plan import plan_units
@@ -27,30 +26,12 @@ from kdcache.store import Store, StoreError
 
 @pytest.fixture(scope="module")
 def fault_corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fault-corpus")
     texts = stdlib_texts(12, max_chars=1000)
-    write_jsonl(root / "a.jsonl", [{"text": t} for t in texts[:6]])
-    write_jsonl(root / "b.jsonl", [{"text": t} for t in texts[6:]])
-    return root
+    return write_text_corpus(tmp_path_factory.mktemp("fault-corpus"), [texts[:6], texts[6:]])
 
 
 def fault_config(teacher, corpus, out, *extra):
-    return load_config(
-        None,
-        [
-            f"teacher.model={teacher}",
-            f"data.source={corpus}/*.jsonl",
-            f"output.uri={out}",
-            "targets.k=8",
-            "data.max_length=96",
-            "data.unit_bytes=1500",
-            "cluster.num_actors=2",
-            "cluster.batch_tokens=512",
-            "cluster.max_retries=2",
-            "cluster.progress=false",
-            *extra,
-        ],
-    )
+    return tiny_job_config(teacher, corpus, out, "cluster.max_retries=2", *extra)
 
 
 @pytest.fixture(scope="module")

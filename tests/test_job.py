@@ -10,11 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import stdlib_texts, write_jsonl
+from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
 from kdcache.cli import cache_summary, main
 from kdcache.codec import CodecParams, error_bound
-from kdcache.config import load_config
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.job import run_cache_job
 from kdcache.reader import open_cache
@@ -22,30 +21,12 @@ from kdcache.reader import open_cache
 
 @pytest.fixture(scope="module")
 def job_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    texts = stdlib_texts(10, max_chars=1200)
-    write_jsonl(root / "a.jsonl", [{"text": t} for t in texts[:5]] + [{"text": "   "}, {"text": "tiny"}])
-    write_jsonl(root / "b.jsonl", [{"text": t} for t in texts[5:]])
-    return root
+    texts = stdlib_texts(10, max_chars=1200)  # a blank and a one-word document in a.jsonl
+    return write_text_corpus(tmp_path_factory.mktemp("corpus"), [[*texts[:5], "   ", "tiny"], texts[5:]])
 
 
 def job_config(teacher, corpus, out, *extra):
-    return load_config(
-        None,
-        [
-            f"teacher.model={teacher}",
-            f"data.source={corpus}/*.jsonl",
-            f"output.uri={out}",
-            "targets.k=8",
-            "targets.temperatures=[1.0, 2.0]",
-            "data.max_length=96",
-            "data.unit_bytes=1500",
-            "cluster.num_actors=2",
-            "cluster.batch_tokens=512",
-            "cluster.progress=false",
-            *extra,
-        ],
-    )
+    return tiny_job_config(teacher, corpus, out, "targets.temperatures=[1.0, 2.0]", *extra)
 
 
 def expected_windows(teacher, corpus, max_length):

@@ -8,10 +8,9 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import stdlib_texts, write_jsonl
+from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
 from kdcache.cli import main
-from kdcache.config import load_config
 from kdcache.formats.parquet import ShardWriter
 from kdcache.job import run_cache_job
 from kdcache.report import CHARTS, FOOTER, column_bytes, throughput_series, write_report
@@ -21,25 +20,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def report_cache(ray_session, tiny_teacher, tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("report-corpus")
-    write_jsonl(corpus / "a.jsonl", [{"text": t} for t in stdlib_texts(6, max_chars=1200)])
+    corpus = write_text_corpus(tmp_path_factory.mktemp("report-corpus"), [stdlib_texts(6, max_chars=1200)])
     out = tmp_path_factory.mktemp("report-cache") / "c"
-    cfg = load_config(
-        None,
-        [
-            f"teacher.model={tiny_teacher}",
-            f"data.source={corpus}/*.jsonl",
-            f"output.uri={out}",
-            "targets.k=8",
-            "targets.temperatures=[1.0, 2.0]",
-            "data.max_length=96",
-            "data.unit_bytes=1500",
-            "cluster.num_actors=2",
-            "cluster.batch_tokens=512",
-            "cluster.progress=false",
-        ],
-    )
-    manifest = run_cache_job(cfg)
+    manifest = run_cache_job(tiny_job_config(tiny_teacher, corpus, out, "targets.temperatures=[1.0, 2.0]"))
     assert manifest["stats"]["num_units"] >= 3
     return out, manifest
 
