@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 from cluster_helpers import assert_no_stray_shards, assert_same_sequences, read_back
-from conftest import stdlib_texts, write_jsonl
+from conftest import stdlib_texts, tiny_job_config, write_jsonl
 
 from kdcache.actors import FAULTS_ENV
-from kdcache.config import load_config
 from kdcache.errors import KdcacheError
 from kdcache.job import _worker_settings, run_cache_job
 from kdcache.plan import plan_units
@@ -69,21 +68,7 @@ def s3_corpus(tmp_path_factory) -> Path:
 
 
 def s3_config(teacher, corpus, uri, options, *extra):
-    cfg = load_config(
-        None,
-        [
-            f"teacher.model={teacher}",
-            f"data.source={corpus}/*.jsonl",
-            f"output.uri={uri}",
-            "targets.k=8",
-            "data.max_length=96",
-            "data.unit_bytes=1500",
-            "cluster.num_actors=2",
-            "cluster.batch_tokens=512",
-            "cluster.progress=false",
-            *extra,
-        ],
-    )
+    cfg = tiny_job_config(teacher, corpus, uri, *extra)
     cfg.output.storage_options = options
     return cfg
 
