@@ -90,15 +90,20 @@ def _check_temperatures(temperatures: Sequence[float]) -> list[float]:
     return temps
 
 
-# Float32 bytes of one row block of the exp/sum passes on CPU. The three block buffers (shifted logits, two exp
-# buffers) stay in the L3 cache while every temperature reuses them, and malloc recycles blocks this small (below
-# glibc's 32 MiB mmap threshold) instead of mapping and page-faulting them anew on every call. Not smaller: each op
-# is a parallel region, and on a loaded machine every region can stall for a scheduler slice (measured at 2 threads
-# on 2 shared cores: 2 MiB blocks 1.4x slower than 8 MiB; alone, the two are equal). On accelerators the whole
-# chunk is one block.
-_CPU_BLOCK_BYTES = 8 * 2**20
+# Float32 bytes of one row block on CPU: select_topk runs every step (top-k, exponentials, sums) block by block, so
+# the block, read once from memory, and its two float32 work buffers stay in this core's share of the cache while
+# every pass reuses them. Measured on one thread (AMD EPYC, 1 MiB L2 per core, 32 MiB shared L3), V = 32k and 128k:
+# 2-4 MiB blocks make the exp/sum passes 1.5x faster than 8 MiB ones, whose buffers no longer fit next to other
+# processes' data; 0.5 MiB blocks pay for more op launches. Blocks this small are also recycled by malloc (below
+# glibc's mmap threshold) instead of being mapped and page-faulted anew. On accelerators the whole chunk is one block.
+_CPU_BLOCK_BYTES = 2 * 2**20
 # Input dtypes whose conversion to float32 is exact and order-preserving: ranked as they are, converted per block.
 _EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Top-k prefilter on CPU (see `_topk_values`): ids per strided group, and the fewest groups (at least 4 per kept id)
+# for which it pays. Measured (bench/capture.py micro-benchmark, one thread): 0.55-0.7x of `torch.topk`'s time at
+# V = 32k-128k for k = 8-256; no gain below ~16k ids, where plain topk is used.
+_PREFILTER_GROUP = 16
+_PREFILTER_MIN_GROUPS = 1024
 
 
 def _resolve_ties(rows: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
@@ -128,6 +133,41 @@ def _resolve_ties(rows: torch.Tensor, top_values: torch.Tensor, top_ids: torch.T
     return candidates.sort(dim=-1).values[:, :k]  # exactly k candidates are < V
 
 
+def _topk_values(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row, sorted descending, with their ids: ``torch.topk(logits, k)``, cheaper.
+
+    On CPU, for large vocabularies, the columns are split into ``G = V // 16`` strided groups (group j holds ids j,
+    j + G, j + 2G, ...; the last ``V % 16`` ids form one more group) and ``topk`` runs on the group maxima, then
+    on the 16 k ids of the k best groups plus the extra group. That is exact: every value above the row's k-th
+    largest v lies in a group whose maximum is above v, and fewer than k groups can have one (each holds a distinct
+    value above v), so all of them are among the k best groups; and those k groups hold at least k values >= v
+    when more than k groups reach v, or every value >= v otherwise. So the values are the same multiset as
+    ``topk``'s; only the choice among values tied at the k-th place may differ, and the caller resolves those
+    ties by id anyway. The group maxima are one vectorised max over V (``amax`` propagates NaN like ``topk``
+    ranks it: first), instead of ``topk``'s per-element heap work over the whole row.
+
+    Args:
+        logits: ``[r, V]`` logits (float32, bfloat16 or float16).
+        k: ``1 <= k <= V``.
+
+    Returns:
+        (``[r, k]`` values sorted descending, ``[r, k]`` int64 ids).
+    """
+    rows, vocab = logits.shape
+    groups = vocab // _PREFILTER_GROUP
+    if logits.device.type != "cpu" or groups < max(_PREFILTER_MIN_GROUPS, 4 * k):
+        return torch.topk(logits, k, dim=-1, sorted=True)
+    main = logits[:, : groups * _PREFILTER_GROUP].view(rows, _PREFILTER_GROUP, groups)
+    best_groups = torch.topk(main.amax(dim=1), k, dim=-1, sorted=False).indices  # [r, k]
+    offsets = torch.arange(0, groups * _PREFILTER_GROUP, groups, device=logits.device)  # [16]
+    candidates = (best_groups.unsqueeze(-1) + offsets).view(rows, -1)  # [r, 16 k]
+    if vocab % _PREFILTER_GROUP:
+        rest = torch.arange(groups * _PREFILTER_GROUP, vocab, device=logits.device).expand(rows, -1)
+        candidates = torch.cat([candidates, rest], dim=-1)
+    values, where = torch.topk(logits.gather(1, candidates), k, dim=-1, sorted=True)
+    return values, candidates.gather(1, where)
+
+
 def _select_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ids ``[N, k]`` int64 sorted ascending (lowest ids win ties at the k-th value), and row maxima ``[N]``.
 
@@ -139,7 +179,7 @@ def _select_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     if k == vocab:
         ids, row_max = torch.arange(vocab, device=logits.device).expand(n_tokens, vocab), logits.amax(dim=-1)
     else:
-        values, ids = torch.topk(logits, k + 1, dim=-1, sorted=True)  # the one pass over [N, V] for every row
+        values, ids = _topk_values(logits, k + 1)  # the one pass over [N, V] for every row
         row_max = values[:, 0]
     if bool((row_max.isnan() | row_max.isposinf()).any()):
         raise ValueError("logits hold NaN or +inf; the teacher forward is numerically broken")
@@ -163,8 +203,14 @@ def _select_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _exp_sums(
-    logits: torch.Tensor, row_max: torch.Tensor, ids: torch.Tensor, temps: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor,
+    row_max: torch.Tensor,
+    ids: torch.Tensor,
+    temps: list[float],
+    buffers: tuple[torch.Tensor, torch.Tensor],
+    rest: torch.Tensor,
+    rest_dot: torch.Tensor,
+) -> None:
     """Sums over the ids NOT in ``ids`` of ``exp((z - max) / T)`` per temperature, and of ``exp(z - max) (z - max)``.
 
     The exponentials are computed once per temperature and the head entries zeroed in place before summing, so a
@@ -172,45 +218,38 @@ def _exp_sums(
     cascade sums (a BLAS dot product accumulates naively and loses ~1e-4 at V = 32k). Temperatures are visited
     from the highest down, and ``exp(x / T)`` is taken as the square of ``exp(x / 2T)`` when 2T was just done
     (T = 1 after T = 2): one multiply instead of one exp, within a few float32 ulps, underflowing to 0 (through
-    the same subnormals) where the exp would.
+    the same subnormals) where the exp would. Two ``[r, V]`` float32 buffers suffice: ``z - max`` and the current
+    exponentials, squared in place; the entropy's products overwrite ``z - max`` once no temperature needs it
+    (always for T in {1, 2, 4, ...}; a third buffer is allocated otherwise).
 
     Args:
-        logits: ``[N, V]`` logits in an exact dtype (float32, bfloat16, float16); converted to float32 per block.
-        row_max: ``[N]`` float32 finite row maxima.
-        ids: ``[N, k]`` int64 head ids.
+        logits: ``[r, V]`` logits in an exact dtype (float32, bfloat16, float16).
+        row_max: ``[r]`` float32 finite row maxima.
+        ids: ``[r, k]`` int64 head ids.
         temps: temperatures; ``temps[0]`` is 1.
-
-    Returns:
-        (``[N, nT]`` float32 tail sums, ``[N]`` float32 tail sums of ``exp(z - max) (z - max)`` with ``0 * -inf``
-        counted as 0).
+        buffers: two float32 work buffers of at least ``[r, V]`` (contents are overwritten).
+        rest: ``[nT, r]`` float32 output, the tail sums per temperature.
+        rest_dot: ``[r]`` float32 output, the tail sums of ``exp(z - max) (z - max)``, ``0 * -inf`` counted as 0.
     """
-    n_tokens, vocab = logits.shape
-    block = max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n_tokens
+    shifted, e = buffers
+    torch.sub(logits, row_max[:, None], out=shifted)  # z - max <= 0, in float32
     order = sorted(range(len(temps)), key=lambda j: -temps[j])
-    rest = torch.empty((len(temps), n_tokens), dtype=torch.float32, device=logits.device)
-    rest_dot = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
-    shifted_buf = torch.empty((min(block, n_tokens), vocab), dtype=torch.float32, device=logits.device)
-    bufs = [torch.empty_like(shifted_buf), torch.empty_like(shifted_buf)]  # current exp, previous exp / scratch
-    for start in range(0, n_tokens, block):
-        stop = min(start + block, n_tokens)
-        shifted, head = shifted_buf[: stop - start], ids[start:stop]
-        e, prev = (b[: stop - start] for b in bufs)
-        torch.sub(logits[start:stop], row_max[start:stop, None], out=shifted)  # z - max <= 0, in float32
-        prev_t = None
-        for j in order:
-            t = temps[j]
-            if prev_t == 2.0 * t:
-                torch.mul(prev, prev, out=e)  # head entries are already 0 in prev
-            else:
-                torch.exp(shifted, out=e) if t == 1.0 else torch.exp(torch.mul(shifted, 1.0 / t, out=e), out=e)
-                e.scatter_(1, head, 0.0)
-            torch.sum(e, dim=-1, out=rest[j, start:stop])
-            if t == 1.0:  # the entropy's tail sum, in the free buffer
-                torch.sum(torch.mul(e, shifted, out=prev), dim=-1, out=rest_dot[start:stop])
-                if bool(rest_dot[start:stop].isnan().any()):  # exp(-inf) * -inf: those terms are 0
-                    torch.sum(prev.nan_to_num_(nan=0.0), dim=-1, out=rest_dot[start:stop])
-            e, prev, prev_t = prev, e, t
-    return rest.T, rest_dot
+    prev_t = None
+    for step, j in enumerate(order):
+        t = temps[j]
+        if prev_t == 2.0 * t:
+            e.mul_(e)  # head entries are already 0
+        else:
+            torch.exp(shifted, out=e) if t == 1.0 else torch.exp(torch.mul(shifted, 1.0 / t, out=e), out=e)
+            e.scatter_(1, ids, 0.0)
+        torch.sum(e, dim=-1, out=rest[j])
+        if t == 1.0:  # the entropy's tail sum
+            later_from_shifted = any(temps[i] * 2.0 != temps[o] for o, i in zip(order[step:], order[step + 1 :]))
+            product = torch.empty_like(shifted) if later_from_shifted else shifted
+            torch.sum(torch.mul(e, shifted, out=product), dim=-1, out=rest_dot)
+            if bool(rest_dot.isnan().any()):  # exp(-inf) * -inf: those terms are 0
+                torch.sum(product.nan_to_num_(nan=0.0), dim=-1, out=rest_dot)
+        prev_t = t
 
 
 def select_topk(logits: torch.Tensor, k: int, temperatures: Sequence[float]) -> TokenTargets:
@@ -219,10 +258,12 @@ def select_topk(logits: torch.Tensor, k: int, temperatures: Sequence[float]) -> 
     All math is done in float32 whatever the input dtype. ``-inf`` logits (masked vocabulary entries) are valid and
     never produce NaN; they have probability 0 and contribute 0 to the entropy.
 
-    Cost: one ``topk`` pass over ``[N, V]``, then over cache-sized row blocks one exp (or, for T after 2T, one
-    multiply) and one sum per temperature, plus a multiply and a sum for the entropy; rows whose k-th value is
-    tied with an id outside topk's pick take one more compare and ``topk`` pass. Measured on one CPU thread: ~3 ns
-    per row and vocabulary entry with T in {1, 2} (``python bench/capture.py``).
+    Cost, per cache-sized block of rows on CPU (the whole input on an accelerator): one top-(k+1) selection (on CPU
+    and V >= 16k a vectorised max over strided groups of 16 ids, then ``topk`` over the group maxima and the
+    candidates of the best groups: see ``_topk_values``), then one exp (or, for T after 2T, one multiply) and one
+    sum per temperature, plus a multiply and a sum for the entropy; rows whose k-th value is tied with an id outside
+    the selection take one more compare and ``topk`` pass. Measured on one CPU thread: ~2 ns per row and vocabulary
+    entry with T in {1, 2} (``python bench/capture.py``).
 
     Args:
         logits: ``[N, V]`` floating point (float32, bfloat16, float16, float64) teacher logits after every final
@@ -255,9 +296,23 @@ def select_topk(logits: torch.Tensor, k: int, temperatures: Sequence[float]) -> 
         )
     z = logits if logits.dtype in _EXACT_DTYPES else logits.float()  # never modified in place
 
-    ids, row_max = _select_ids(z, k)  # [N, k], [N] finite
+    # Row blocks sized for the cache on CPU (the whole chunk elsewhere): each block is read from memory once, then
+    # ranked, exponentiated and summed while it is hot.
+    block = max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if device.type == "cpu" else n_tokens
+    ids = torch.empty((n_tokens, k), dtype=torch.long, device=device)
+    row_max = torch.empty(n_tokens, dtype=torch.float32, device=device)
+    rest = torch.empty((n_temps, n_tokens), dtype=torch.float32, device=device)
+    rest_dot = torch.empty(n_tokens, dtype=torch.float32, device=device)
+    buffers = tuple(torch.empty((min(block, n_tokens), vocab), dtype=torch.float32, device=device) for _ in range(2))
+    for start in range(0, n_tokens, block):
+        stop = min(start + block, n_tokens)
+        rows = z[start:stop]
+        block_ids, block_max = _select_ids(rows, k)  # [r, k], [r] finite
+        ids[start:stop], row_max[start:stop] = block_ids, block_max
+        work = tuple(b[: stop - start] for b in buffers)
+        _exp_sums(rows, block_max, block_ids, temps, work, rest[:, start:stop], rest_dot[start:stop])
+    rest = rest.T  # [N, nT]
 
-    rest, rest_dot = _exp_sums(z, row_max, ids, temps)  # [N, nT], [N]
     head_shifted = z.gather(1, ids).float() - row_max.unsqueeze(-1)  # [N, k] z - max, -inf for -inf logits
     scale = torch.tensor([1.0 / t for t in temps], dtype=torch.float32, device=device)  # [nT]
     head_exp = torch.exp(head_shifted.unsqueeze(1) * scale[:, None])  # [N, nT, k]

@@ -287,3 +287,44 @@ def test_select_topk_on_device_bf16_and_float32(device: str, dtype: torch.dtype)
     cpu = TokenTargets(**{f.name: getattr(targets, f.name).cpu() for f in dataclasses.fields(targets)})
     assert_matches_reference(cpu, dense_reference(logits, 32, TEMPS), atol=1e-5)
     assert torch.equal(cpu.ids, select_topk(logits, 32, TEMPS).ids)
+
+
+@pytest.mark.parametrize("vocab", [16384, 20011, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefiltered_topk_values_equal_torch_topk(vocab: int, dtype: torch.dtype) -> None:
+    # Large vocabularies on CPU rank through strided group maxima; the values must be exactly topk's, the ids theirs.
+    logits = mixed_tie_logits(24, vocab, 33, seed=8).to(dtype)
+    logits[1, vocab // 3 :] = float("-inf")  # a padded vocabulary
+    logits[2] = 0.0  # every id tied
+    logits[3, :] = float("-inf")
+    logits[3, vocab - 1] = 1.0  # the only finite logit in the last, partial group
+    for k in (1, 34, 256):
+        assert vocab // targets_module._PREFILTER_GROUP >= max(targets_module._PREFILTER_MIN_GROUPS, 4 * k)
+        values, ids = targets_module._topk_values(logits, k)
+        assert torch.equal(values, torch.topk(logits, k, dim=-1, sorted=True).values)
+        assert torch.equal(logits.gather(1, ids), values)
+        assert (ids.sort(dim=-1).values.diff(dim=-1) > 0).all(), "ids must be distinct"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_vocab_ties_and_padding_match_reference(dtype: torch.dtype) -> None:
+    logits = mixed_tie_logits(10, 20011, 16, seed=9).to(dtype)
+    logits[4, 15000:] = float("-inf")
+    assert_matches_reference(select_topk(logits, 16, TEMPS), dense_reference(logits, 16, TEMPS))
+
+
+@pytest.mark.parametrize("temperatures", [(1.0, 0.3), (1.0, 1.0), (1.0, 3.0, 0.7), (1.0, 0.5, 0.25)])
+def test_temperatures_outside_the_squaring_chain(logits: torch.Tensor, temperatures: tuple[float, ...]) -> None:
+    # T = 1 overwrites its (z - max) buffer with the entropy's products only when no later T needs it.
+    logits = logits.clone()
+    logits[5, 100:] = float("-inf")
+    assert_matches_reference(select_topk(logits, 5, temperatures), dense_reference(logits, 5, temperatures))
+
+
+def test_nan_in_a_large_vocab_is_refused() -> None:
+    logits = torch.randn(4, 32000, generator=torch.Generator().manual_seed(10))
+    for value in (float("nan"), float("inf")):
+        bad = logits.clone()
+        bad[2, 31999] = value
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            select_topk(bad, 8, [1.0])
