@@ -28,13 +28,27 @@ import torch
 from kdcache.errors import ConfigError
 from kdcache.targets import SampledTargets, TokenTargets, sample_targets, select_topk
 
-__all__ = ["HEAD_TRANSFORMS", "Teacher", "load_tokenizer", "read_model_info", "resolve_dtype", "tokenizer_fingerprint"]
+__all__ = [
+    "HEAD_TRANSFORMS",
+    "Teacher",
+    "default_chunk_bytes",
+    "load_tokenizer",
+    "read_model_info",
+    "resolve_dtype",
+    "tokenizer_fingerprint",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _PROBE_TOKENS = 16  # length of the one-row probe used to check the chunked head against the model's forward
 # Allowed max |chunked - forward| logit difference, relative to 1 + max |logit|, per compute dtype.
 _PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+# Default bytes of float32 logits per lm_head chunk, by device type. On CPU, 64 MiB (524 positions at V = 32k, 130 at
+# 128k) keeps the head's matmul efficient and the peak memory small; select_topk then works through the chunk in
+# cache-sized blocks. On an accelerator, 64 MiB would leave select_topk's kernels launch-bound (130 rows at V 128k), so
+# chunks are 1 GiB there (8k rows at 128k; about 2 GiB of extra device memory at the peak).
+CHUNK_BYTES_BY_DEVICE = {"cpu": 64 * 2**20}
+ACCELERATOR_CHUNK_BYTES = 2**30
 
 HeadTransform = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
@@ -165,6 +179,11 @@ def resolve_dtype(dtype: str, device: torch.device, *, config_dtype: torch.dtype
     return _DTYPES[dtype]
 
 
+def default_chunk_bytes(device: str | torch.device) -> int:
+    """Bytes of float32 logits per lm_head chunk when ``chunk_bytes`` is not set: 64 MiB on CPU, 1 GiB elsewhere."""
+    return CHUNK_BYTES_BY_DEVICE.get(torch.device(device).type, ACCELERATOR_CHUNK_BYTES)
+
+
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """Load the teacher's tokenizer with ``AutoTokenizer`` (hub id or local directory)."""
     from transformers import AutoTokenizer
@@ -276,7 +295,7 @@ class Teacher:
         dtype: str = "auto",
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
-        chunk_bytes: int = 64 * 2**20,
+        chunk_bytes: int | None = None,
     ) -> None:
         """Load the model and check its chunked head against its own forward on a short probe.
 
@@ -287,7 +306,8 @@ class Teacher:
             device: Device to run on; default cuda when available, else cpu.
             trust_remote_code: Allow the checkpoint's own modelling code (needed by some architectures).
             chunk_bytes: Bytes of float32 logits one head chunk may hold: ``positions * V * 4 <= chunk_bytes`` (at
-                least one position per chunk). Peak extra memory is a small multiple of this.
+                least one position per chunk). Peak extra memory is a small multiple of this. None: by device,
+                see :func:`default_chunk_bytes` (64 MiB on CPU, 1 GiB on CUDA).
 
         Raises:
             ConfigError: bad ``dtype`` or ``chunk_bytes``, or an architecture whose final-logit transform is unknown
@@ -295,7 +315,7 @@ class Teacher:
         """
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
             raise ConfigError(f"chunk_bytes must be a positive int (bytes of float32 logits); got {chunk_bytes!r}")
         self.device = torch.device(device) if device is not None else _default_device()
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -309,7 +329,7 @@ class Teacher:
         ).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = default_chunk_bytes(self.device) if chunk_bytes is None else chunk_bytes
 
         self._body = self.model.base_model
         self._head = self.model.get_output_embeddings()
@@ -318,6 +338,10 @@ class Teacher:
             raise ConfigError(f"{name} has no separate base model and output head; kdcache cannot chunk its lm_head")
         self._transform = _head_transform(self.model)
         self.padded_vocab_size = int(self._head.weight.shape[0])
+        # A plain Linear head without hooks can write each chunk's logits into one reused buffer (see _logits).
+        self._plain_head = (
+            type(self._head) is torch.nn.Linear and not self._head._forward_hooks and not self._head._forward_pre_hooks
+        )
         self._check_head_matches_forward()
 
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -325,9 +349,23 @@ class Teacher:
         out = self._body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final logits ``[n, V]`` (model dtype) of hidden states ``[n, H]``, as the model's forward computes them."""
-        return self._transform(self.model, self._head(hidden))
+    def _logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final logits ``[n, V]`` (model dtype) of hidden states ``[n, H]``, as the model's forward computes them.
+
+        With ``out`` (``[>= n, V]``, model dtype) and a plain ``nn.Linear`` head, the head's product is written into
+        ``out[:n]``: the same ``mm``/``addmm`` that ``nn.Linear`` calls (bitwise the same logits), without a fresh
+        ``[n, V]`` tensor per chunk, which on CPU is mapped and page-faulted anew each time (~8% of the head's time
+        for 64 MiB chunks). The result may then be a view of ``out``, valid until the next call.
+        """
+        head = self._head
+        if out is None or not self._plain_head or hidden.dtype != head.weight.dtype:
+            return self._transform(self.model, head(hidden))
+        logits = out[: hidden.shape[0]]
+        if head.bias is None:
+            torch.mm(hidden, head.weight.t(), out=logits)
+        else:
+            torch.addmm(head.bias, hidden, head.weight.t(), out=logits)
+        return self._transform(self.model, logits)
 
     def _check_head_matches_forward(self) -> None:
         """Refuse the model when head + transform on hidden states disagrees with its forward's logits."""
@@ -384,7 +422,7 @@ class Teacher:
         # select_topk ranks bfloat16/float16 logits as they are and converts them per cache-sized block: no float32
         # copy of the chunk.
         parts = self.map_logit_chunks(
-            input_ids, attention_mask, lambda z: select_topk(z, k, temperatures), as_float32=False
+            input_ids, attention_mask, lambda z: select_topk(z, k, temperatures), as_float32=False, reuse_buffer=True
         )
         return TokenTargets.concat(parts)
 
@@ -410,6 +448,7 @@ class Teacher:
             lambda z: sample_targets(
                 z, num_samples=num_samples, head=head, temperatures=temperatures, generator=generator
             ),
+            reuse_buffer=True,
         )
         return TokenTargets.concat([p[0] for p in parts]), SampledTargets.concat([p[1] for p in parts])
 
@@ -420,16 +459,22 @@ class Teacher:
         fn: Callable[[torch.Tensor], Any],
         *,
         as_float32: bool = True,
+        reuse_buffer: bool = False,
     ) -> list:
         """Run the body once, then `fn(logits [n, V])` on chunks of valid positions in row-major order.
 
         Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole.
-        ``fn`` gets float32 logits, or with ``as_float32=False`` logits in the model's dtype.
+        ``fn`` gets float32 logits, or with ``as_float32=False`` logits in the model's dtype. With
+        ``reuse_buffer=True`` every chunk's logits may be written into one buffer allocated per call, so ``fn`` must
+        not keep a reference to its argument (its results must be new tensors).
         """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
         hidden = self._hidden_states(input_ids, mask)[mask.bool()]  # [N, H], row-major
         rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
-        chunks = (self._logits(hidden[start : start + rows]) for start in range(0, hidden.shape[0], rows))
+        out = None
+        if reuse_buffer and self._plain_head and hidden.shape[0] > rows:  # one chunk: nothing to reuse
+            out = torch.empty((rows, self.padded_vocab_size), dtype=hidden.dtype, device=hidden.device)
+        chunks = (self._logits(hidden[start : start + rows], out) for start in range(0, hidden.shape[0], rows))
         return [fn(z.float() if as_float32 else z) for z in chunks]
 
     @torch.inference_mode()

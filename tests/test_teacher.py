@@ -180,6 +180,33 @@ def test_empty_and_bad_batches(model_dirs: dict[str, Path], batch) -> None:
         Teacher(str(model_dirs["llama"]), device="cpu", chunk_bytes=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "cohere"])
+def test_reused_head_buffer_gives_bitwise_the_same_logits(model_dirs: dict[str, Path], batch, arch: str) -> None:
+    # compute_targets writes every chunk's head product into one buffer (mm/addmm with out=, as nn.Linear calls them).
+    input_ids, attention_mask = batch
+    teacher = Teacher(str(model_dirs[arch]), dtype="float32", device="cpu", chunk_bytes=3 * 256 * 4)
+    assert teacher._plain_head
+    storages: list[int] = []
+
+    def keep(z: torch.Tensor) -> torch.Tensor:
+        storages.append(z.untyped_storage().data_ptr())
+        return z.clone()
+
+    with torch.inference_mode():
+        fresh = teacher.map_logit_chunks(input_ids, attention_mask, lambda z: z.clone())
+        reused = teacher.map_logit_chunks(input_ids, attention_mask, keep, reuse_buffer=True)
+    assert len(fresh) == len(reused) > 1 and all(torch.equal(a, b) for a, b in zip(fresh, reused))
+    if arch in ("llama", "gpt2"):  # no final-logit transform: the chunks are views of the one buffer
+        assert len(set(storages)) == 1
+
+
+def test_chunk_bytes_default_depends_on_the_device(model_dirs: dict[str, Path]) -> None:
+    assert Teacher(str(model_dirs["llama"]), device="cpu").chunk_bytes == 64 * 2**20
+    assert Teacher(str(model_dirs["llama"]), device="cpu", chunk_bytes=4096).chunk_bytes == 4096
+    assert teacher_module.default_chunk_bytes("cpu") == 64 * 2**20
+    assert teacher_module.default_chunk_bytes("cuda:1") == teacher_module.default_chunk_bytes("cuda") == 2**30
+
+
 def test_unknown_class_is_checked(model_dirs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delitem(teacher_module.HEAD_TRANSFORMS, "LlamaForCausalLM")
     # An unlisted class with no transform in its config loads, after the probe against its forward passes.
