@@ -14,9 +14,8 @@ the compared paths run back to back (interleaved), so load from other processes 
    - ``bare forward``: ``model(input_ids, attention_mask).logits`` (full logits: what a user pays anyway);
    - ``Teacher.compute_targets``: body + chunked lm_head + ``select_topk``, no encoding or I/O;
    - ``UnitWorker.process``: the whole unit (read, tokenize, forward, encode, write to a local directory, commit),
-     with its own ``timing_s`` breakdown;
-   - ``pipelined prototype``: ``process`` with each batch's encoding moved to a background thread while the next
-     batch's forward runs (see ``process_pipelined``), to measure what overlapping would give.
+     with its own ``timing_s`` breakdown (its encoder thread encodes batch b while the teacher computes b + 1:
+     ``encode_overlapped`` is the hidden encoding time, ``encode`` what is left after the last forward).
 
    The ratio is bare-forward time over end-to-end caching time (= caching throughput / bare throughput).
 
@@ -37,7 +36,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -229,112 +227,8 @@ def padded_batches(worker, unit: dict[str, Any]) -> tuple[list[tuple[torch.Tenso
     return batches, sum(lengths), sum(int(ids.numel()) for ids, _ in batches)
 
 
-def process_pipelined(worker, unit: dict[str, Any], store) -> dict[str, Any]:
-    """Prototype of ``UnitWorker.process`` with encoding overlapped with the forwards (same shard bytes).
-
-    The main thread runs the teacher batch after batch; a background thread, fed through a queue bounded to two
-    batches, encodes each finished batch's sequences (id sort, gap coding, log-prob quantization, telemetry) into
-    per-sequence parts. After the last forward only the in-order assembly (``add`` in read order of already-encoded
-    parts), ``finish`` (Arrow + zstd) and the store write remain. Encoding per sequence out of order needs a
-    ``TokenBuffer`` that takes pre-encoded parts; here a one-sequence ``TokenBuffer`` per window stands in for it
-    and the parts are spliced into the writer's buffer. Writes to ``store`` instead of the worker's own.
-    """
-    import hashlib
-    import queue
-    import uuid
-
-    from kdcache.formats.shard import TokenBuffer
-    from kdcache.manifest import commit_key, dumps, shard_key
-    from kdcache.telemetry import captured_mass, summarize_tokens
-    from kdcache.worker import make_batches
-
-    s = worker.settings
-    t0 = time.perf_counter()
-    windows, counts = worker.read_windows(unit)
-    t_read = time.perf_counter()
-    fmt, codec = worker.shard_format()
-    lengths = [len(w) for _, w in windows]
-    encoded: list[TokenBuffer | None] = [None] * len(windows)
-    masses: list[np.ndarray | None] = [None] * len(windows)
-    todo: queue.Queue = queue.Queue(maxsize=2)
-    failure: list[BaseException] = []
-
-    def encode_loop() -> None:
-        while (item := todo.get()) is not None:
-            batch, arrays = item
-            try:
-                offset = 0
-                for i in batch:
-                    n = lengths[i]
-                    part = tuple(a[offset : offset + n] for a in arrays)
-                    offset += n
-                    buffer = TokenBuffer(s.k, len(s.temperatures), s.num_samples, codec)
-                    buffer.add(windows[i][0], windows[i][1], *part)
-                    encoded[i], masses[i] = buffer, captured_mass(part[1], None)
-            except BaseException as exc:  # surfaced in the main thread after the join
-                failure.append(exc)
-
-    encoder = threading.Thread(target=encode_loop, name="kdcache-encode", daemon=True)
-    encoder.start()
-    padded, forward_s = 0, 0.0
-    try:
-        for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
-            longest = lengths[batch[0]]
-            ids = torch.zeros((len(batch), longest), dtype=torch.long)
-            mask = torch.zeros((len(batch), longest), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = torch.from_numpy(windows[i][1].astype(np.int64))
-                mask[row, : lengths[i]] = 1
-            padded += len(batch) * longest
-            f0 = time.perf_counter()
-            arrays = worker._compute(ids, mask, unit["unit_id"], batch_index)
-            forward_s += time.perf_counter() - f0
-            todo.put((batch, arrays))
-    finally:
-        todo.put(None)
-        e0 = time.perf_counter()
-        encoder.join()
-    if failure:
-        raise failure[0]
-    writer = fmt.ShardWriter(
-        k=s.k,
-        num_temperatures=len(s.temperatures),
-        num_samples=s.num_samples,
-        compression_level=s.compression_level,
-        codec=codec,
-        metadata={**s.shard_metadata, "unit_id": unit["unit_id"]},
-        row_group_tokens=s.row_group_tokens,
-    )
-    target = writer._buffer
-    for buffer in encoded:  # read order
-        for name, parts in buffer._parts.items():
-            target._parts.setdefault(name, []).extend(parts)
-        target.num_sequences += buffer.num_sequences
-        target.num_tokens += buffer.num_tokens
-    entropies = [b._parts["entropy"][0] for b in encoded]
-    data = writer.finish()
-    record = {
-        "unit_id": unit["unit_id"],
-        "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], fmt.SUFFIX),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "num_tokens": writer.num_tokens,
-        "padded_tokens": padded,
-        **counts,
-        "telemetry": summarize_tokens(np.concatenate(entropies), np.concatenate(masses)),
-        "timing_s": {"read": t_read - t0, "forward": forward_s, "encode": time.perf_counter() - e0},
-    }
-    w0 = time.perf_counter()
-    store.write_bytes(record["path"], data)
-    store.create_exclusive(commit_key(unit["unit_id"]), dumps(record))
-    record["timing_s"] |= {"write": time.perf_counter() - w0, "total": time.perf_counter() - t0}
-    return record
-
-
 def bench_capture(args: argparse.Namespace) -> dict[str, Any]:
     """Median seconds of each capture path over ``args.reps`` interleaved rounds, and the derived ratios."""
-    from kdcache.store import Store
-
     with tempfile.TemporaryDirectory(prefix="kdcache-capture-") as tmp:
         root = Path(tmp)
         model_dir = build_teacher_dir(
@@ -349,7 +243,6 @@ def bench_capture(args: argparse.Namespace) -> dict[str, Any]:
         data = root / "data.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(args.tokens * CHARS_PER_TOKEN)))
         worker = make_worker(model_dir, str(root / "cache"), args)
-        proto_store = Store(str(root / "cache-pipelined"), {})
         size = data.stat().st_size
         unit = {"unit_id": "u", "index": 0, "url": str(data), "kind": "bytes", "start": 0, "stop": size}
         unit["size_bytes"] = size
@@ -367,14 +260,11 @@ def bench_capture(args: argparse.Namespace) -> dict[str, Any]:
             for ids, mask in batches:
                 teacher.compute_targets(ids, mask, k=args.k, temperatures=args.temperatures)
 
-        records: dict[str, list[dict[str, Any]]] = {"process": [], "pipelined": []}
+        records: dict[str, list[dict[str, Any]]] = {"process": []}
         paths: dict[str, Callable[[int], None]] = {
             "bare forward": lambda r: bare(),
             "Teacher.compute_targets": lambda r: targets(),
             "UnitWorker.process": lambda r: records["process"].append(worker.process({**unit, "unit_id": f"u{r}"})),
-            "pipelined prototype": lambda r: records["pipelined"].append(
-                process_pipelined(worker, {**unit, "unit_id": f"u{r}"}, proto_store)
-            ),
         }
         for run in paths.values():  # warm-up: first-call costs (imports, thread pools, lazy init) are not counted
             run(-1)
@@ -389,11 +279,9 @@ def bench_capture(args: argparse.Namespace) -> dict[str, Any]:
                 _sync(args.device)
                 times[name].append(time.perf_counter() - start)
                 cpu_times[name].append(time.process_time() - cpu_start)
-        first, proto = records["process"][0], records["pipelined"][0]
+        first = records["process"][0]
         if (first["num_tokens"], first["padded_tokens"]) != (real, padded):
             raise RuntimeError(f"the worker formed other batches than the benchmark: {first} vs {real}/{padded}")
-        if first["sha256"] != proto["sha256"]:
-            raise RuntimeError("the pipelined prototype wrote different shard bytes than UnitWorker.process")
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         minima = {name: min(ts) for name, ts in times.items()}
         cpu = {name: statistics.median(ts) for name, ts in cpu_times.items()}
@@ -403,10 +291,7 @@ def bench_capture(args: argparse.Namespace) -> dict[str, Any]:
             key: statistics.median(r["timing_s"][key] for r in records["process"])
             for key in ("read", "forward", "encode", "write", "total")
         }
-        proto_breakdown = {
-            key: statistics.median(r["timing_s"][key] for r in records["pipelined"])
-            for key in ("read", "forward", "encode", "write", "total")
-        }
+        overlapped = statistics.median(r["timing_s"]["encode_overlapped"] for r in records["process"])
     return {
         "device": str(teacher.device),
         "dtype": str(teacher.dtype).removeprefix("torch."),
@@ -422,14 +307,12 @@ def bench_capture(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_seconds": cpu,
         "real_token_fraction_by_unit_tokens": sweep,
         "process_timing_s": breakdown,
-        "pipelined_timing_s": proto_breakdown,
+        "process_encode_overlapped_s": overlapped,
         "ratio": medians["bare forward"] / medians["UnitWorker.process"],
         "ratio_compute_targets": medians["bare forward"] / medians["Teacher.compute_targets"],
-        "ratio_pipelined": medians["bare forward"] / medians["pipelined prototype"],
         "ratio_min": minima["bare forward"] / minima["UnitWorker.process"],
         "ratio_cpu": cpu["bare forward"] / cpu["UnitWorker.process"],
         "ratio_compute_targets_cpu": cpu["bare forward"] / cpu["Teacher.compute_targets"],
-        "ratio_pipelined_min": minima["bare forward"] / minima["pipelined prototype"],
         "reps": args.reps,
         "threads": torch.get_num_threads(),
     }
@@ -486,9 +369,8 @@ def print_capture_table(c: dict[str, Any]) -> None:
             f"| {bare_cpu / cpu:.3f} |"
         )
     timing = ", ".join(f"{key} {value:.3f}" for key, value in c["process_timing_s"].items())
-    proto = ", ".join(f"{key} {value:.3f}" for key, value in c["pipelined_timing_s"].items())
     print(f"\nUnitWorker.process timing_s (median): {timing}")
-    print(f"pipelined prototype timing_s (median): {proto}")
+    print(f"encoding overlapped with the forwards (encoder thread, median): {c['process_encode_overlapped_s']:.3f} s")
     print(
         f"real tokens {real:,} of {c['padded_tokens']:,} padded in {c['num_batches']} batches: "
         f"real-token fraction {c['real_token_fraction']:.3f} (goal >= 0.95)"
@@ -501,8 +383,8 @@ def print_capture_table(c: dict[str, Any]) -> None:
     verdict = "met" if c["ratio"] >= 0.9 else "NOT met"
     print(
         f"caching / bare-forward throughput ratio = {c['ratio']:.3f} (wall, median; goal >= 0.9: {verdict}); "
-        f"{c['ratio_min']:.3f} (wall, min); {c['ratio_cpu']:.3f} (CPU time, median); pipelined prototype "
-        f"{c['ratio_pipelined']:.3f} (wall, median); {c['reps']} interleaved rounds, {c['threads']} threads"
+        f"{c['ratio_min']:.3f} (wall, min); {c['ratio_cpu']:.3f} (CPU time, median); "
+        f"{c['reps']} interleaved rounds, {c['threads']} threads"
     )
 
 
@@ -517,7 +399,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="approximate corpus tokens (default 6144)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per window (data.max_length)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per batch (default 2048)")
-    parser.add_argument("--chunk-bytes", type=int, default=64 * 2**20, help="Teacher chunk_bytes (bytes)")
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=None, help="Teacher chunk_bytes (bytes; default by device: 64 MiB on CPU)"
+    )
     parser.add_argument("--k", type=int, default=64, help="top-k ids kept")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0], help="stored temperatures")
     parser.add_argument("--reps", type=int, default=None, help="interleaved rounds (median reported; default 5)")

@@ -3,16 +3,27 @@
 `UnitWorker` holds a loaded teacher and tokenizer; `process(unit)` writes the unit's shard straight to the store and
 returns only its small commit record. Ray actors (`actors.py`) wrap it; tests and debugging use it directly.
 
+Pipelining: the teacher runs batch after batch on the calling thread while one encoder thread, fed through a queue
+of at most `ENCODE_QUEUE_BATCHES` batches, encodes each finished batch's sequences (id sort, gap coding, log-prob
+quantization, telemetry). After the last forward only the in-order assembly, the format's `finish` (Arrow/Zarr and
+zstd) and the store write remain. On CPU encoding is ~0.3% of a unit's time, so this gains little there; on a GPU
+the forward is 10-100x faster while encoding is not, and the overlap hides it (the device-to-host copy of each
+batch's targets still happens on the teacher's thread). An error on either thread stops the unit and is raised.
+
 Commit protocol (exactly once): the shard goes to a key unique to this attempt; then the commit record is created
 exclusively. If another attempt committed first, this attempt deletes its own shard and returns the winner's record.
+Nothing is written before every batch is computed and encoded, so a crash at any point leaves no commit record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +37,9 @@ from kdcache.sources import cut_windows, iter_documents, make_seq_id, tokenize_d
 from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
 
-__all__ = ["UnitWorker", "WorkerSettings", "make_batches"]
+__all__ = ["ENCODE_QUEUE_BATCHES", "BatchEncoder", "UnitWorker", "WorkerSettings", "make_batches"]
+
+ENCODE_QUEUE_BATCHES = 2  # computed batches waiting for the encoder at most (bounds the host memory they hold)
 
 
 def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -164,7 +177,13 @@ class UnitWorker:
         return self._shard_format
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
-        """Compute, write and commit one unit; return its commit record (small JSON-able dict)."""
+        """Compute, write and commit one unit; return its commit record (small JSON-able dict).
+
+        The record's ``timing_s``: ``read`` (read and tokenize), ``forward`` (teacher compute, summed over batches),
+        ``encode`` (what encoding costs after the last forward: waiting for the encoder, in-order assembly and the
+        format's ``finish``), ``encode_overlapped`` (the encoder thread's busy time, hidden behind the forwards),
+        ``write`` (shard and commit record), ``total``.
+        """
         import torch
 
         s = self.settings
@@ -182,32 +201,43 @@ class UnitWorker:
             row_group_tokens=s.row_group_tokens,
         )
         lengths = [len(w) for _, w in windows]
-        padded = 0
-        forward_s = 0.0
-        results: dict[int, tuple] = {}
-        for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
-            longest = lengths[batch[0]]
-            ids = torch.zeros((len(batch), longest), dtype=torch.long)
-            mask = torch.zeros((len(batch), longest), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = torch.from_numpy(windows[i][1].astype(np.int64))
-                mask[row, : lengths[i]] = 1
-            padded += len(batch) * longest
-            f0 = time.perf_counter()
-            arrays = self._compute(ids, mask, unit["unit_id"], batch_index)
-            forward_s += time.perf_counter() - f0
+        encoded: list[Any] = [None] * len(windows)  # EncodedSequence per window, in read order
+        entropies: list[Any] = [None] * len(windows)
+        masses: list[Any] = [None] * len(windows)
+
+        def encode_batch(batch: list[int], arrays: list[np.ndarray]) -> None:
             offset = 0
             for i in batch:  # valid positions come row by row, in batch order
                 n = lengths[i]
-                results[i] = tuple(a[offset : offset + n] for a in arrays)
+                part = [a[offset : offset + n] for a in arrays]
                 offset += n
+                encoded[i] = writer.encode_sequence(windows[i][0], windows[i][1], *part)
+                entropies[i] = part[4]
+                masses[i] = captured_mass(part[1], part[7] if len(part) > 5 else None)
+
+        padded = 0
+        forward_s = 0.0
+        encoder = BatchEncoder(encode_batch)
+        try:
+            for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
+                longest = lengths[batch[0]]
+                ids = torch.zeros((len(batch), longest), dtype=torch.long)
+                mask = torch.zeros((len(batch), longest), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : lengths[i]] = torch.from_numpy(windows[i][1].astype(np.int64))
+                    mask[row, : lengths[i]] = 1
+                padded += len(batch) * longest
+                f0 = time.perf_counter()
+                arrays = self._compute(ids, mask, unit["unit_id"], batch_index)
+                forward_s += time.perf_counter() - f0
+                encoder.submit(batch, arrays)  # raises at once if the encoder failed
+        except BaseException:
+            encoder.abort()
+            raise
         e0 = time.perf_counter()
-        entropies, masses = [], []
-        for i, (seq_id, input_ids) in enumerate(windows):  # file order = read order, not batch order
-            arrays = results.pop(i)
-            entropies.append(arrays[4])
-            masses.append(captured_mass(arrays[1], arrays[7] if len(arrays) > 5 else None))
-            writer.add(seq_id, input_ids, *arrays)
+        encoder.finish()  # raises the encoder's error, if any
+        for part in encoded:  # file order = read order, not batch order
+            writer.add_encoded(part)
         data = writer.finish()
         record = {
             "unit_id": unit["unit_id"],
@@ -223,7 +253,12 @@ class UnitWorker:
                 np.concatenate(entropies) if entropies else np.zeros(0),
                 np.concatenate(masses) if masses else np.zeros(0),
             ),
-            "timing_s": {"read": t_read - t0, "forward": forward_s, "encode": time.perf_counter() - e0},
+            "timing_s": {
+                "read": t_read - t0,
+                "forward": forward_s,
+                "encode": time.perf_counter() - e0,
+                "encode_overlapped": encoder.busy_s,
+            },
         }
         w0 = time.perf_counter()
         self.store.write_bytes(record["path"], data)
@@ -233,6 +268,66 @@ class UnitWorker:
         record["timing_s"] |= {"write": time.perf_counter() - w0, "total": time.perf_counter() - t0}
         record["finished_at"] = time.time()
         return record
+
+
+class BatchEncoder:
+    """Runs ``encode(*item)`` for submitted items on one background thread, in submission order.
+
+    ``submit`` blocks while ``max_queued`` items wait (so at most that many computed batches are held in memory).
+    The first exception raised by ``encode`` is kept; later items are dropped, the next ``submit`` and ``finish``
+    raise it. Lifecycle: ``submit`` ... then exactly one of ``finish`` (wait for everything, raise the encoder's
+    error) or ``abort`` (the caller failed: stop, drop what is queued, raise nothing).
+
+    Args:
+        encode: called on the encoder thread with each submitted item's arguments.
+        max_queued: items waiting at most; one more may be in ``encode`` at the same time.
+
+    Attributes:
+        busy_s: seconds the encoder thread spent in ``encode``.
+    """
+
+    _STOP = object()
+
+    def __init__(self, encode: Callable[..., None], max_queued: int = ENCODE_QUEUE_BATCHES) -> None:
+        self._encode = encode
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="kdcache-encoder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._STOP:
+            if self._error is not None or self._cancelled:
+                continue  # keep draining so that a blocked submit() returns
+            start = time.perf_counter()
+            try:
+                self._encode(*item)
+            except BaseException as exc:  # raised on the caller's thread by submit() / finish()
+                self._error = exc
+            self.busy_s += time.perf_counter() - start
+
+    def submit(self, *args: Any) -> None:
+        """Queue one item for ``encode(*args)``; raises the encoder's error if an earlier item failed."""
+        self._raise_error()
+        self._queue.put(args)
+
+    def finish(self) -> None:
+        """Wait until every submitted item is encoded; raise the first error ``encode`` raised."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        self._raise_error()
+
+    def abort(self) -> None:
+        """Stop after the item being encoded, dropping the queued ones; never raises (the caller's error wins)."""
+        self._cancelled = True
+        self._queue.put(self._STOP)
+        self._thread.join()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _draw_seed(seed: int, unit_id: str, batch_index: int) -> int:

@@ -1,6 +1,10 @@
 """What every shard format shares: the decoded `ShardData`, and `TokenBuffer`, which encodes a unit's sequences
 into flat arrays (sorted gap-coded ids, log-prob codes, ragged samples) that a format then lays out on disk.
 
+Encoding a sequence (`encode_sequence`, pure numpy) and appending it (`add_encoded`, list appends) are separate
+steps, so a worker can encode on a background thread while its teacher computes the next batch, then append the
+encoded sequences in file order.
+
 No file format is known here: parquet.py and zarr.py turn `TokenBuffer.arrays()` into bytes and back.
 """
 
@@ -13,7 +17,15 @@ import numpy as np
 
 from kdcache.codec import CodecParams, encode_ids, quantize_logprobs, sort_targets
 
-__all__ = ["BufferedShardWriter", "ShardData", "TokenBuffer", "ragged_to_padded", "ragged_ids", "split_sequences"]
+__all__ = [
+    "BufferedShardWriter",
+    "EncodedSequence",
+    "ShardData",
+    "TokenBuffer",
+    "ragged_to_padded",
+    "ragged_ids",
+    "split_sequences",
+]
 
 
 @dataclass
@@ -63,6 +75,19 @@ def ragged_ids(lengths: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     return csum - starts - 1
 
 
+@dataclass(frozen=True)
+class EncodedSequence:
+    """One sequence encoded for a shard (see `TokenBuffer.encode_sequence`); `add_encoded` only appends it.
+
+    Attributes:
+        num_tokens: T, the sequence's length.
+        parts: the sequence's rows of every flat array of `TokenBuffer.arrays` (same keys and dtypes).
+    """
+
+    num_tokens: int
+    parts: dict[str, np.ndarray]
+
+
 @dataclass
 class TokenBuffer:
     """Collects a unit's sequences, encoded, as flat arrays (see `arrays`); shared by every shard writer.
@@ -96,6 +121,42 @@ class TokenBuffer:
         """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
         tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
         Ids need not be sorted (they are sorted here)."""
+        self.add_encoded(
+            self.encode_sequence(
+                seq_id,
+                input_ids,
+                target_ids,
+                target_logprobs,
+                log_normalizers,
+                tail_logprobs,
+                entropy,
+                sample_ids,
+                sample_counts,
+                sample_logprobs,
+            )
+        )
+
+    def encode_sequence(
+        self,
+        seq_id: int,
+        input_ids: np.ndarray,
+        target_ids: np.ndarray,
+        target_logprobs: np.ndarray,
+        log_normalizers: np.ndarray,
+        tail_logprobs: np.ndarray,
+        entropy: np.ndarray,
+        sample_ids: np.ndarray | None = None,
+        sample_counts: np.ndarray | None = None,
+        sample_logprobs: np.ndarray | None = None,
+    ) -> EncodedSequence:
+        """Check and encode one sequence (id sort, gap coding, log-prob quantization) without adding it.
+
+        Same arguments as `add`. Reads only the buffer's settings, never its contents, so it may run on another
+        thread while this buffer is being added to; `add_encoded` appends the result.
+
+        Raises:
+            ValueError: a shape does not match the settings, or sampled ids/counts cannot be stored.
+        """
         t = len(input_ids)
         target_ids, target_logprobs = np.asarray(target_ids), np.asarray(target_logprobs)
         if target_ids.shape != (t, self.k) or target_logprobs.shape != (t, self.k):
@@ -122,10 +183,25 @@ class TokenBuffer:
                     f"sequence {seq_id}: a sampled shard needs sample_ids, sample_counts, sample_logprobs"
                 )
             part.update(_encode_samples(seq_id, t, sample_ids, sample_counts, sample_logprobs, self.codec))
-        for name, value in part.items():
+        return EncodedSequence(num_tokens=t, parts=part)
+
+    def add_encoded(self, encoded: EncodedSequence) -> None:
+        """Append a sequence from `encode_sequence` of a buffer with the same settings (sequences stay in add order).
+
+        Raises:
+            ValueError: ``encoded`` was made for other settings (k, number of temperatures, sampled or not).
+        """
+        parts = encoded.parts
+        made_for = (parts["gaps"].shape[1], parts["log_normalizers"].shape[1], "sample_lengths" in parts)
+        if made_for != (self.k, self.num_temperatures, self.num_samples > 0):
+            raise ValueError(
+                f"add_encoded: a sequence encoded for (k, temperatures, sampled) = {made_for} does not fit a buffer "
+                f"with k={self.k}, {self.num_temperatures} temperatures, num_samples={self.num_samples}"
+            )
+        for name, value in encoded.parts.items():
             self._parts.setdefault(name, []).append(value)
         self.num_sequences += 1
-        self.num_tokens += t
+        self.num_tokens += encoded.num_tokens
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything added so far, concatenated in add order.
@@ -244,6 +320,14 @@ class BufferedShardWriter:
             sample_counts,
             sample_logprobs,
         )
+
+    def encode_sequence(self, *args: Any, **kwargs: Any) -> EncodedSequence:
+        """`TokenBuffer.encode_sequence`: encode one sequence (arguments as `add`) without adding it; thread-safe."""
+        return self._buffer.encode_sequence(*args, **kwargs)
+
+    def add_encoded(self, encoded: EncodedSequence) -> None:
+        """Append a sequence from `encode_sequence` (of a writer with the same settings), in file order."""
+        self._buffer.add_encoded(encoded)
 
     def finish(self) -> bytes:
         raise NotImplementedError
