@@ -229,22 +229,41 @@ def values_to_planar(values: np.ndarray, planes: int) -> np.ndarray:
     return np.ascontiguousarray(raw.transpose(0, 2, 1)).reshape(n, planes * k)
 
 
-def planar_to_values(raw: np.ndarray, k: int, dtype: np.dtype | str = np.uint32) -> np.ndarray:
-    """Invert `values_to_planar`: [N, P * k] uint8 -> [N, k] of `dtype` (uint8/16/32 or float32)."""
+def planar_to_values(
+    raw: np.ndarray, k: int, dtype: np.dtype | str = np.uint32, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Invert `values_to_planar`: [N, P * k] uint8 -> [N, k] of `dtype` (uint8/16/32, int32 or float32).
+
+    `out`: optional [N, k] array of `dtype` to write into (returned). Raises ValueError when P exceeds the dtype's
+    bytes (the values would not fit).
+    """
     dtype = np.dtype(dtype)
     raw = np.asarray(raw, dtype=np.uint8)
     n = raw.shape[0]
     planes = raw.shape[1] // k if k else 0
+    if planes > dtype.itemsize:
+        raise ValueError(f"planar_to_values: {planes} byte planes do not fit {dtype}")
+    if out is not None and (out.shape != (n, k) or out.dtype != dtype):
+        raise ValueError(f"planar_to_values: out must be [{n}, {k}] {dtype}, got {list(out.shape)} {out.dtype}")
     if planes == 1 and dtype.itemsize == 1:
-        return raw.reshape(n, k).view(dtype)
-    acc = np.uint32 if dtype.itemsize == 4 else np.dtype(f"u{dtype.itemsize}")
+        values = raw.reshape(n, k).view(dtype)
+        return values if out is None else _copied(out, values)
+    result = np.empty((n, k), dtype=dtype) if out is None else out
+    run = result.view(np.dtype(f"u{dtype.itemsize}"))  # assembled as unsigned bits, read as `dtype`
+    if planes == 0:
+        run[...] = 0
+        return result
     planar = raw.reshape(n, planes, k)
-    out = np.zeros((n, k), dtype=acc)
-    for p in range(planes - 1, -1, -1):
-        if p < planes - 1:
-            out <<= 8
-        out |= planar[:, p, :]
-    return out.view(dtype) if dtype.kind == "f" else out.astype(dtype, copy=False)
+    np.copyto(run, planar[:, -1, :])
+    for p in range(planes - 2, -1, -1):
+        run <<= 8
+        run |= planar[:, p, :]
+    return result
+
+
+def _copied(out: np.ndarray, values: np.ndarray) -> np.ndarray:
+    np.copyto(out, values)
+    return out
 
 
 _DECODE_BLOCK_VALUES = 2**17  # gaps per pass of decode_planar_gaps: 512 KiB of uint32 scratch stay in the cache
@@ -262,9 +281,9 @@ def decode_planar_gaps(
             if an id does not fit).
         out: optional [N, k] array of `dtype` to write into (returned).
 
-    Rows are decoded in blocks that keep the uint32 scratch in the CPU cache: planes -> gaps, +1 on gaps 1.. (so the
-    running sum is the id, `id[j] = sum(gap[:j+1]) + j`; no overflow, as `gap[j] + 1 <= id[j] - id[j-1]`), an
-    in-place cumsum, then one widening or narrowing copy into the result.
+    Rows are decoded in blocks that keep the uint32 scratch in the CPU cache: planes -> gaps, +1 on every gap (one
+    contiguous pass), an in-place cumsum along the row, and the -1 fused into the copy into the result: `id[j] =
+    sum(gap[:j+1] + 1) - 1 = sum(gap[:j+1]) + j`. Modulo 2**32 throughout, which is exact as every id is < 2**32.
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.int64), np.dtype(np.uint32), np.dtype(np.uint16)):
@@ -279,21 +298,20 @@ def decode_planar_gaps(
         return out
     planar = raw.reshape(n, -1, k)
     block = max(1, _DECODE_BLOCK_VALUES // k)
-    scratch = None if dtype == np.uint32 else np.empty((min(n, block), k), dtype=np.uint32)
-    direct = dtype == np.uint32  # decode in place in the result
+    scratch = None if dtype == np.uint32 else np.empty((min(n, block), k), dtype=np.uint32)  # None: decode in place
+    one = np.uint32(1)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        run = out[lo:hi] if direct else scratch[: hi - lo]
+        run = out[lo:hi] if scratch is None else scratch[: hi - lo]
         np.copyto(run, planar[lo:hi, -1, :])
         for p in range(planar.shape[1] - 2, -1, -1):
             run <<= 8
             run |= planar[lo:hi, p, :]
-        run[:, 1:] += np.uint32(1)
+        run += one
         np.cumsum(run, axis=1, out=run)
-        if dtype == np.uint16 and int(run[:, -1].max()) >= 2**16:  # the last id of a row is its largest
-            raise ValueError(f"decode_planar_gaps: id {int(run[:, -1].max())} does not fit uint16")
-        if not direct:
-            np.copyto(out[lo:hi], run, casting="unsafe")
+        if dtype == np.uint16 and int(run[:, -1].max()) > 2**16:  # the last id of a row is its largest
+            raise ValueError(f"decode_planar_gaps: id {int(run[:, -1].max()) - 1} does not fit uint16")
+        np.subtract(run, one, out=run if scratch is None else out[lo:hi], casting="unsafe")
     return out
 
 
