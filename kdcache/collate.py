@@ -1,7 +1,8 @@
 """Batches of cached targets: padding sequences into `[B, L]` arrays, and the read-time choices (top-k, temperature).
 
-Pure functions on numpy arrays, single-threaded so they do not compete with the training step for torch's threads;
-no I/O. `KDCacheDataset` calls them per batch, then converts to tensors:
+Pure functions on numpy arrays, single-threaded so they do not compete with the training step for torch's threads
+(the one torch op, a cumsum, runs on blocks small enough that torch runs it inline in the calling thread); no I/O.
+`KDCacheDataset` calls them per batch, then converts to tensors:
 
     arrays = collate_sequences(seqs, k=64, num_temperatures=2)
     ids, lps, tails = keep_top_k(ids, lps, tails, log_normalizers, temperatures, k=32)
@@ -19,17 +20,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
+
+from kdcache.unitrows import pooled_empty
 
 __all__ = [
     "IGNORE_INDEX",
     "apply_temperature",
     "collate_sequences",
+    "cumsum_rows",
     "keep_top_k",
     "sample_weights",
     "stored_temperature_index",
 ]
 
 IGNORE_INDEX = -100  # label of positions without a next token
+_INLINE_VALUES = 16384  # values per torch call in cumsum_rows: under torch's parallel grain (32768)
 
 
 def collate_sequences(
@@ -39,13 +45,22 @@ def collate_sequences(
     num_temperatures: int,
     pad_to: int | None = None,
     pad_token_id: int = 0,
+    logprob_table: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Pad sequences (dicts as `kdcache.reader.sequence_dict` makes them; None = a padded row) into batch arrays.
 
+    Every output array is allocated once (the large ones in Arrow's pool, see `kdcache.unitrows.pooled_empty`) and
+    written once: rows are copied (ids widened to int64, codes decoded through `logprob_table`) straight into place
+    and only the padding is filled.
+
     Args:
-        seqs: B entries; each holds `seq_id`, `input_ids` [T], `target_ids`/`target_logprobs` [T, k],
+        seqs: B entries; each holds `seq_id`, `input_ids` [T], `target_ids` [T, k] (any integer dtype) or
+            `target_steps` [T, k] (uint16 / int32, the ids are their cumsum along the row), either
+            `target_logprobs` [T, k] float32 or `target_codes` [T, k] (unsigned codes, see `logprob_table`),
             `log_normalizers`/`tail_logprobs` [T, nT] and `entropy` [T]. None makes a row with no real position.
         pad_to: length L of every batch (a longer sequence raises ValueError); None pads to the longest (>= 1).
+        logprob_table: [levels] float32, the log-prob of each code (`kdcache.unitrows.logprob_table`); needed when
+            a sequence carries `target_codes`.
 
     Returns:
         `input_ids`, `attention_mask`, `labels` [B, L] int64; `loss_mask` [B, L] bool; `target_ids` [B, L, k] int64
@@ -64,13 +79,15 @@ def collate_sequences(
         "input_ids": np.full((b, length), pad_token_id, dtype=np.int64),
         "attention_mask": np.zeros((b, length), dtype=np.int64),
         "labels": np.full((b, length), IGNORE_INDEX, dtype=np.int64),
-        "target_ids": np.zeros((b, length, k), dtype=np.int64),
-        "target_logprobs": np.full((b, length, k), -np.inf, dtype=np.float32),
-        "log_normalizers": np.zeros((b, length, num_temperatures), dtype=np.float32),
-        "tail_logprobs": np.zeros((b, length, num_temperatures), dtype=np.float32),
-        "entropy": np.zeros((b, length), dtype=np.float32),
+        "target_ids": pooled_empty((b, length, k), np.int64),
+        "target_logprobs": pooled_empty((b, length, k), np.float32),
+        "log_normalizers": pooled_empty((b, length, num_temperatures), np.float32),
+        "tail_logprobs": pooled_empty((b, length, num_temperatures), np.float32),
+        "entropy": pooled_empty((b, length), np.float32),
         "seq_id": np.full(b, -1, dtype=np.int64),
     }
+    # (name, fill at padding) of the [B, L, ...] arrays whose rows are copied from the sequences
+    copied = (("log_normalizers", 0.0), ("tail_logprobs", 0.0), ("entropy", 0.0))
     sampled = [s for s in seqs if s is not None and "sample_ids" in s]
     if sampled:
         # width = the most unique ids of any position (valid entries come first in a row): independent of how
@@ -80,6 +97,11 @@ def collate_sequences(
         out["sample_counts"] = np.zeros((b, length, width), dtype=np.int32)
         out["sample_logprobs"] = np.full((b, length, width), -np.inf, dtype=np.float32)
     for i, (seq, n) in enumerate(zip(seqs, lengths)):
+        if n < length:
+            for name, fill in copied:
+                out[name][i, n:] = fill
+            out["target_ids"][i, n:] = 0
+            out["target_logprobs"][i, n:] = -np.inf
         if seq is None:
             continue
         if sampled:
@@ -91,14 +113,36 @@ def collate_sequences(
         out["input_ids"][i, :n] = seq["input_ids"]
         out["attention_mask"][i, :n] = 1
         out["labels"][i, : n - 1] = seq["input_ids"][1:]
-        out["target_ids"][i, :n] = seq["target_ids"]
-        out["target_logprobs"][i, :n] = seq["target_logprobs"]
-        out["log_normalizers"][i, :n] = seq["log_normalizers"]
-        out["tail_logprobs"][i, :n] = seq["tail_logprobs"]
-        out["entropy"][i, :n] = seq["entropy"]
+        for name, _ in copied:
+            out[name][i, :n] = seq[name]
+        if "target_steps" in seq:
+            cumsum_rows(seq["target_steps"], out["target_ids"][i, :n])
+        else:
+            out["target_ids"][i, :n] = seq["target_ids"]
+        if "target_codes" in seq:
+            if logprob_table is None:
+                raise ValueError("collate_sequences: sequences carry target_codes; pass their logprob_table")
+            # codes are < len(table) by the codec; "wrap" is the mode that needs no buffering of `out`
+            np.take(logprob_table, seq["target_codes"], out=out["target_logprobs"][i, :n], mode="wrap")
+        else:
+            out["target_logprobs"][i, :n] = seq["target_logprobs"]
     # Every cached position carries teacher targets, the last one included (the teacher's next-token distribution
     # after the window), so the KD mask is the attention mask; only the hard-label CE lacks a target there.
     out["loss_mask"] = out["attention_mask"].astype(bool)
+    return out
+
+
+def cumsum_rows(steps: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = cumsum(steps, axis=1) as int64, written into `out` ([T, k] int64, C-contiguous); returns `out`.
+
+    torch's cumsum, ~3x numpy's on rows of k = 64 and fused with the widening, run on blocks of at most
+    `_INLINE_VALUES` values: below torch's parallel grain (32768), so it runs in the calling thread and never wakes
+    the intra-op thread pool the training step uses (on a busy machine that costs ~100x).
+    """
+    rows = max(1, _INLINE_VALUES // max(steps.shape[1], 1))
+    src, dst = torch.from_numpy(np.ascontiguousarray(steps)), torch.from_numpy(out)
+    for lo in range(0, len(steps), rows):
+        torch.cumsum(src[lo : lo + rows], 1, dtype=torch.int64, out=dst[lo : lo + rows])
     return out
 
 

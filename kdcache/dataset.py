@@ -23,11 +23,15 @@ Contract:
   Under torchdata's `StatefulDataLoader` the per-worker `state_dict()` is exact too. Resuming skips by index
   arithmetic over the manifest's `num_sequences` (nothing skipped is read) and works with another world size or
   worker count as long as the global batch size is unchanged.
-- **Throughput**: units are fetched, checksummed and decompressed `prefetch_units` ahead by a thread pool; a
-  background thread decodes and collates the next batches (off the training thread, also with num_workers=0).
-  Every (rank, worker) reads the units its rows fall in; with window shuffling that is every unit of the epoch, so
-  prefer `num_workers` 0-2: each worker repeats the fetch and decompression (decoding is only of its own rows).
-  Memory: about (shuffle_window_units + prefetch_units) decompressed units per worker.
+- **Throughput** (one process, several cores): units are fetched, checksummed, decompressed and decoded compactly
+  (`kdcache.unitrows`: id steps in uint16/int32, log-prob codes as stored) `prefetch_units` ahead, in first-use
+  order, by a pool of one thread per core; one background thread collates the next batches (int64 ids by one
+  cumsum, log-probs by one table look-up, written once into their final arrays), off the training thread, also
+  with num_workers=0. Every (rank, worker) reads the units its rows fall in; with window shuffling that is every
+  unit of the epoch, so prefer `num_workers` 0-2: each worker repeats the fetch and decompression. Memory: about
+  (shuffle_window_units + prefetch_units) compact units per worker (~(3 * k + 24) bytes per token with the u8
+  codec and a vocabulary of at most 65,536; 2 more bytes per entry above); `prefetch_units >= shuffle_window_units`
+  keeps the next window fully loaded when a window ends.
 - **Epochs with workers**: call `set_epoch` before each epoch and do not use `persistent_workers=True` (persistent
   workers keep their copy of the dataset, so they would not see the new epoch).
 - **Modes**: topk, sample and hybrid caches. Sampled caches add `sample_ids`, `sample_weights` (count / N, times the
@@ -37,6 +41,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -44,18 +49,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kdcache.collate import apply_temperature, collate_sequences, keep_top_k, sample_weights, stored_temperature_index
-from kdcache.errors import CacheMismatchError, CorruptShardError
-from kdcache.formats import ShardData
-from kdcache.formats.parquet import decode_table
+from kdcache.errors import CacheMismatchError
 from kdcache.order import EpochOrder, num_global_batches, rank_positions
 from kdcache.prefetch import UnitPrefetcher, in_background
 from kdcache.reader import CacheReader
+from kdcache.unitrows import UnitRows, logprob_table
 
 __all__ = ["STATE_VERSION", "KDCacheDataset", "check_student"]
 
@@ -63,6 +65,14 @@ STATE_VERSION = 1
 _PLAN_BATCHES = 64  # batches whose rows are looked up at once
 _MAX_PLANNED_BATCHES = 4096  # bound on batches planned ahead while looking for the next units to prefetch
 _QUEUE_BATCHES = 2  # collated batches the background thread keeps ready
+
+
+def _load_threads() -> int:
+    """Threads loading units: one per core this process may use (the loads are CPU-bound once fetched)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def check_student(manifest: dict[str, Any], *, student_vocab_size: int | None = None, tokenizer: Any = None) -> None:
@@ -103,17 +113,6 @@ def check_student(manifest: dict[str, Any], *, student_vocab_size: int | None = 
             )
     if size > teacher_padded:
         raise CacheMismatchError(f"student tokenizer vocab {size} > teacher padded vocab {teacher_padded}")
-
-
-@dataclass
-class _Unit:
-    """One unit's shard with its sequences' row bounds. Parquet shards stay Arrow tables (decompressed, rows decoded
-    on demand: a rank decodes only its own rows); other formats are held decoded (`ShardData`)."""
-
-    rows: Any  # pyarrow.Table (parquet) or ShardData
-    starts: np.ndarray  # [S] first row of each sequence, file order
-    lengths: np.ndarray  # [S] rows of each sequence
-    seq_ids: np.ndarray  # [S] int64
 
 
 @dataclass
@@ -217,6 +216,7 @@ class KDCacheDataset(IterableDataset):
         self._rank, self._world_size = rank, world_size
         self._resolve_topology()
         self._unit_counts = [int(u["num_sequences"]) for u in self.reader.units]
+        self._logprob_table = logprob_table(self.reader.codec)  # codes -> float32 log-probs, built once
         self._resume: dict[str, Any] | None = None
         self._position: dict[str, Any] | None = None  # where this process's live iterator stands
 
@@ -382,7 +382,11 @@ class KDCacheDataset(IterableDataset):
             source.close()
 
     def _produce(self, plan: _Plan) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(global batch index, collated batch) for the plan's batches, units prefetched in first-use order."""
+        """(global batch index, collated batch) for the plan's batches, units prefetched in first-use order.
+
+        One thread collates (this one): numpy's copies and look-ups release the GIL, but a second collating thread
+        measured 1.6x slower in all, not faster (the many short operations of a batch hand the GIL back and forth);
+        the unit loads, which hold it little, are what runs in parallel."""
         order = EpochOrder(
             self._unit_counts,
             seed=self.seed,
@@ -390,7 +394,7 @@ class KDCacheDataset(IterableDataset):
             shuffle=self.shuffle,
             window_units=self.shuffle_window_units,
         )
-        units = UnitPrefetcher(self._load_unit, order.unit_window, self.prefetch_units)
+        units = UnitPrefetcher(self._load_unit, order.unit_window, self.prefetch_units, threads=_load_threads())
         planned: deque[tuple[int, np.ndarray, np.ndarray, int]] = deque()
         batch_ids = iter(range(plan.first, plan.num_batches, plan.stride))
 
@@ -423,64 +427,24 @@ class KDCacheDataset(IterableDataset):
                 units.submit_ahead()
                 if first_pos < order.num_sequences:
                     units.release_before(int(order.window_of(np.array([first_pos]))[0]))
-                seqs = [None if u < 0 else self._sequence(units.get(int(u)), int(i)) for u, i in zip(unit_idx, local)]
+                seqs = [None if u < 0 else units.get(u).sequence(i) for u, i in zip(unit_idx.tolist(), local.tolist())]
                 yield b, self._collate(seqs, b)
         finally:
             units.close()
 
-    def _load_unit(self, index: int) -> _Unit:
-        """Fetch (checked against size and sha256) and decompress one unit; runs in a prefetch thread."""
-        unit = self.reader.units[index]
-        url = self.reader.store.url(unit["path"])
-        if self.manifest.get("shard_format", "parquet") == "parquet":
-            data = self.reader.read_unit_bytes(unit)
-            try:
-                rows = _read_parquet_table(data)
-                seq_col = rows.column("seq_id").to_numpy()
-            except Exception as exc:
-                raise CorruptShardError(f"{url}: cannot read shard: {exc}") from exc
-        else:
-            rows = self.reader.read_unit(unit)
-            seq_col = rows.seq_ids
-        starts = np.flatnonzero(np.diff(seq_col) != 0) + 1 if len(seq_col) else np.zeros(0, dtype=np.int64)
-        starts = np.concatenate([[0], starts]).astype(np.int64) if len(seq_col) else starts
-        if len(starts) != unit["num_sequences"]:
-            raise CorruptShardError(
-                f"{url}: shard holds {len(starts)} sequences, the manifest records {unit['num_sequences']}"
-            )
-        lengths = np.diff(np.concatenate([starts, [len(seq_col)]]))
-        return _Unit(rows=rows, starts=starts, lengths=lengths, seq_ids=seq_col[starts].astype(np.int64))
-
-    def _sequence(self, unit: _Unit, index: int) -> dict[str, Any]:
-        start, length = int(unit.starts[index]), int(unit.lengths[index])
-        if isinstance(unit.rows, ShardData):
-            data, rows = unit.rows, slice(start, start + length)
-        else:
-            k, num_temps, codec = self.reader.k, len(self.reader.temperatures), self.reader.codec
-            data = decode_table(unit.rows.slice(start, length), k=k, num_temperatures=num_temps, codec=codec)
-            rows = slice(0, length)
-        return {
-            "seq_id": unit.seq_ids[index],
-            "input_ids": data.input_ids[rows],
-            "target_ids": data.target_ids[rows],
-            "target_logprobs": data.target_logprobs[rows],
-            "log_normalizers": data.log_normalizers[rows],
-            "tail_logprobs": data.tail_logprobs[rows],
-            "entropy": data.entropy[rows],
-        } | (
-            {}
-            if data.sample_ids is None
-            else {
-                "sample_ids": data.sample_ids[rows],
-                "sample_counts": data.sample_counts[rows],
-                "sample_logprobs": data.sample_logprobs[rows],
-            }
-        )
+    def _load_unit(self, index: int) -> UnitRows:
+        """Fetch (checked against size and sha256), decompress and decode one unit compactly; a prefetch thread."""
+        return self.reader.read_unit_rows(self.reader.units[index])
 
     def _collate(self, seqs: list[dict[str, Any] | None], batch_index: int) -> dict[str, Any]:
         temps = list(self.reader.temperatures)
         a = collate_sequences(
-            seqs, k=self.reader.k, num_temperatures=len(temps), pad_to=self.pad_to, pad_token_id=self.pad_token_id
+            seqs,
+            k=self.reader.k,
+            num_temperatures=len(temps),
+            pad_to=self.pad_to,
+            pad_token_id=self.pad_token_id,
+            logprob_table=self._logprob_table,
         )
         if self.top_k is not None:
             a["target_ids"], a["target_logprobs"], a["tail_logprobs"] = keep_top_k(
@@ -500,14 +464,3 @@ class KDCacheDataset(IterableDataset):
         batch["batch_index"] = torch.tensor(batch_index, dtype=torch.int64)
         batch["teacher_vocab_size"] = int(self.manifest["fingerprint_inputs"]["teacher"]["padded_vocab_size"])
         return batch
-
-
-def _read_parquet_table(data: bytes) -> pa.Table:
-    """A Parquet shard's Arrow table (decompressed, not decoded), read without Arrow's thread pools.
-
-    Not `kdcache.formats.parquet.read_shard_table`, which calls `pq.read_table`: that goes through the Arrow dataset
-    scanner (its thread pools are a fork hazard in DataLoader workers; one hang was seen) and imports pyarrow.dataset,
-    and pandas with it (~1.5 s), in every fresh worker. Parallelism comes from the prefetch threads instead (Arrow
-    releases the GIL while it reads). TODO: move into formats/parquet.py once its owner agrees.
-    """
-    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)

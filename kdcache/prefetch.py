@@ -28,11 +28,14 @@ class UnitPrefetcher:
     `announce` appends units (in the order batches will need them), `need` marks units the current batch uses,
     `submit_ahead` starts loads up to `depth` units past the furthest needed one, `get` waits for one, and
     `release_before(w)` drops units of windows before w (a unit belongs to one window; positions only move forward).
+    `threads` (default `depth`) load in parallel, first-use order first: more threads than cores would only slow down
+    the loads the next batch waits for.
     """
 
-    def __init__(self, load: Callable[[int], Any], unit_window: np.ndarray, depth: int):
+    def __init__(self, load: Callable[[int], Any], unit_window: np.ndarray, depth: int, threads: int | None = None):
         self._load, self._unit_window, self._depth = load, unit_window, depth
-        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="kdcache-unit") if depth > 0 else None
+        workers = max(1, min(depth, threads or depth))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdcache-unit") if depth > 0 else None
         self._stream: list[int] = []  # units in first-use order
         self._rank: dict[int, int] = {}  # unit -> index in _stream
         self._submitted = 0  # _stream[:_submitted] were submitted (or loaded)

@@ -24,6 +24,7 @@ from kdcache.errors import CacheMismatchError, CorruptShardError, KdcacheError
 from kdcache.formats import ShardData, get_format, split_sequences
 from kdcache.manifest import INDEX_KEY, read_manifest
 from kdcache.store import Store
+from kdcache.unitrows import UnitRows, read_parquet_table, read_pooled
 
 __all__ = ["CacheReader", "open_cache"]
 
@@ -48,6 +49,7 @@ class CacheReader:
         self.mode: str = inputs["targets"]["mode"]
         self.num_samples: int = inputs["targets"].get("samples", 0) if self.mode != "topk" else 0
         self.temperatures: list[float] = list(inputs["targets"]["temperatures"])
+        self.vocab: int = int(inputs["teacher"]["padded_vocab_size"])  # every id is below it
         try:
             self.codec = CodecParams.from_dict(inputs["codec"])
             self.format = get_format(manifest["shard_format"])  # the module that reads this cache's shards
@@ -63,15 +65,20 @@ class CacheReader:
     def num_tokens(self) -> int:
         return self.manifest["stats"]["num_tokens"]
 
-    def read_unit_bytes(self, unit: dict[str, Any]) -> bytes:
-        """The shard's bytes, checked against its recorded size and sha256."""
+    def read_unit_bytes(self, unit: dict[str, Any]) -> bytes | memoryview:
+        """The shard's bytes (bytes-like), checked against its recorded size and sha256."""
         url = self.store.url(unit["path"])
         try:
-            data = self.store.read_bytes(unit["path"])
+            if self.store.is_local:  # into pooled memory: no page faults for a buffer of this size again
+                with self.store.open(unit["path"], "rb") as f:
+                    data = read_pooled(f, int(unit["bytes"]))
+            else:
+                data = self.store.read_bytes(unit["path"])
         except FileNotFoundError:
             raise CorruptShardError(f"{url}: shard of unit {unit['unit_id']} is missing") from None
         if len(data) != unit["bytes"]:
-            raise CorruptShardError(f"{url}: shard has {len(data)} bytes, the manifest records {unit['bytes']}")
+            got = f"more than {unit['bytes']}" if len(data) > unit["bytes"] else len(data)
+            raise CorruptShardError(f"{url}: shard has {got} bytes, the manifest records {unit['bytes']}")
         if hashlib.sha256(data).hexdigest() != unit["sha256"]:
             raise CorruptShardError(f"{url}: shard fails its sha256 checksum (corrupted)")
         return data
@@ -83,6 +90,27 @@ class CacheReader:
             return self.format.read_shard(data, k=self.k, num_temperatures=len(self.temperatures), codec=self.codec)
         except Exception as exc:  # checksum passed but decoding failed: written by an incompatible writer
             raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from exc
+
+    def read_unit_rows(self, unit: dict[str, Any]) -> UnitRows:
+        """One unit's rows, compact for batching (`kdcache.unitrows`): fetched and checked like `read_unit`."""
+        url = self.store.url(unit["path"])
+        if self.format.NAME == "parquet":
+            data = self.read_unit_bytes(unit)
+            try:
+                table = read_parquet_table(data)
+                del data  # the compressed bytes are not needed any more
+                rows = UnitRows.from_parquet(
+                    table, k=self.k, num_temperatures=len(self.temperatures), codec=self.codec, vocab_size=self.vocab
+                )
+            except Exception as exc:  # checksum passed but reading failed: written by an incompatible writer
+                raise CorruptShardError(f"{url}: cannot read shard: {exc}") from exc
+        else:
+            rows = UnitRows.from_shard_data(self.read_unit(unit))
+        if rows.num_sequences != unit["num_sequences"]:
+            raise CorruptShardError(
+                f"{url}: shard holds {rows.num_sequences} sequences, the manifest records {unit['num_sequences']}"
+            )
+        return rows
 
     def iter_sequences(self) -> Iterator[dict[str, Any]]:
         """Every sequence of the cache in manifest order, as a dict of numpy arrays (see module docstring)."""
