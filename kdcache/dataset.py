@@ -31,7 +31,8 @@ Contract:
   unit of the epoch, so prefer `num_workers` 0-2: each worker repeats the fetch and decompression. Memory: about
   (shuffle_window_units + prefetch_units) compact units per worker (~(3 * k + 24) bytes per token with the u8
   codec and a vocabulary of at most 65,536; 2 more bytes per entry above); `prefetch_units >= shuffle_window_units`
-  keeps the next window fully loaded when a window ends.
+  keeps the next window fully loaded when a window ends. Remote caches can keep fetched shards on local disk
+  (`local_cache_dir`, `local_cache_bytes`; `kdcache.localcache`).
 - **Epochs with workers**: call `set_epoch` before each epoch and do not use `persistent_workers=True` (persistent
   workers keep their copy of the dataset, so they would not see the new epoch).
 - **Modes**: topk, sample and hybrid caches. Sampled caches add `sample_ids`, `sample_weights` (count / N, times the
@@ -143,6 +144,9 @@ class KDCacheDataset(IterableDataset):
             `kdcache.collate.apply_temperature` for how `temperatures` is re-based.
         student_vocab_size, tokenizer: checked against the cache (`check_student`).
         prefetch_units: units fetched and decompressed ahead in background threads; 0 reads synchronously.
+        local_cache_dir, local_cache_bytes: keep the shards of a remote cache in this local directory, at most this
+            many bytes, least recently used evicted (shared safely by the workers and ranks of a node; see
+            `kdcache.localcache`). Ignored for a cache on a local path.
         pad_to: fixed length L of every batch (None: the longest sequence of the batch); pad_token_id: input id at
             padding.
 
@@ -173,6 +177,8 @@ class KDCacheDataset(IterableDataset):
         tokenizer: Any = None,
         storage_options: dict[str, Any] | None = None,
         prefetch_units: int = 2,
+        local_cache_dir: str | None = None,
+        local_cache_bytes: int | None = None,
         pad_to: int | None = None,
         pad_token_id: int = 0,
     ):
@@ -188,7 +194,8 @@ class KDCacheDataset(IterableDataset):
         if pad_to is not None and pad_to < 1:
             raise ValueError(f"pad_to must be >= 1 tokens, got {pad_to}")
         self.uri, self.storage_options = uri, storage_options
-        self._reader: CacheReader | None = CacheReader(uri, storage_options)
+        self._local_cache = {"local_cache_dir": local_cache_dir, "local_cache_bytes": local_cache_bytes}
+        self._reader: CacheReader | None = CacheReader(uri, storage_options, **self._local_cache)
         self.manifest = self._reader.manifest
         targets = self.manifest["fingerprint_inputs"]["targets"]
         self.mode = targets.get("mode", "topk")
@@ -235,7 +242,7 @@ class KDCacheDataset(IterableDataset):
     def reader(self) -> CacheReader:
         """The opened cache (reopened lazily in a process that received a pickled dataset)."""
         if self._reader is None:
-            reader = CacheReader(self.uri, self.storage_options)
+            reader = CacheReader(self.uri, self.storage_options, **self._local_cache)
             if reader.manifest["fingerprint"] != self.manifest["fingerprint"]:
                 raise CacheMismatchError(f"{self.uri}: the cache changed while it was being read (new fingerprint)")
             self._reader = reader

@@ -9,6 +9,11 @@
 
 The reader reads `index.json` and the shards it names, never a listing; every shard is checked against the size and
 sha256 recorded at commit, and a mismatch raises `CorruptShardError` naming the shard.
+
+Remote caches (s3://, gs://, memory://, ...) can keep the shards they fetch on local disk:
+`open_cache(uri, local_cache_dir="/nvme/kd", local_cache_bytes=100 * 2**30)` serves a shard from there when its
+local copy passes the same size and sha256 check, and fetches (and stores) it otherwise; least recently used
+shards are evicted above the limit (`kdcache.localcache`). Caches on a local path are read in place, not copied.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 from kdcache.codec import CodecParams
 from kdcache.errors import CacheMismatchError, CorruptShardError, KdcacheError
 from kdcache.formats import ShardData, get_format, split_sequences
+from kdcache.localcache import LocalShardCache
 from kdcache.manifest import INDEX_KEY, read_manifest
 from kdcache.store import Store
 from kdcache.unitrows import UnitRows, read_parquet_table, read_pooled
@@ -34,10 +40,25 @@ class CacheReader:
 
     Args:
         uri: the cache root URL; storage_options: fsspec options.
+        local_cache_dir: a local directory that keeps fetched shards of a remote cache (ignored for a cache on a
+            local path, which is read in place); share it between the workers and ranks of a node.
+        local_cache_bytes: its size limit in bytes (required with `local_cache_dir`).
     """
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        local_cache_dir: str | None = None,
+        local_cache_bytes: int | None = None,
+    ):
+        if (local_cache_dir is None) != (local_cache_bytes is None):
+            raise ValueError("give local_cache_dir together with local_cache_bytes (its size limit in bytes)")
         self.store = Store(uri, storage_options)
+        self.local_cache: LocalShardCache | None = None
+        if local_cache_dir is not None and not self.store.is_local:
+            self.local_cache = LocalShardCache(local_cache_dir, int(local_cache_bytes))
         manifest = read_manifest(self.store)
         if manifest is None:
             raise KdcacheError(
@@ -66,7 +87,17 @@ class CacheReader:
         return self.manifest["stats"]["num_tokens"]
 
     def read_unit_bytes(self, unit: dict[str, Any]) -> bytes | memoryview:
-        """The shard's bytes (bytes-like), checked against its recorded size and sha256."""
+        """The shard's bytes (bytes-like), checked against its recorded size and sha256 (from the local cache when it
+        holds a valid copy; a fetched shard is added to it)."""
+        if self.local_cache is not None:
+            data = self.local_cache.get(unit["sha256"], unit["bytes"])
+            if data is None:
+                data = self._fetch_unit_bytes(unit)
+                self.local_cache.put(unit["sha256"], data)
+            return data
+        return self._fetch_unit_bytes(unit)
+
+    def _fetch_unit_bytes(self, unit: dict[str, Any]) -> bytes | memoryview:
         url = self.store.url(unit["path"])
         try:
             if self.store.is_local:  # into pooled memory: no page faults for a buffer of this size again
@@ -141,6 +172,12 @@ def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
     }
 
 
-def open_cache(uri: str, storage_options: dict[str, Any] | None = None) -> CacheReader:
-    """Open a complete cache by URL (local path, s3://, gs://, memory://)."""
-    return CacheReader(uri, storage_options)
+def open_cache(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    local_cache_dir: str | None = None,
+    local_cache_bytes: int | None = None,
+) -> CacheReader:
+    """Open a complete cache by URL (local path, s3://, gs://, memory://); see `CacheReader` for the local cache."""
+    return CacheReader(uri, storage_options, local_cache_dir=local_cache_dir, local_cache_bytes=local_cache_bytes)

@@ -1,0 +1,168 @@
+"""A size-limited local disk cache of shard bytes fetched from an object store, shared by the processes of a node.
+
+    local = LocalShardCache("/local_nvme/kdcache", max_bytes=200 * 2**30)
+    data = local.get(unit["sha256"], unit["bytes"])      # verified bytes, or None (absent or corrupt: re-fetch)
+    if data is None:
+        data = fetch_and_verify(unit)                      # the caller checks size and sha256 of what it fetched
+        local.put(unit["sha256"], data)
+
+`CacheReader` (and so `KDCacheDataset`) uses it when given `local_cache_dir`; local caches are read in place and
+never copied. Files are content-addressed: a shard is stored under its sha256 (from the manifest), so a name always
+means the same bytes, whichever cache or job it came from, and nothing can be stale.
+
+Safe for every DataLoader worker and rank of a node at once, without a lock server:
+
+- a file is written to a unique temporary name in the directory, then renamed into place (atomic on POSIX), so a
+  reader sees a complete file or none; two processes fetching the same shard both write it, the last rename wins,
+  with the same bytes;
+- a hit is checked against the manifest's size and sha256 before it is served; a truncated or corrupted copy is
+  deleted and reported as a miss, so the caller fetches the shard again;
+- eviction (least recently used first: a hit touches the file's mtime) runs under an exclusive `flock` of
+  `.lock`, after every `put`, until the files total at most `max_bytes`; a file deleted while another process reads
+  it stays readable through the open handle (POSIX), and one deleted before it is opened is a miss;
+- a shard larger than `max_bytes` is not kept; temporary files older than an hour (a killed writer) are removed.
+
+Local disk only (`os`; fsspec stays in `kdcache.store`). No I/O happens at construction beyond creating the directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import time
+import uuid
+
+from kdcache.unitrows import read_pooled
+
+__all__ = ["LocalShardCache"]
+
+log = logging.getLogger("kdcache.localcache")
+_LOCK_NAME = ".lock"
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died
+
+
+class LocalShardCache:
+    """Shard bytes on local disk under `directory`, at most `max_bytes` in all, evicted least recently used.
+
+    Args:
+        directory: a local directory (created if missing); share it between the processes of one node.
+        max_bytes: size limit of the cached files in bytes (> 0).
+
+    Attributes:
+        hits, misses, corrupt, evicted: counts of this object (this process), for tests and logs.
+    """
+
+    def __init__(self, directory: str, max_bytes: int):
+        if int(max_bytes) <= 0:
+            raise ValueError(f"local_cache_bytes must be > 0 bytes, got {max_bytes}")
+        self.directory = os.path.abspath(os.path.expanduser(str(directory)))
+        self.max_bytes = int(max_bytes)
+        os.makedirs(self.directory, exist_ok=True)
+        self.hits = self.misses = self.corrupt = self.evicted = 0
+
+    def path(self, sha256: str) -> str:
+        """The file of the shard with this sha256 (hex)."""
+        if not _is_digest(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return os.path.join(self.directory, sha256)
+
+    def get(self, sha256: str, size: int) -> memoryview | None:
+        """The shard's bytes if a valid local copy exists (size and sha256 checked), else None.
+
+        A copy of the wrong size or checksum is deleted (and counted in `corrupt`), so the caller's re-fetch
+        replaces it.
+        """
+        path = self.path(sha256)
+        try:
+            with open(path, "rb") as f:
+                data = read_pooled(f, size)
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            self.corrupt += 1
+            self.misses += 1
+            log.warning(
+                "%s: local copy has %d bytes (expected %d) or a wrong sha256; fetching it again", path, len(data), size
+            )
+            _unlink(path)
+            return None
+        self.hits += 1
+        try:
+            os.utime(path)  # least recently used is judged by mtime
+        except FileNotFoundError:  # evicted by another process meanwhile: the bytes read are still good
+            pass
+        return data
+
+    def put(self, sha256: str, data: bytes | memoryview) -> None:
+        """Keep `data` (already verified by the caller) as the shard with this sha256, then evict down to the limit."""
+        if len(data) > self.max_bytes:
+            return
+        path = self.path(sha256)
+        tmp = os.path.join(self.directory, f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full or read-only disk must not stop training: the bytes are in memory
+            log.warning("%s: cannot keep a local copy (%s)", path, exc)
+            _unlink(tmp)
+            return
+        self.evict(keep=sha256)
+
+    def evict(self, keep: str | None = None) -> None:
+        """Delete the least recently used files until the rest total at most `max_bytes` (`keep` goes last)."""
+        with open(os.path.join(self.directory, _LOCK_NAME), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                files, total = self._files()
+                for _mtime, size, name in sorted(files):
+                    if total <= self.max_bytes:
+                        break
+                    if name == keep:
+                        continue
+                    if _unlink(os.path.join(self.directory, name)):
+                        self.evicted += 1
+                    total -= size
+                if total > self.max_bytes and keep is not None:
+                    _unlink(os.path.join(self.directory, keep))
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def total_bytes(self) -> int:
+        """Bytes of the cached files now (temporary files excluded)."""
+        return self._files()[1]
+
+    def _files(self) -> tuple[list[tuple[float, int, str]], int]:
+        """[(mtime, size, name)] of the cached files and their total size; removes stale temporary files."""
+        files, total, now = [], 0, time.time()
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if entry.name.startswith(_TMP_PREFIX):
+                    if now - st.st_mtime > _STALE_TMP_S:
+                        _unlink(entry.path)
+                    continue
+                if not _is_digest(entry.name) or not entry.is_file(follow_symlinks=False):
+                    continue  # only shard copies count and are evicted, never a file someone else put here
+                files.append((st.st_mtime, st.st_size, entry.name))
+                total += st.st_size
+        return files, total
+
+
+def _is_digest(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
