@@ -90,13 +90,17 @@ def _check_temperatures(temperatures: Sequence[float]) -> list[float]:
     return temps
 
 
-# Float32 bytes of one row block on CPU: select_topk runs every step (top-k, exponentials, sums) block by block, so
-# the block, read once from memory, and its two float32 work buffers stay in this core's share of the cache while
-# every pass reuses them. Measured on one thread (AMD EPYC, 1 MiB L2 per core, 32 MiB shared L3), V = 32k and 128k:
-# 2-4 MiB blocks make the exp/sum passes 1.5x faster than 8 MiB ones, whose buffers no longer fit next to other
-# processes' data; 0.5 MiB blocks pay for more op launches. Blocks this small are also recycled by malloc (below
-# glibc's mmap threshold) instead of being mapped and page-faulted anew. On accelerators the whole chunk is one block.
-_CPU_BLOCK_BYTES = 2 * 2**20
+# Float32 bytes of one row block on CPU, per torch thread: select_topk runs every step (top-k, exponentials, sums)
+# block by block, so the block, read once from memory, and its two float32 work buffers stay in the threads' share
+# of the cache while every pass reuses them. Measured (AMD EPYC, 1 MiB L2 per core, 32 MiB shared L3, V = 32k and
+# 128k, interleaved medians): on one thread 2-4 MiB blocks make the exp/sum passes 1.5x faster than 8 MiB ones,
+# whose buffers no longer fit next to other processes' data, and select_topk 1.5x faster overall. Per thread, not
+# fixed: every op on a block is one parallel region, and on cores shared with other processes each region can stall
+# until a descheduled thread runs again, so more threads get proportionally larger (fewer) blocks: at 2 threads on
+# 2 loaded cores, 2 MiB blocks were up to 10x slower than 8 MiB ones. Above 2 threads not measured; capped at the
+# size of a typical L3. On accelerators the whole chunk is one block.
+_CPU_BLOCK_BYTES_PER_THREAD = 4 * 2**20
+_CPU_BLOCK_BYTES_MAX = 32 * 2**20
 # Input dtypes whose conversion to float32 is exact and order-preserving: ranked as they are, converted per block.
 _EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Top-k prefilter on CPU (see `_topk_values`): ids per strided group, and the fewest groups (at least 4 per kept id)
@@ -131,6 +135,11 @@ def _resolve_ties(rows: torch.Tensor, top_values: torch.Tensor, top_ids: torch.T
     take = torch.arange(k, device=rows.device) < n_needed
     candidates = torch.cat([torch.where(above, top_ids, vocab), torch.where(take, tied_ids, vocab)], dim=-1)
     return candidates.sort(dim=-1).values[:, :k]  # exactly k candidates are < V
+
+
+def _cpu_block_bytes() -> int:
+    """Float32 bytes of one row block on CPU for the current number of torch threads."""
+    return min(_CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads(), _CPU_BLOCK_BYTES_MAX)
 
 
 def _topk_values(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +307,7 @@ def select_topk(logits: torch.Tensor, k: int, temperatures: Sequence[float]) -> 
 
     # Row blocks sized for the cache on CPU (the whole chunk elsewhere): each block is read from memory once, then
     # ranked, exponentiated and summed while it is hot.
-    block = max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if device.type == "cpu" else n_tokens
+    block = max(1, _cpu_block_bytes() // (4 * vocab)) if device.type == "cpu" else n_tokens
     ids = torch.empty((n_tokens, k), dtype=torch.long, device=device)
     row_max = torch.empty(n_tokens, dtype=torch.float32, device=device)
     rest = torch.empty((n_temps, n_tokens), dtype=torch.float32, device=device)
