@@ -77,14 +77,11 @@ def collate_sequences(
     b, length = len(seqs), pad_to if pad_to is not None else max(longest, 1)
     out = {
         "input_ids": np.full((b, length), pad_token_id, dtype=np.int64),
-        "attention_mask": np.zeros((b, length), dtype=np.int64),
-        "labels": np.full((b, length), IGNORE_INDEX, dtype=np.int64),
         "target_ids": pooled_empty((b, length, k), np.int64),
         "target_logprobs": pooled_empty((b, length, k), np.float32),
         "log_normalizers": pooled_empty((b, length, num_temperatures), np.float32),
         "tail_logprobs": pooled_empty((b, length, num_temperatures), np.float32),
         "entropy": pooled_empty((b, length), np.float32),
-        "seq_id": np.full(b, -1, dtype=np.int64),
     }
     # (name, fill at padding) of the [B, L, ...] arrays whose rows are copied from the sequences
     copied = (("log_normalizers", 0.0), ("tail_logprobs", 0.0), ("entropy", 0.0))
@@ -109,10 +106,7 @@ def collate_sequences(
             out["sample_ids"][i, :n, :m] = seq["sample_ids"][:, :m]
             out["sample_counts"][i, :n, :m] = seq["sample_counts"][:, :m]
             out["sample_logprobs"][i, :n, :m] = seq["sample_logprobs"][:, :m]
-        out["seq_id"][i] = seq["seq_id"]
         out["input_ids"][i, :n] = seq["input_ids"]
-        out["attention_mask"][i, :n] = 1
-        out["labels"][i, : n - 1] = seq["input_ids"][1:]
         for name, _ in copied:
             out[name][i, :n] = seq[name]
         if "target_steps" in seq:
@@ -126,9 +120,16 @@ def collate_sequences(
             np.take(logprob_table, seq["target_codes"], out=out["target_logprobs"][i, :n], mode="wrap")
         else:
             out["target_logprobs"][i, :n] = seq["target_logprobs"]
+    lens, pos = np.asarray(lengths, dtype=np.int64), np.arange(length)
+    valid = pos < lens[:, None]
+    out["attention_mask"] = valid.astype(np.int64)
+    labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
+    np.copyto(labels[:, :-1], out["input_ids"][:, 1:], where=pos[:-1] < lens[:, None] - 1)
+    out["labels"] = labels
     # Every cached position carries teacher targets, the last one included (the teacher's next-token distribution
     # after the window), so the KD mask is the attention mask; only the hard-label CE lacks a target there.
-    out["loss_mask"] = out["attention_mask"].astype(bool)
+    out["loss_mask"] = valid
+    out["seq_id"] = np.array([-1 if s is None else int(s["seq_id"]) for s in seqs], dtype=np.int64)
     return out
 
 
