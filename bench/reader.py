@@ -1,18 +1,25 @@
 """Reader throughput: KDCacheDataset batches vs a raw pyarrow scan of the same shards, one process, local disk.
 
     .venv/bin/python bench/reader.py                       # ~205k tokens, vocab 32k, k = 64, 8 units
-    .venv/bin/python bench/reader.py --tokens 1000000 --json
+    .venv/bin/python bench/reader.py --tokens 1024000 --units 16 --json
 
 Builds a synthetic cache (random sorted ids and log-probs, no model) with the real shard writer and manifest, then
-times, best of `--repeats` interleaved rounds:
+times `--repeats` interleaved rounds (every measurement once per round, so background load on a shared machine hits
+all of them alike) and reports the best and the median round:
 
-- raw scan: `pyarrow.parquet.read_table` of every shard file (decompression only, no checksum, no decoding);
+- raw scan (the baseline): `pyarrow.parquet.read_table` of every shard file, pyarrow's defaults (its thread pool):
+  decompression only, no checksum, no decoding;
 - decoded: `CacheReader.read_unit` of every unit (fetch + sha256 + decompression + decoding to numpy);
-- dataset: iterating `KDCacheDataset` (shuffled, batch_size sequences, background prefetch) to collated torch
-  batches, with no read-time choice, with top_k = k / 2 and a cached temperature, and through a DataLoader with
-  2 workers (each worker reads every unit: tokens/s counts the batches the loader yields, not the work done).
+- dataset: iterating `KDCacheDataset` (shuffled, batch_size sequences, background prefetch threads) to collated
+  torch batches (int64 ids, float32 log-probs), with no read-time choice; without prefetch (everything in the
+  calling thread); prefetching 4 units (a whole shuffle window) instead of 2; with top_k = k / 2 and a cached
+  temperature; from a memory:// copy of the cache through a warm local disk cache (`local_cache_dir`); and through
+  a DataLoader with 2 worker processes (each worker reads every unit: tokens/s counts the batches the loader
+  yields, not the work done).
 
-Tokens/s counts real (unpadded) token positions.
+Tokens/s counts real (unpadded) token positions. "tok/cpu-s" divides by the process CPU time of the measurement
+(all its threads; worker processes are not counted): tokens per second per core, comparable however busy the
+machine is. `--breakdown` also times each step of the reader alone, one thread, in CPU ns per token.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,11 +38,13 @@ import pyarrow.parquet as pq
 import torch
 
 from kdcache.codec import CodecParams
+from kdcache.collate import collate_sequences, cumsum_rows
 from kdcache.dataset import KDCacheDataset
 from kdcache.formats.parquet import SHARD_SUFFIX, ShardWriter
-from kdcache.manifest import INDEX_KEY, build_manifest, dumps, shard_key
+from kdcache.manifest import FORMAT_VERSION, INDEX_KEY, build_manifest, dumps, shard_key
 from kdcache.reader import open_cache
 from kdcache.store import Store
+from kdcache.unitrows import UnitRows, logprob_table, read_parquet_table, read_pooled
 
 TEMPERATURES = (1.0, 2.0)
 
@@ -46,7 +56,7 @@ def build_cache(uri: str, *, tokens: int, vocab: int, k: int, seq_len: int, unit
     num_seqs = max(tokens // seq_len, 1)
     per_unit = np.diff(np.linspace(0, num_seqs, units + 1).astype(int))
     inputs = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "teacher": {"model": "bench", "revision": None, "dtype": "bfloat16", "padded_vocab_size": vocab},
         "tokenizer": {"name": "bench", "hash": "bench", "vocab_size": vocab},
         "targets": {"mode": "topk", "k": k, "temperatures": list(TEMPERATURES)},
@@ -92,18 +102,76 @@ def build_cache(uri: str, *, tokens: int, vocab: int, k: int, seq_len: int, unit
     return manifest
 
 
-def best_of(repeats: int, runs: dict[str, Callable[[], int]]) -> dict[str, tuple[float, int]]:
-    """{name: (best wall seconds, tokens)}; the runs are interleaved round by round, so background load on a shared
-    machine hits every measurement alike."""
-    best: dict[str, tuple[float, int]] = {}
+def interleaved(repeats: int, runs: dict[str, Callable[[], int]]) -> dict[str, dict[str, list[float] | int]]:
+    """{name: {"wall": [seconds per round], "cpu": [process CPU seconds per round], "tokens": n}}; the runs are
+    interleaved round by round, so background load on a shared machine hits every measurement alike."""
+    out: dict[str, dict] = {name: {"wall": [], "cpu": []} for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            start = time.perf_counter()
-            tokens = fn()
-            seconds = time.perf_counter() - start
-            if name not in best or seconds < best[name][0]:
-                best[name] = (seconds, tokens)
-    return best
+            cpu, start = time.process_time(), time.perf_counter()
+            out[name]["tokens"] = fn()
+            out[name]["wall"].append(time.perf_counter() - start)
+            out[name]["cpu"].append(time.process_time() - cpu)
+    return out
+
+
+def breakdown(uri: str, *, batch_size: int, repeats: int) -> dict[str, float]:
+    """CPU nanoseconds per token of each step of the reader, one thread, best of `repeats` (no prefetch, no
+    overlap): where a batch's time goes. The raw scan's own cost is measured alike."""
+    cache = open_cache(uri)
+    units, tokens = cache.units, cache.num_tokens
+    paths = [os.path.join(uri, u["path"]) for u in units]
+    table = logprob_table(cache.codec)
+
+    def read() -> list:
+        out = []
+        for path, u in zip(paths, units):
+            with open(path, "rb") as f:
+                out.append(read_pooled(f, u["bytes"]))
+        return out
+
+    blobs = read()
+    tables = [read_parquet_table(b) for b in blobs]
+    decode = dict(k=cache.k, num_temperatures=len(cache.temperatures), codec=cache.codec, vocab_size=cache.vocab)
+    rows = [UnitRows.from_parquet(t, **decode) for t in tables]
+    seqs = [r.sequence(i) for r in rows for i in range(r.num_sequences)]
+    batches = [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
+
+    def ids() -> None:
+        for batch in batches:
+            out = np.empty((len(batch), max(len(s["input_ids"]) for s in batch), cache.k), np.int64)
+            for i, s in enumerate(batch):
+                cumsum_rows(s["target_steps"], out[i, : len(s["target_steps"])])
+
+    def logprobs() -> None:
+        for batch in batches:
+            out = np.empty((len(batch), max(len(s["input_ids"]) for s in batch), cache.k), np.float32)
+            for i, s in enumerate(batch):
+                np.take(table, s["target_codes"], out=out[i, : len(s["target_codes"])], mode="wrap")
+
+    def collate() -> None:
+        for batch in batches:
+            collate_sequences(batch, k=cache.k, num_temperatures=len(cache.temperatures), logprob_table=table)
+
+    steps = {
+        "raw: pyarrow.parquet.read_table": lambda: [pq.read_table(p) for p in paths],
+        "shard bytes into memory": read,
+        "sha256": lambda: [hashlib.sha256(b).hexdigest() for b in blobs],
+        "Arrow decompression (ParquetFile.read)": lambda: [read_parquet_table(b) for b in blobs],
+        "unit decode (id steps, side columns)": lambda: [UnitRows.from_parquet(t, **decode) for t in tables],
+        "collate_sequences, all of it": collate,
+        "  of which ids (cumsum into int64)": ids,
+        "  of which log-probs (table look-up)": logprobs,
+    }
+    out = {}
+    for name, fn in steps.items():
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            best = min(best, time.process_time() - start)
+        out[name] = round(best / tokens * 1e9, 1)
+    return out
 
 
 def main() -> None:
@@ -114,11 +182,13 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--units", type=int, default=8, help="work units (shards)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
-    p.add_argument("--repeats", type=int, default=5, help="runs per measurement (best is reported)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (best and median are reported)")
     p.add_argument("--dir", default=None, help="where to build the cache (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--breakdown", action="store_true", help="also time each step of the reader alone (ns/token)")
     args = p.parse_args()
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         uri = os.path.join(tmp, "cache")
         start = time.perf_counter()
@@ -135,26 +205,49 @@ def main() -> None:
         def decoded() -> int:
             return sum(len(cache.read_unit(u).seq_ids) for u in cache.units)
 
-        def dataset(num_workers: int = 0, **kwargs) -> Callable[[], int]:
+        def dataset(num_workers: int = 0, source: str = uri, **kwargs) -> Callable[[], int]:
             def run() -> int:
-                ds = KDCacheDataset(uri, batch_size=args.batch_size, seed=0, **kwargs)
+                ds = KDCacheDataset(source, batch_size=args.batch_size, seed=0, **kwargs)
                 loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
                 return sum(int(b["attention_mask"].sum()) for b in loader)
 
             return run
+
+        remote = f"memory://kdcache-bench-{os.getpid()}/cache"  # a "remote" copy, read through a local disk cache
+        for key in [INDEX_KEY, *(u["path"] for u in cache.units)]:
+            Store(remote).write_bytes(key, Store(uri).read_bytes(key))
+        local = {"local_cache_dir": os.path.join(tmp, "local"), "local_cache_bytes": 2**40}
+        dataset(source=remote, **local)()  # warm it
 
         runs = {
             "raw_read_table": raw_scan,
             "decoded_read_unit": decoded,
             "dataset": dataset(),
             "dataset_no_prefetch": dataset(prefetch_units=0),
+            "dataset_prefetch_4": dataset(prefetch_units=4),
             f"dataset_top{args.k // 2}_T2": dataset(top_k=args.k // 2, temperature=2.0),
+            "dataset_memory_local_cache": dataset(source=remote, **local),
             "dataset_2_workers": dataset(num_workers=2),
         }
-        results = {
-            name: {"seconds": round(seconds, 4), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
-            for name, (seconds, tokens) in best_of(args.repeats, runs).items()
-        }
+        measured = interleaved(args.repeats, runs)
+        raw_best, raw_median = (
+            min(measured["raw_read_table"]["wall"]),
+            statistics.median(measured["raw_read_table"]["wall"]),
+        )
+        results = {}
+        for name, m in measured.items():
+            best, median, cpu = min(m["wall"]), statistics.median(m["wall"]), statistics.median(m["cpu"])
+            results[name] = {
+                "tokens": m["tokens"],
+                "best_s": round(best, 4),
+                "median_s": round(median, 4),
+                "tokens_per_s_best": round(m["tokens"] / best),
+                "tokens_per_s_median": round(m["tokens"] / median),
+                "vs_raw_best": round(raw_best / best, 2),
+                "vs_raw_median": round(raw_median / median, 2),
+                "tokens_per_cpu_s": round(m["tokens"] / cpu) if cpu > 0 else None,
+            }
+        parts = breakdown(uri, batch_size=args.batch_size, repeats=args.repeats) if args.breakdown else {}
         stats = manifest["stats"]
         info = {
             "tokens": stats["num_tokens"],
@@ -166,15 +259,32 @@ def main() -> None:
             "build_s": round(build_s, 1),
             "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
-            "load_avg_1min": round(os.getloadavg()[0], 1),
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         }
         if args.json:
-            print(json.dumps({"cache": info, "results": results}, indent=1))
+            print(json.dumps({"cache": info, "results": results, "breakdown_ns_per_token": parts}, indent=1))
             return
         print("cache:", ", ".join(f"{k}={v}" for k, v in info.items()))
-        print(f"{'measurement':<24} {'seconds':>9} {'tokens/s':>12}")
+        head = (
+            "measurement",
+            "best s",
+            "median s",
+            "tok/s best",
+            "tok/s median",
+            "/raw best",
+            "/raw med",
+            "tok/cpu-s",
+        )
+        print(f"{head[0]:<28}" + "".join(f"{h:>13}" for h in head[1:]))
         for name, r in results.items():
-            print(f"{name:<24} {r['seconds']:>9.3f} {r['tokens_per_s']:>12,}")
+            cells = (r["best_s"], r["median_s"], r["tokens_per_s_best"], r["tokens_per_s_median"])
+            cells += (r["vs_raw_best"], r["vs_raw_median"], r["tokens_per_cpu_s"])
+            print(f"{name:<28}" + "".join(f"{c:>13,}" if isinstance(c, int) else f"{c:>13}" for c in cells))
+        if parts:
+            print("CPU per token of each step alone, one thread (ns):")
+            for name, ns in parts.items():
+                print(f"  {name:<44} {ns:>8}")
 
 
 if __name__ == "__main__":
