@@ -6,9 +6,11 @@ returns only its small commit record. Ray actors (`actors.py`) wrap it; tests an
 Pipelining: the teacher runs batch after batch on the calling thread while one encoder thread, fed through a queue
 of at most `ENCODE_QUEUE_BATCHES` batches, encodes each finished batch's sequences (id sort, gap coding, log-prob
 quantization, telemetry). After the last forward only the in-order assembly, the format's `finish` (Arrow/Zarr and
-zstd) and the store write remain. On CPU encoding is ~0.3% of a unit's time, so this gains little there; on a GPU
-the forward is 10-100x faster while encoding is not, and the overlap hides it (the device-to-host copy of each
-batch's targets still happens on the teacher's thread). An error on either thread stops the unit and is raised.
+zstd) and the store write remain. On CPU this gains little: encoding and `finish` (~2 us per token at k = 64) are
+~0.3% of the forward of even a small teacher (bench/capture.py). On a GPU the forward per token is one to two
+orders of magnitude faster while encoding is not, so unpipelined it would add roughly a few percent (8B teacher)
+to tens of percent (1B) to every unit (estimates; bench/gpu_check.sh measures it). The device-to-host copy of each
+batch's targets stays on the teacher's thread. An error on either thread stops the unit and is raised there.
 
 Commit protocol (exactly once): the shard goes to a key unique to this attempt; then the commit record is created
 exclusively. If another attempt committed first, this attempt deletes its own shard and returns the winner's record.
