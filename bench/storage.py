@@ -421,8 +421,8 @@ def run(quick: bool, demo_dir: Path) -> dict[str, Any]:
 
 
 def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's goals at k = 64, V = 128k (synthetic teacher, Parquet u8) with the default single temperature (T = 1),
-    and the bytes with a second stored temperature."""
+    """The issue's goals at k = 64, V = 128k (synthetic teacher, Parquet u8) with the default single temperature
+    (T = 1), and the bytes with a second stored temperature."""
 
     def row(n_temps: int) -> dict[str, Any] | None:
         match = [
