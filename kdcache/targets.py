@@ -97,15 +97,15 @@ def _check_temperatures(temperatures: Sequence[float]) -> list[float]:
 # whose buffers no longer fit next to other processes' data, and select_topk 1.5x faster overall. Per thread, not
 # fixed: every op on a block is one parallel region, and on cores shared with other processes each region can stall
 # until a descheduled thread runs again, so more threads get proportionally larger (fewer) blocks: at 2 threads on
-# 2 loaded cores, 2 MiB blocks were up to 10x slower than 8 MiB ones. Above 2 threads not measured; capped at the
-# size of a typical L3. On accelerators the whole chunk is one block.
+# 2 loaded cores, 2 MiB blocks brought bench/capture.py's ratio down to 0.42 (0.96-0.97 with 8 MiB, other runs).
+# Above 2 threads not measured; capped at the size of a typical L3. On accelerators the whole chunk is one block.
 _CPU_BLOCK_BYTES_PER_THREAD = 4 * 2**20
 _CPU_BLOCK_BYTES_MAX = 32 * 2**20
 # Input dtypes whose conversion to float32 is exact and order-preserving: ranked as they are, converted per block.
 _EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Top-k prefilter on CPU (see `_topk_values`): ids per strided group, and the fewest groups (at least 4 per kept id)
-# for which it pays. Measured (bench/capture.py micro-benchmark, one thread): 0.55-0.7x of `torch.topk`'s time at
-# V = 32k-128k for k = 8-256; no gain below ~16k ids, where plain topk is used.
+# for which it pays. Measured on one thread ([r, V] blocks of 2 MiB): 0.4-0.75x of `torch.topk`'s time at V = 32k
+# and 128k for k = 1-256; no clear gain below ~16k ids, where plain topk is used.
 _PREFILTER_GROUP = 16
 _PREFILTER_MIN_GROUPS = 1024
 
