@@ -49,7 +49,11 @@ class TeacherConfig:
         "auto", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on GPU, float32 on CPU)"
     )
     trust_remote_code: bool = _f(False, "allow the checkpoint's own Python code to run (off unless you trust it)")
-    chunk_bytes: int = _f(64 * 2**20, "bytes of float32 logits per lm_head chunk (peak extra memory is ~8x this)")
+    chunk_bytes: int | None = _f(
+        None,
+        "bytes of float32 logits per lm_head chunk (peak extra memory a small multiple of this); "
+        "null: 64 MiB on CPU, 1 GiB on a GPU",
+    )
 
 
 @dataclass
@@ -187,7 +191,8 @@ class KDCacheConfig:
         """Check values that types alone cannot; raise ConfigError naming the key."""
         _require(self.teacher.model, "teacher.model", "is required (a local path or hub id)")
         _one_of(self.teacher.dtype, DTYPES, "teacher.dtype")
-        _positive(self.teacher.chunk_bytes, "teacher.chunk_bytes")
+        if self.teacher.chunk_bytes is not None:
+            _positive(self.teacher.chunk_bytes, "teacher.chunk_bytes")
         _require(self.data.source, "data.source", "is required (an fsspec URL or glob)")
         _one_of(self.data.format, DATA_FORMATS, "data.format")
         if self.data.format == "text" and self.data.ids_field:

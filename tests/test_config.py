@@ -92,3 +92,10 @@ def test_unreadable_or_invalid_file_is_named(tmp_path):
     bad.write_text("teacher: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
         load_config(bad)
+
+
+def test_chunk_bytes_defaults_to_the_devices_choice_and_must_be_positive():
+    assert make().teacher.chunk_bytes is None  # the Teacher picks 64 MiB on CPU, 1 GiB on a GPU
+    assert make(teacher={"model": "m", "chunk_bytes": 2**30}).teacher.chunk_bytes == 2**30
+    with pytest.raises(ConfigError, match="teacher.chunk_bytes"):
+        make(teacher={"model": "m", "chunk_bytes": 0})
