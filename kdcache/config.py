@@ -49,6 +49,11 @@ class TeacherConfig:
         "auto", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on GPU, float32 on CPU)"
     )
     trust_remote_code: bool = _f(False, "allow the checkpoint's own Python code to run (off unless you trust it)")
+    device_map: str | None = _f(
+        None,
+        "null: each replica on one device; auto: a replica's layers spread over all GPUs of its actor by accelerate "
+        "(for teachers larger than one GPU; null becomes auto when cluster.gpus_per_actor > 1)",
+    )
     chunk_bytes: int | None = _f(
         None,
         "bytes of float32 logits per lm_head chunk (peak extra memory a small multiple of this); "
@@ -152,6 +157,7 @@ TARGET_MODES = ("topk", "sample", "hybrid")
 DATA_FORMATS = ("jsonl", "parquet", "text")
 OUTPUT_FORMATS = ("parquet", "zarr")
 LOGPROB_CODECS = ("u8", "u16", "f32")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -193,6 +199,13 @@ class KDCacheConfig:
         _one_of(self.teacher.dtype, DTYPES, "teacher.dtype")
         if self.teacher.chunk_bytes is not None:
             _positive(self.teacher.chunk_bytes, "teacher.chunk_bytes")
+        if self.teacher.device_map not in (None, *DEVICE_MAPS):
+            raise ConfigError(
+                f"teacher.device_map: must be null or one of {', '.join(DEVICE_MAPS)}, got {self.teacher.device_map!r}"
+            )
+        gpus = self.cluster.gpus_per_actor
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError(f"cluster.gpus_per_actor: above 1 it must be a whole number of GPUs, got {gpus}")
         _require(self.data.source, "data.source", "is required (an fsspec URL or glob)")
         _one_of(self.data.format, DATA_FORMATS, "data.format")
         if self.data.format == "text" and self.data.ids_field:

@@ -240,8 +240,11 @@ def _worker_settings(cfg: KDCacheConfig, fingerprint: str) -> dict[str, Any]:
     """What every actor needs (a `WorkerSettings` dict); storage options travel to the actors, never to a file."""
     raw = cfg.to_dict()
     extra = {"row_group_tokens": cfg.output.row_group_tokens} if hasattr(cfg.output, "row_group_tokens") else {}
+    teacher = raw["teacher"]
+    if teacher.get("device_map") is None and cfg.cluster.gpus_per_actor > 1:
+        teacher = teacher | {"device_map": "auto"}  # one replica spread over its actor's GPUs
     return extra | {
-        "teacher": raw["teacher"],
+        "teacher": teacher,
         "data": raw["data"],
         "k": cfg.targets.stored_k,
         "num_samples": cfg.targets.num_samples,

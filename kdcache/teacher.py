@@ -296,6 +296,7 @@ class Teacher:
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
         chunk_bytes: int | None = None,
+        device_map: str | None = None,
     ) -> None:
         """Load the model and check its chunked head against its own forward on a short probe.
 
@@ -308,6 +309,10 @@ class Teacher:
             chunk_bytes: Bytes of float32 logits one head chunk may hold: ``positions * V * 4 <= chunk_bytes`` (at
                 least one position per chunk). Peak extra memory is a small multiple of this. None: by device,
                 see :func:`default_chunk_bytes` (64 MiB on CPU, 1 GiB on CUDA).
+            device_map: None: the whole model on ``device``. "auto" (or another ``transformers`` device-map
+                strategy): one replica's layers spread over every visible accelerator by ``accelerate`` (for teachers
+                larger than one GPU); inputs then go to the embedding's device and each chunk's hidden states to the
+                head's. Exclusive with ``device``.
 
         Raises:
             ConfigError: bad ``dtype`` or ``chunk_bytes``, or an architecture whose final-logit transform is unknown
@@ -317,6 +322,8 @@ class Teacher:
 
         if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
             raise ConfigError(f"chunk_bytes must be a positive int (bytes of float32 logits); got {chunk_bytes!r}")
+        if device_map is not None and device is not None:
+            raise ConfigError("Teacher: give device or device_map, not both")
         self.device = torch.device(device) if device is not None else _default_device()
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         self.dtype = resolve_dtype(dtype, self.device, config_dtype=_config_dtype(config))
@@ -326,7 +333,16 @@ class Teacher:
             revision=revision,
             dtype=self.dtype,
             trust_remote_code=trust_remote_code,
-        ).to(self.device)
+            **({"device_map": device_map} if device_map is not None else {}),
+        )
+        if device_map is None:
+            self.model.to(self.device)
+        else:  # sharded by accelerate: batches enter at the embedding's device
+            self.device = self.model.get_input_embeddings().weight.device
+        # where accelerate put each module ({"": device} when one device holds everything), or None when not mapped
+        self.device_map = None
+        if device_map is not None:
+            self.device_map = getattr(self.model, "hf_device_map", None) or {"": str(self.device)}
         self.model.eval()
         self.model.requires_grad_(False)
         self.chunk_bytes = default_chunk_bytes(self.device) if chunk_bytes is None else chunk_bytes
@@ -338,10 +354,15 @@ class Teacher:
             raise ConfigError(f"{name} has no separate base model and output head; kdcache cannot chunk its lm_head")
         self._transform = _head_transform(self.model)
         self.padded_vocab_size = int(self._head.weight.shape[0])
-        # A plain Linear head without hooks can write each chunk's logits into one reused buffer (see _logits).
+        # A plain Linear head without hooks (torch's or accelerate's) can write each chunk's logits into one reused
+        # buffer (see _logits).
         self._plain_head = (
-            type(self._head) is torch.nn.Linear and not self._head._forward_hooks and not self._head._forward_pre_hooks
+            type(self._head) is torch.nn.Linear
+            and not self._head._forward_hooks
+            and not self._head._forward_pre_hooks
+            and not hasattr(self._head, "_hf_hook")
         )
+        self._head_device = self._head.weight.device if self._head.weight.device.type != "meta" else self.device
         self._check_head_matches_forward()
 
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -469,7 +490,9 @@ class Teacher:
         not keep a reference to its argument (its results must be new tensors).
         """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
-        hidden = self._hidden_states(input_ids, mask)[mask.bool()]  # [N, H], row-major
+        hidden = self._hidden_states(input_ids, mask)
+        # [N, H], row-major, on the head's device (a sharded model's last layer may sit elsewhere)
+        hidden = hidden[mask.to(hidden.device).bool()].to(self._head_device)
         rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
         out = None
         if reuse_buffer and self._plain_head and hidden.shape[0] > rows:  # one chunk: nothing to reuse

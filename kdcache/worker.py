@@ -104,6 +104,7 @@ class UnitWorker:
             device=device,
             trust_remote_code=t["trust_remote_code"],
             chunk_bytes=t["chunk_bytes"],
+            device_map=t.get("device_map"),
         )
         self.tokenizer = load_tokenizer(
             settings.data["tokenizer"] or t["model"],

@@ -236,7 +236,7 @@ def test_kuberay_rayjob_runs_the_job_script_on_gpu_workers():
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     entry = spec["entrypoint"].split()
-    assert entry[:3] == ["python", "jobs/cache_logits.py", "configs/llama8b-gpu.yaml"]
+    assert entry[:3] == ["python", "jobs/cache_logits.py", "configs/llama70b-gpu.yaml"]
     assert (REPO / entry[1]).is_file() and (REPO / entry[2]).is_file()
     assert "cluster.address=auto" in entry and spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]

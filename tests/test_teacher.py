@@ -207,6 +207,24 @@ def test_chunk_bytes_default_depends_on_the_device(model_dirs: dict[str, Path]) 
     assert teacher_module.default_chunk_bytes("cuda:1") == teacher_module.default_chunk_bytes("cuda") == 2**30
 
 
+@pytest.mark.parametrize("arch, strategy", [("llama", "auto"), ("gemma2", "balanced")])
+def test_device_map_replica_gives_the_same_targets(model_dirs: dict[str, Path], batch, arch: str, strategy) -> None:
+    # a replica loaded through accelerate's device map: on CPU every device is the CPU, on a machine with several GPUs
+    # (bench/gpu_check.sh runs this) "balanced" spreads the layers over them: inputs go to the embedding's device,
+    # hidden states to the head's device
+    input_ids, attention_mask = batch
+    plain = Teacher(str(model_dirs[arch]), dtype="float32", device="cpu", chunk_bytes=3 * 256 * 4)
+    mapped = Teacher(str(model_dirs[arch]), dtype="float32", device_map=strategy, chunk_bytes=3 * 256 * 4)
+    assert mapped.device_map and mapped.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    a = plain.compute_targets(input_ids, attention_mask, k=K, temperatures=TEMPS)
+    b = mapped.compute_targets(input_ids, attention_mask, k=K, temperatures=TEMPS)
+    torch.testing.assert_close(a.ids, b.ids.cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(a.logprobs, b.logprobs.cpu(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.tail_logprobs, b.tail_logprobs.cpu(), atol=ATOL, rtol=0)
+    with pytest.raises(ConfigError, match="device or device_map"):
+        Teacher(str(model_dirs[arch]), device="cpu", device_map="auto")
+
+
 def test_unknown_class_is_checked(model_dirs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delitem(teacher_module.HEAD_TRANSFORMS, "LlamaForCausalLM")
     # An unlisted class with no transform in its config loads, after the probe against its forward passes.
