@@ -198,7 +198,7 @@ def run_cache_job(
             {key: record[key] for key in ("unit_id", "path", "bytes", "sha256", "num_sequences", "num_tokens")}
             | {"source": unit.url, "range": [unit.start, unit.stop], "padded_tokens": record.get("padded_tokens", 0)}
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
-            | {k: record[k] for k in ("telemetry", "timing_s", "finished_at") if k in record}
+            | {k: record[k] for k in ("crc32", "telemetry", "timing_s", "finished_at") if k in record}
         )
     orphans = _delete_orphan_shards(store, manifest_units)
     manifest = _build_manifest(cfg, fingerprint, inputs, manifest_units, stats.last_run(orphans), started)

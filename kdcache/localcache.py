@@ -28,12 +28,12 @@ Local disk only (`os`; fsspec stays in `kdcache.store`). No I/O happens at const
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import time
 import uuid
 
+from kdcache.manifest import shard_checksum_error
 from kdcache.unitrows import read_pooled
 
 __all__ = ["LocalShardCache"]
@@ -69,8 +69,9 @@ class LocalShardCache:
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return os.path.join(self.directory, sha256)
 
-    def get(self, sha256: str, size: int) -> memoryview | None:
-        """The shard's bytes if a valid local copy exists (size and sha256 checked), else None.
+    def get(self, sha256: str, size: int, crc32: int | None = None) -> memoryview | None:
+        """The shard's bytes if a valid local copy exists (size and checksum checked: `crc32` when the manifest
+        records one, else the sha256), else None.
 
         A copy of the wrong size or checksum is deleted (and counted in `corrupt`), so the caller's re-fetch
         replaces it.
@@ -82,11 +83,15 @@ class LocalShardCache:
         except FileNotFoundError:
             self.misses += 1
             return None
-        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        unit = {"bytes": size, "sha256": sha256} | ({"crc32": crc32} if crc32 is not None else {})
+        if shard_checksum_error(unit, data):
             self.corrupt += 1
             self.misses += 1
             log.warning(
-                "%s: local copy has %d bytes (expected %d) or a wrong sha256; fetching it again", path, len(data), size
+                "%s: local copy has %d bytes (expected %d) or a wrong checksum; fetching it again",
+                path,
+                len(data),
+                size,
             )
             _unlink(path)
             return None

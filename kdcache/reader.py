@@ -8,17 +8,17 @@
         seq["tail_logprob"]     # [T] float32, log of the mass outside the k ids
 
 The reader reads `index.json` and the shards it names, never a listing; every shard is checked against the size and
-sha256 recorded at commit, and a mismatch raises `CorruptShardError` naming the shard.
+checksum recorded at commit (crc32; sha256 for caches that lack it), and a mismatch raises `CorruptShardError` naming
+the shard.
 
 Remote caches (s3://, gs://, memory://, ...) can keep the shards they fetch on local disk:
 `open_cache(uri, local_cache_dir="/nvme/kd", local_cache_bytes=100 * 2**30)` serves a shard from there when its
-local copy passes the same size and sha256 check, and fetches (and stores) it otherwise; least recently used
+local copy passes the same size and checksum check, and fetches (and stores) it otherwise; least recently used
 shards are evicted above the limit (`kdcache.localcache`). Caches on a local path are read in place, not copied.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +28,7 @@ from kdcache.codec import CodecParams
 from kdcache.errors import CacheMismatchError, CorruptShardError, KdcacheError
 from kdcache.formats import ShardData, get_format, split_sequences
 from kdcache.localcache import LocalShardCache
-from kdcache.manifest import INDEX_KEY, read_manifest
+from kdcache.manifest import INDEX_KEY, read_manifest, shard_checksum_error
 from kdcache.store import Store
 from kdcache.unitrows import UnitRows, read_parquet_table, read_pooled
 
@@ -87,10 +87,10 @@ class CacheReader:
         return self.manifest["stats"]["num_tokens"]
 
     def read_unit_bytes(self, unit: dict[str, Any]) -> bytes | memoryview:
-        """The shard's bytes (bytes-like), checked against its recorded size and sha256 (from the local cache when it
+        """The shard's bytes (bytes-like), checked against its recorded size and checksum (from the local cache when it
         holds a valid copy; a fetched shard is added to it)."""
         if self.local_cache is not None:
-            data = self.local_cache.get(unit["sha256"], unit["bytes"])
+            data = self.local_cache.get(unit["sha256"], unit["bytes"], unit.get("crc32"))
             if data is None:
                 data = self._fetch_unit_bytes(unit)
                 self.local_cache.put(unit["sha256"], data)
@@ -107,11 +107,9 @@ class CacheReader:
                 data = self.store.read_bytes(unit["path"])
         except FileNotFoundError:
             raise CorruptShardError(f"{url}: shard of unit {unit['unit_id']} is missing") from None
-        if len(data) != unit["bytes"]:
-            got = f"more than {unit['bytes']}" if len(data) > unit["bytes"] else len(data)
-            raise CorruptShardError(f"{url}: shard has {got} bytes, the manifest records {unit['bytes']}")
-        if hashlib.sha256(data).hexdigest() != unit["sha256"]:
-            raise CorruptShardError(f"{url}: shard fails its sha256 checksum (corrupted)")
+        problem = shard_checksum_error(unit, data)
+        if problem:
+            raise CorruptShardError(f"{url}: {problem}")
         return data
 
     def read_unit(self, unit: dict[str, Any]) -> ShardData:

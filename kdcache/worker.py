@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -248,6 +249,7 @@ class UnitWorker:
             "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], fmt.SUFFIX),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
+            "crc32": zlib.crc32(data),
             "num_sequences": writer.num_sequences,
             "num_tokens": writer.num_tokens,
             "padded_tokens": padded,

@@ -7,6 +7,7 @@ logits = fake_logits(seq_id, length, vocab)   # the dense teacher logits behind 
 from __future__ import annotations
 
 import hashlib
+import zlib
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,7 @@ def write_fake_cache(
                 "path": path,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                "crc32": zlib.crc32(data),
                 "num_sequences": writer.num_sequences,
                 "num_tokens": writer.num_tokens,
             }

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ def build_cache(
                 "path": path,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                "crc32": zlib.crc32(data),  # as the worker records it (readers check it on every read)
                 "num_sequences": writer.num_sequences,
                 "num_tokens": writer.num_tokens,
             }

@@ -184,3 +184,4 @@ def test_telemetry_in_manifest_matches_the_cached_tokens(finished_cache):
     assert abs(tel["entropy"]["mean"] - entropy.mean()) < 1e-4
     assert abs(tel["captured_mass"]["mean"] - mass.mean()) < 1e-4
     assert all(u["timing_s"]["forward"] > 0 for u in manifest["units"] if u["num_tokens"])
+    assert all("telemetry" not in u and isinstance(u["crc32"], int) for u in manifest["units"])

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zlib
 
 import pytest
 from fake_cache import write_fake_cache
@@ -11,6 +13,7 @@ from test_format_spec import build_cache
 
 from kdcache.cli import main
 from kdcache.errors import CorruptShardError
+from kdcache.manifest import shard_checksum_error
 from kdcache.reader import open_cache
 from kdcache.verify import verify_cache
 
@@ -70,8 +73,21 @@ def test_flipped_data_byte_needs_deep(cache, capsys):
     path.write_bytes(bytes(raw))
     code, out = run_verify(capsys, root, "--deep")
     assert code == 1 and unit["path"] in out and "sha256" in out
-    with pytest.raises(CorruptShardError, match=unit["path"].replace(".", r"\.") + ".*sha256"):
+    with pytest.raises(CorruptShardError, match=unit["path"].replace(".", r"\.") + ".*crc32"):
         list(open_cache(str(root)).iter_sequences())
+
+
+def test_shard_checksum_is_crc32_when_recorded_else_sha256():
+    data = b"kdcache shard bytes" * 100
+    unit = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    flipped = bytes([data[0] ^ 1]) + data[1:]
+    assert shard_checksum_error(unit, data) is None
+    assert "sha256" in shard_checksum_error(unit, flipped)
+    assert "bytes" in shard_checksum_error(unit, data[:-1])
+    with_crc = unit | {"crc32": zlib.crc32(data)}
+    assert shard_checksum_error(with_crc, data) is None
+    assert "crc32" in shard_checksum_error(with_crc, flipped)
+    assert "crc32" in shard_checksum_error(with_crc | {"sha256": "0" * 64}, flipped)
 
 
 def test_deep_checks_invariants_and_manifest_sums(tmp_path):
