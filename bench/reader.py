@@ -9,7 +9,7 @@ all of them alike) and reports the best and the median round:
 
 - raw scan (the baseline): `pyarrow.parquet.read_table` of every shard file, pyarrow's defaults (its thread pool):
   decompression only, no checksum, no decoding;
-- decoded: `CacheReader.read_unit` of every unit (fetch + sha256 + decompression + decoding to numpy);
+- decoded: `CacheReader.read_unit` of every unit (fetch + crc32 + decompression + decoding to numpy);
 - dataset: iterating `KDCacheDataset` (shuffled, batch_size sequences, background prefetch threads) to collated
   torch batches (int64 ids, float32 log-probs), with no read-time choice; without prefetch (everything in the
   calling thread); prefetching 4 units (a whole shuffle window) instead of 2; with top_k = k / 2 and a cached
@@ -31,6 +31,7 @@ import os
 import statistics
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -86,6 +87,7 @@ def build_cache(uri: str, *, tokens: int, vocab: int, k: int, seq_len: int, unit
                 "path": path,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                "crc32": zlib.crc32(data),  # as the worker records it: the reader checks it on every read
                 "num_sequences": writer.num_sequences,
                 "num_tokens": writer.num_tokens,
             }
@@ -156,7 +158,8 @@ def breakdown(uri: str, *, batch_size: int, repeats: int) -> dict[str, float]:
     steps = {
         "raw: pyarrow.parquet.read_table": lambda: [pq.read_table(p) for p in paths],
         "shard bytes into memory": read,
-        "sha256": lambda: [hashlib.sha256(b).hexdigest() for b in blobs],
+        "sha256 (verify --deep)": lambda: [hashlib.sha256(b).hexdigest() for b in blobs],
+        "crc32 (every read)": lambda: [zlib.crc32(b) for b in blobs],
         "Arrow decompression (ParquetFile.read)": lambda: [read_parquet_table(b) for b in blobs],
         "unit decode (id steps, side columns)": lambda: [UnitRows.from_parquet(t, **decode) for t in tables],
         "collate_sequences, all of it": collate,
