@@ -139,9 +139,9 @@ def _run_child(path: str, model_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdcache.teacher import Teacher
+    from kdcache.teacher import default_chunk_bytes
 
-    default_chunk = Teacher.__init__.__kwdefaults__["chunk_bytes"]
+    default_chunk = default_chunk_bytes("cpu")  # what a CPU Teacher uses when chunk_bytes is not set
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="sequences")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
