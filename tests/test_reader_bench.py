@@ -26,4 +26,4 @@ def test_tiny_reader_bench():
         assert r["best_s"] > 0 and r["best_s"] <= r["median_s"] and r["tokens_per_s_best"] > 0
     assert results["raw_read_table"]["vs_raw_best"] == 1.0
     parts = out["breakdown_ns_per_token"]
-    assert all(v > 0 for v in parts.values()) and "sha256" in parts
+    assert all(v > 0 for v in parts.values()) and "crc32 (every read)" in parts and "sha256 (verify --deep)" in parts
