@@ -1,4 +1,4 @@
-# The README's two commands: `make run` (the demo job) and `make test` (the test suite).
+# The README's two commands: `make run` (the demo job) and `make test` (lint, then the test suite).
 # Both create .venv if missing and install the project into it. On this CPU machine torch comes from
 # `pip install torch==2.13.0` (a CPU build); GPU users install their CUDA torch first (see README).
 PYTHON ?= python3
@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/kdcache demo
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
 
 lint: install
