@@ -106,8 +106,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"tokenizer sha256 {s['tokenizer_hash'][:12]}",
             f"  targets      {s['mode']} k={s['k']}, temperatures {s['temperatures']}, windows of {s['max_length']}",
             f"  contents     {s['num_sequences']:,} sequences, {s['num_tokens']:,} tokens in {s['num_units']} units",
-            f"  size         {s['total_bytes']:,} bytes = {s['bytes_per_token']:.1f} bytes/token "
-            + (f"({s['bytes_per_entry']:.2f} bytes per top-k entry)" if s["bytes_per_entry"] is not None else ""),
+            f"  size         {s['total_bytes']:,} bytes = {s['bytes_per_token']:.1f} bytes/token"
+            + (f" ({s['bytes_per_entry']:.2f} bytes per top-k entry)" if s["bytes_per_entry"] is not None else ""),
             f"  last run     {lr['units']} units, {lr['tokens']:,} tokens in {lr['wall_time_s']:.1f}s "
             f"({lr['tokens_per_s']:,.0f} tok/s), {lr['failures']} failures; real-token fraction "
             f"{s['real_token_fraction']:.3f}",
