@@ -41,7 +41,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -211,19 +210,11 @@ def make_worker(model_dir: Path, out_uri: str, args: argparse.Namespace):
 
 def padded_batches(worker, unit: dict[str, Any]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
     """The padded (ids, mask) batches ``UnitWorker.process`` forms for ``unit``, with real and padded token counts."""
-    from kdcache.worker import make_batches
+    from kdcache.worker import make_batches, pad_batch
 
     windows, _ = worker.read_windows(unit)
     lengths = [len(w) for _, w in windows]
-    batches = []
-    for batch in make_batches(lengths, worker.settings.batch_tokens):
-        longest = lengths[batch[0]]
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[i]] = torch.from_numpy(windows[i][1].astype(np.int64))
-            mask[row, : lengths[i]] = 1
-        batches.append((ids, mask))
+    batches = [pad_batch([windows[i][1] for i in b]) for b in make_batches(lengths, worker.settings.batch_tokens)]
     return batches, sum(lengths), sum(int(ids.numel()) for ids, _ in batches)
 
 

@@ -40,7 +40,7 @@ from kdcache.sources import cut_windows, iter_documents, make_seq_id, tokenize_d
 from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
 
-__all__ = ["ENCODE_QUEUE_BATCHES", "BatchEncoder", "UnitWorker", "WorkerSettings", "make_batches"]
+__all__ = ["ENCODE_QUEUE_BATCHES", "BatchEncoder", "UnitWorker", "WorkerSettings", "make_batches", "pad_batch"]
 
 ENCODE_QUEUE_BATCHES = 2  # computed batches waiting for the encoder at most (bounds the host memory they hold)
 
@@ -180,22 +180,11 @@ class UnitWorker:
             self._shard_format = (get_format(s.shard_format or inputs.get("shard_format") or "parquet"), codec)
         return self._shard_format
 
-    def process(self, unit: dict[str, Any]) -> dict[str, Any]:
-        """Compute, write and commit one unit; return its commit record (small JSON-able dict).
-
-        The record's ``timing_s``: ``read`` (read and tokenize), ``forward`` (teacher compute, summed over batches),
-        ``encode`` (what encoding costs after the last forward: waiting for the encoder, in-order assembly and the
-        format's ``finish``), ``encode_overlapped`` (the encoder thread's busy time, hidden behind the forwards),
-        ``write`` (shard and commit record), ``total``.
-        """
-        import torch
-
+    def shard_writer(self, unit: dict[str, Any]) -> Any:
+        """An empty shard writer of this cache's format and codec for `unit` (its id goes into the file metadata)."""
         s = self.settings
-        t0 = time.perf_counter()
-        windows, counts = self.read_windows(unit)
-        t_read = time.perf_counter()
         fmt, codec = self.shard_format()
-        writer = fmt.ShardWriter(
+        return fmt.ShardWriter(
             k=s.k,
             num_temperatures=len(s.temperatures),
             num_samples=s.num_samples,
@@ -204,6 +193,22 @@ class UnitWorker:
             metadata={**s.shard_metadata, "unit_id": unit["unit_id"]},
             row_group_tokens=s.row_group_tokens,
         )
+
+    def process(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """Compute, write and commit one unit; return its commit record (small JSON-able dict).
+
+        The record's ``timing_s``: ``read`` (read and tokenize), ``forward`` (teacher compute, summed over batches),
+        ``encode`` (what encoding costs after the last forward: waiting for the encoder, in-order assembly and the
+        format's ``finish``), ``encode_overlapped`` (the encoder thread's busy time, hidden behind the forwards),
+        ``write`` (shard and commit record), ``total``.
+        """
+
+        s = self.settings
+        t0 = time.perf_counter()
+        windows, counts = self.read_windows(unit)
+        t_read = time.perf_counter()
+        fmt, _ = self.shard_format()
+        writer = self.shard_writer(unit)
         lengths = [len(w) for _, w in windows]
         encoded: list[Any] = [None] * len(windows)  # EncodedSequence per window, in read order
         entropies: list[Any] = [None] * len(windows)
@@ -224,13 +229,8 @@ class UnitWorker:
         encoder = BatchEncoder(encode_batch)
         try:
             for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
-                longest = lengths[batch[0]]
-                ids = torch.zeros((len(batch), longest), dtype=torch.long)
-                mask = torch.zeros((len(batch), longest), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : lengths[i]] = torch.from_numpy(windows[i][1].astype(np.int64))
-                    mask[row, : lengths[i]] = 1
-                padded += len(batch) * longest
+                ids, mask = pad_batch([windows[i][1] for i in batch])
+                padded += ids.numel()
                 f0 = time.perf_counter()
                 arrays = self._compute(ids, mask, unit["unit_id"], batch_index)
                 forward_s += time.perf_counter() - f0
@@ -333,6 +333,19 @@ class BatchEncoder:
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def pad_batch(token_windows: list[np.ndarray]) -> tuple[Any, Any]:
+    """Right-padded ``(input_ids, attention_mask)`` int64 tensors ``[len(token_windows), longest]`` of a batch."""
+    import torch
+
+    longest = max((len(w) for w in token_windows), default=0)
+    ids = torch.zeros((len(token_windows), longest), dtype=torch.long)
+    mask = torch.zeros((len(token_windows), longest), dtype=torch.long)
+    for row, window in enumerate(token_windows):
+        ids[row, : len(window)] = torch.from_numpy(np.asarray(window, dtype=np.int64))
+        mask[row, : len(window)] = 1
+    return ids, mask
 
 
 def _draw_seed(seed: int, unit_id: str, batch_index: int) -> int:

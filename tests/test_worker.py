@@ -10,16 +10,14 @@ import hashlib
 import threading
 import time
 
-import numpy as np
 import pytest
-import torch
 from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
 from kdcache.formats import get_format
 from kdcache.formats.shard import TokenBuffer
 from kdcache.job import _worker_settings
 from kdcache.plan import plan_units
-from kdcache.worker import BatchEncoder, UnitWorker, WorkerSettings, make_batches
+from kdcache.worker import BatchEncoder, UnitWorker, WorkerSettings, make_batches, pad_batch
 
 
 @pytest.fixture(scope="module")
@@ -39,26 +37,12 @@ def make_worker(teacher, corpus, out, *extra: str) -> tuple[UnitWorker, dict]:
 def serial_shard(worker: UnitWorker, unit: dict) -> bytes:
     """The shard as the worker wrote it before pipelining: every forward, then `add` in read order."""
     s = worker.settings
-    fmt, codec = worker.shard_format()
-    writer = fmt.ShardWriter(
-        k=s.k,
-        num_temperatures=len(s.temperatures),
-        num_samples=s.num_samples,
-        compression_level=s.compression_level,
-        codec=codec,
-        metadata={**s.shard_metadata, "unit_id": unit["unit_id"]},
-        row_group_tokens=s.row_group_tokens,
-    )
+    writer = worker.shard_writer(unit)
     windows, _ = worker.read_windows(unit)
     lengths = [len(w) for _, w in windows]
     per_window = {}
     for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
-        longest = lengths[batch[0]]
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[i]] = torch.from_numpy(windows[i][1].astype(np.int64))
-            mask[row, : lengths[i]] = 1
+        ids, mask = pad_batch([windows[i][1] for i in batch])
         arrays = worker._compute(ids, mask, unit["unit_id"], batch_index)
         offset = 0
         for i in batch:
