@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kdcache.codec import CodecParams
-from kdcache.collate import collate_sequences, cumsum_rows
+from kdcache.collate import collate_sequences, cumsum_rows, expand_targets
 from kdcache.dataset import KDCacheDataset
 from kdcache.formats.parquet import SHARD_SUFFIX, ShardWriter
 from kdcache.manifest import FORMAT_VERSION, INDEX_KEY, build_manifest, dumps, shard_key
@@ -208,11 +208,12 @@ def main() -> None:
         def decoded() -> int:
             return sum(len(cache.read_unit(u).seq_ids) for u in cache.units)
 
-        def dataset(num_workers: int = 0, source: str = uri, **kwargs) -> Callable[[], int]:
+        def dataset(num_workers: int = 0, source: str = uri, expand: bool = False, **kwargs) -> Callable[[], int]:
             def run() -> int:
                 ds = KDCacheDataset(source, batch_size=args.batch_size, seed=0, **kwargs)
                 loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
-                return sum(int(b["attention_mask"].sum()) for b in loader)
+                batches = (expand_targets(b) for b in loader) if expand else loader
+                return sum(int(b["attention_mask"].sum()) for b in batches)
 
             return run
 
@@ -228,6 +229,9 @@ def main() -> None:
             "dataset": dataset(),
             "dataset_no_prefetch": dataset(prefetch_units=0),
             "dataset_prefetch_4": dataset(prefetch_units=4),
+            "dataset_compact": dataset(compact_targets=True),
+            "dataset_compact_prefetch_4": dataset(compact_targets=True, prefetch_units=4),
+            "dataset_compact_expanded_on_cpu": dataset(compact_targets=True, expand=True),
             f"dataset_top{args.k // 2}_T2": dataset(top_k=args.k // 2, temperature=2.0),
             "dataset_memory_local_cache": dataset(source=remote, **local),
             "dataset_2_workers": dataset(num_workers=2),

@@ -29,6 +29,7 @@ __all__ = [
     "apply_temperature",
     "collate_sequences",
     "cumsum_rows",
+    "expand_targets",
     "keep_top_k",
     "sample_weights",
     "stored_temperature_index",
@@ -46,6 +47,7 @@ def collate_sequences(
     pad_to: int | None = None,
     pad_token_id: int = 0,
     logprob_table: np.ndarray | None = None,
+    compact: bool = False,
 ) -> dict[str, np.ndarray]:
     """Pad sequences (dicts as `kdcache.reader.sequence_dict` makes them; None = a padded row) into batch arrays.
 
@@ -61,6 +63,10 @@ def collate_sequences(
         pad_to: length L of every batch (a longer sequence raises ValueError); None pads to the longest (>= 1).
         logprob_table: [levels] float32, the log-prob of each code (`kdcache.unitrows.logprob_table`); needed when
             a sequence carries `target_codes`.
+        compact: keep the head as the sequences carry it: `target_steps` [B, L, k] (uint16 / int32, 0 at padding)
+            instead of `target_ids`, and `target_codes` [B, L, k] (0 at padding) instead of `target_logprobs`, for
+            `expand_targets` to decode where the batch is used (on the GPU); 4-5x fewer bytes per entry. Sequences
+            that carry decoded ids or log-probs are collated as usual.
 
     Returns:
         `input_ids`, `attention_mask`, `labels` [B, L] int64; `loss_mask` [B, L] bool; `target_ids` [B, L, k] int64
@@ -75,10 +81,18 @@ def collate_sequences(
         row = lengths.index(longest)
         raise ValueError(f"sequence {int(seqs[row]['seq_id'])} has {longest} tokens, more than pad_to={pad_to}")
     b, length = len(seqs), pad_to if pad_to is not None else max(longest, 1)
+    first = next((s for s in seqs if s is not None), {})
+    # (output name, dtype) of the head: decoded, or as stored when compact
+    id_key, id_dtype = ("target_ids", np.int64)
+    if compact and "target_steps" in first:
+        id_key, id_dtype = "target_steps", first["target_steps"].dtype
+    lp_key, lp_dtype = ("target_logprobs", np.float32)
+    if compact and "target_codes" in first:
+        lp_key, lp_dtype = "target_codes", first["target_codes"].dtype
     out = {
         "input_ids": np.full((b, length), pad_token_id, dtype=np.int64),
-        "target_ids": pooled_empty((b, length, k), np.int64),
-        "target_logprobs": pooled_empty((b, length, k), np.float32),
+        id_key: pooled_empty((b, length, k), id_dtype),
+        lp_key: pooled_empty((b, length, k), lp_dtype),
         "log_normalizers": pooled_empty((b, length, num_temperatures), np.float32),
         "tail_logprobs": pooled_empty((b, length, num_temperatures), np.float32),
         "entropy": pooled_empty((b, length), np.float32),
@@ -97,8 +111,8 @@ def collate_sequences(
         if n < length:
             for name, fill in copied:
                 out[name][i, n:] = fill
-            out["target_ids"][i, n:] = 0
-            out["target_logprobs"][i, n:] = -np.inf
+            out[id_key][i, n:] = 0
+            out[lp_key][i, n:] = 0 if lp_key == "target_codes" else -np.inf
         if seq is None:
             continue
         if sampled:
@@ -109,11 +123,15 @@ def collate_sequences(
         out["input_ids"][i, :n] = seq["input_ids"]
         for name, _ in copied:
             out[name][i, :n] = seq[name]
-        if "target_steps" in seq:
+        if id_key == "target_steps":
+            out["target_steps"][i, :n] = seq["target_steps"]
+        elif "target_steps" in seq:
             cumsum_rows(seq["target_steps"], out["target_ids"][i, :n])
         else:
             out["target_ids"][i, :n] = seq["target_ids"]
-        if "target_codes" in seq:
+        if lp_key == "target_codes":
+            out["target_codes"][i, :n] = seq["target_codes"]
+        elif "target_codes" in seq:
             if logprob_table is None:
                 raise ValueError("collate_sequences: sequences carry target_codes; pass their logprob_table")
             # codes are < len(table) by the codec; "wrap" is the mode that needs no buffering of `out`
@@ -130,6 +148,25 @@ def collate_sequences(
     # after the window), so the KD mask is the attention mask; only the hard-label CE lacks a target there.
     out["loss_mask"] = valid
     out["seq_id"] = np.array([-1 if s is None else int(s["seq_id"]) for s in seqs], dtype=np.int64)
+    return out
+
+
+def expand_targets(batch: dict[str, Any]) -> dict[str, Any]:
+    """Decode a compact batch's head where it lies (GPU or CPU): a new dict with `target_ids` (int64, the cumsum of
+    `target_steps` along k) and `target_logprobs` (`logprob_table[target_codes]`, -inf where `loss_mask` is False)
+    in place of the compact keys. A batch without them is returned as it is. Pure torch; `kdcache.losses` calls it,
+    so a compact batch can go straight to a loss.
+    """
+    if "target_steps" not in batch and "target_codes" not in batch:
+        return batch
+    out = dict(batch)
+    if "target_steps" in out:
+        out["target_ids"] = out.pop("target_steps").to(torch.int64).cumsum(-1)
+    if "target_codes" in out:
+        codes = out.pop("target_codes")
+        table = out.pop("logprob_table").to(codes.device)
+        logprobs = table[codes.to(torch.int64)]
+        out["target_logprobs"] = logprobs.masked_fill(~out["loss_mask"].to(codes.device).bool()[..., None], -math.inf)
     return out
 
 

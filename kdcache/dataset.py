@@ -149,6 +149,11 @@ class KDCacheDataset(IterableDataset):
             `kdcache.localcache`). Ignored for a cache on a local path.
         pad_to: fixed length L of every batch (None: the longest sequence of the batch); pad_token_id: input id at
             padding.
+        compact_targets: serve the head as stored, for decoding on the GPU: `target_steps` [B, L, k] (uint16 or
+            int32 id steps) and `target_codes` [B, L, k] (uint8/uint16 log-prob codes) plus `logprob_table`
+            [levels] instead of `target_ids` / `target_logprobs` (3 instead of 12 bytes per entry through the
+            host, and no decode on the host). `kdcache.losses` decode it themselves (`kdcache.collate.
+            expand_targets` does it for other code). Not with `top_k` or a temperature.
 
     Batch (a dict; B = batch_size, L = length, k' = top_k or the cache's k, nT = temperatures):
         `input_ids`, `attention_mask`, `labels` [B, L] int64 (labels: next token, -100 at padding and at each
@@ -181,6 +186,7 @@ class KDCacheDataset(IterableDataset):
         local_cache_bytes: int | None = None,
         pad_to: int | None = None,
         pad_token_id: int = 0,
+        compact_targets: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -193,6 +199,8 @@ class KDCacheDataset(IterableDataset):
             raise ValueError("prefetch_units and epoch must be >= 0 and shuffle_window_units >= 1")
         if pad_to is not None and pad_to < 1:
             raise ValueError(f"pad_to must be >= 1 tokens, got {pad_to}")
+        if compact_targets and (top_k is not None or (temperature is not None and temperature != 1.0)):
+            raise ValueError("compact_targets serves the head as stored: use it without top_k and temperature")
         self.uri, self.storage_options = uri, storage_options
         self._local_cache = {"local_cache_dir": local_cache_dir, "local_cache_bytes": local_cache_bytes}
         self._reader: CacheReader | None = CacheReader(uri, storage_options, **self._local_cache)
@@ -220,6 +228,7 @@ class KDCacheDataset(IterableDataset):
         self.drop_last, self.shuffle_window_units = drop_last, shuffle_window_units
         self.top_k, self.temperature = top_k, temperature
         self.prefetch_units, self.pad_to, self.pad_token_id = prefetch_units, pad_to, pad_token_id
+        self.compact_targets = compact_targets
         self._rank, self._world_size = rank, world_size
         self._resolve_topology()
         self._unit_counts = [int(u["num_sequences"]) for u in self.reader.units]
@@ -452,6 +461,7 @@ class KDCacheDataset(IterableDataset):
             pad_to=self.pad_to,
             pad_token_id=self.pad_token_id,
             logprob_table=self._logprob_table,
+            compact=self.compact_targets,
         )
         if self.top_k is not None:
             a["target_ids"], a["target_logprobs"], a["tail_logprobs"] = keep_top_k(
@@ -466,6 +476,8 @@ class KDCacheDataset(IterableDataset):
             a["sample_weights"] = sample_weights(
                 a.pop("sample_counts"), a["tail_logprob"], self.num_samples, hybrid=self.mode == "hybrid"
             )
+        if "target_codes" in a:
+            a["logprob_table"] = self._logprob_table
         batch: dict[str, Any] = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in a.items()}
         batch["temperatures"] = temps
         batch["batch_index"] = torch.tensor(batch_index, dtype=torch.int64)

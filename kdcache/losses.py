@@ -63,6 +63,7 @@ from torch import Tensor
 
 from kdcache import divergences
 from kdcache.chunked import RowLoss, compute_dtype, mean_over_rows  # noqa: F401 (RowLoss: re-exported)
+from kdcache.collate import expand_targets
 from kdcache.divergences import (
     bucket_rows,
     cross_entropy_rows,
@@ -216,6 +217,7 @@ def _bucket_loss(
     renormalize: bool = False,
 ) -> Tensor:
     temperature = _check_temperature(temperature, loss)
+    batch = expand_targets(batch)  # a compact batch's head, decoded on the logits' device
     ids = _require(batch, "target_ids", loss)
     _check_student(student_logits, batch, [ids], loss)
     if renormalize:
@@ -339,6 +341,7 @@ def sampled_kl(
     """
     loss = "sampled_kl"
     temperature = _check_temperature(temperature, loss)
+    batch = expand_targets(batch)  # a compact batch's head, decoded on the logits' device
     dtype = compute_dtype(student_logits)
     ids = _require(batch, "sample_ids", loss).long()
     weights = _require(batch, "sample_weights", loss).to(dtype)

@@ -1,0 +1,70 @@
+"""Compact batches (`KDCacheDataset(compact_targets=True)`): the head travels as stored (id steps and log-prob
+codes) and `expand_targets` / the losses decode it into exactly the batch the host path makes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_format_spec import build_cache
+
+from kdcache import losses
+from kdcache.collate import expand_targets
+from kdcache.dataset import KDCacheDataset
+
+
+def both(root, **kw) -> tuple[list[dict], list[dict]]:
+    host = list(KDCacheDataset(str(root), batch_size=3, seed=1, **kw))
+    compact = list(KDCacheDataset(str(root), batch_size=3, seed=1, compact_targets=True, **kw))
+    assert len(host) == len(compact) > 1
+    return host, compact
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, logprobs, vocab",
+    [
+        ("parquet", "topk", "u8", 300),  # uint16 steps, uint8 codes
+        ("parquet", "topk", "u16", 70_000),  # int32 steps, uint16 codes
+        ("parquet", "topk", "f32", 300),  # steps compact, log-probs stored as float32 already
+        ("parquet", "hybrid", "u8", 300),  # the head compact, the samples as usual
+        ("zarr", "topk", "u8", 300),  # Zarr units are decoded whole: ids as usual, codes compact or not
+    ],
+)
+def test_expanded_compact_batches_equal_host_batches(tmp_path, fmt, mode, logprobs, vocab):
+    build_cache(tmp_path, fmt=fmt, mode=mode, logprobs=logprobs, vocab=vocab, num_units=2, seqs_per_unit=4)
+    host, compact = both(tmp_path)
+    for h, c in zip(host, compact):
+        if fmt == "parquet":
+            assert "target_steps" in c and "target_ids" not in c
+            assert c["target_steps"].dtype == (torch.int32 if vocab > 2**16 else torch.uint16)
+        if logprobs != "f32" and fmt == "parquet":
+            assert "target_codes" in c and c["target_codes"].dtype == (
+                torch.uint8 if logprobs == "u8" else torch.uint16
+            )
+        expanded = expand_targets(c)
+        assert set(expanded) == set(h)
+        for key, value in h.items():
+            if isinstance(value, torch.Tensor):
+                assert expanded[key].dtype == value.dtype, key
+                torch.testing.assert_close(expanded[key], value, rtol=0, atol=0, msg=key)
+            else:
+                assert expanded[key] == value, key
+
+
+def test_losses_take_compact_batches(tmp_path):
+    build_cache(tmp_path, fmt="parquet", mode="topk", logprobs="u8", vocab=300, num_units=2, seqs_per_unit=4)
+    host, compact = both(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    for h, c in zip(host, compact):
+        logits = torch.randn(*h["input_ids"].shape, 300, generator=gen)
+        for name in ("forward_kl_tail", "renormalized_topk_kl"):
+            fn = getattr(losses, name)
+            torch.testing.assert_close(fn(logits, c), fn(logits, h), rtol=0, atol=0)
+        assert "target_steps" in c  # the caller's batch is left as it was
+
+
+def test_compact_targets_refuse_read_time_changes(tmp_path):
+    build_cache(tmp_path, fmt="parquet", mode="topk", num_units=1)
+    with pytest.raises(ValueError, match="compact_targets"):
+        KDCacheDataset(str(tmp_path), batch_size=2, compact_targets=True, top_k=2)
+    with pytest.raises(ValueError, match="compact_targets"):
+        KDCacheDataset(str(tmp_path), batch_size=2, compact_targets=True, temperature=2.0)
