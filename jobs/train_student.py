@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         top_k=args.top_k,
         student_vocab_size=model.config.vocab_size,
+        compact_targets=cuda and args.top_k is None,  # on a GPU the losses decode the stored head there
     )
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr)

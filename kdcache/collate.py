@@ -63,10 +63,11 @@ def collate_sequences(
         pad_to: length L of every batch (a longer sequence raises ValueError); None pads to the longest (>= 1).
         logprob_table: [levels] float32, the log-prob of each code (`kdcache.unitrows.logprob_table`); needed when
             a sequence carries `target_codes`.
-        compact: keep the head as the sequences carry it: `target_steps` [B, L, k] (uint16 / int32, 0 at padding)
-            instead of `target_ids`, and `target_codes` [B, L, k] (0 at padding) instead of `target_logprobs`, for
-            `expand_targets` to decode where the batch is used (on the GPU); 4-5x fewer bytes per entry. Sequences
-            that carry decoded ids or log-probs are collated as usual.
+        compact: keep the head as the sequences carry it: `target_gap_planes` [B, L, P * k] uint8 (the stored
+            planar gap bytes; P the most planes of the batch's sequences, higher planes 0; 0 at padding) instead of
+            `target_ids`, and `target_codes` [B, L, k] (0 at padding) instead of `target_logprobs`, for
+            `expand_targets` to decode where the batch is used (on the GPU); 3-5 instead of 12 bytes per entry.
+            Sequences that carry decoded ids or log-probs are collated as usual.
 
     Returns:
         `input_ids`, `attention_mask`, `labels` [B, L] int64; `loss_mask` [B, L] bool; `target_ids` [B, L, k] int64
@@ -83,15 +84,16 @@ def collate_sequences(
     b, length = len(seqs), pad_to if pad_to is not None else max(longest, 1)
     first = next((s for s in seqs if s is not None), {})
     # (output name, dtype) of the head: decoded, or as stored when compact
-    id_key, id_dtype = ("target_ids", np.int64)
-    if compact and "target_steps" in first:
-        id_key, id_dtype = "target_steps", first["target_steps"].dtype
+    id_key, id_dtype, id_width = "target_ids", np.int64, k
+    if compact and "target_gap_planes" in first:
+        id_key, id_dtype = "target_gap_planes", np.uint8
+        id_width = max(s["target_gap_planes"].shape[1] for s in seqs if s is not None)
     lp_key, lp_dtype = ("target_logprobs", np.float32)
     if compact and "target_codes" in first:
         lp_key, lp_dtype = "target_codes", first["target_codes"].dtype
     out = {
         "input_ids": np.full((b, length), pad_token_id, dtype=np.int64),
-        id_key: pooled_empty((b, length, k), id_dtype),
+        id_key: pooled_empty((b, length, id_width), id_dtype),
         lp_key: pooled_empty((b, length, k), lp_dtype),
         "log_normalizers": pooled_empty((b, length, num_temperatures), np.float32),
         "tail_logprobs": pooled_empty((b, length, num_temperatures), np.float32),
@@ -123,8 +125,10 @@ def collate_sequences(
         out["input_ids"][i, :n] = seq["input_ids"]
         for name, _ in copied:
             out[name][i, :n] = seq[name]
-        if id_key == "target_steps":
-            out["target_steps"][i, :n] = seq["target_steps"]
+        if id_key == "target_gap_planes":
+            stored = seq["target_gap_planes"].shape[1]  # planes above this sequence's shard's are 0
+            out["target_gap_planes"][i, :n, :stored] = seq["target_gap_planes"]
+            out["target_gap_planes"][i, :n, stored:] = 0
         elif "target_steps" in seq:
             cumsum_rows(seq["target_steps"], out["target_ids"][i, :n])
         else:
@@ -152,21 +156,28 @@ def collate_sequences(
 
 
 def expand_targets(batch: dict[str, Any]) -> dict[str, Any]:
-    """Decode a compact batch's head where it lies (GPU or CPU): a new dict with `target_ids` (int64, the cumsum of
-    `target_steps` along k) and `target_logprobs` (`logprob_table[target_codes]`, -inf where `loss_mask` is False)
-    in place of the compact keys. A batch without them is returned as it is. Pure torch; `kdcache.losses` calls it,
-    so a compact batch can go straight to a loss.
+    """Decode a compact batch's head where it lies (GPU or CPU): a new dict with `target_ids` (int64 ascending, 0 at
+    padding; from the planar gap bytes as docs/FORMAT.md decodes them) and `target_logprobs`
+    (`logprob_table[target_codes]`, -inf at padding) in place of the compact keys. A batch without them is returned
+    as it is. Pure torch; `kdcache.losses` call it, so a compact batch can go straight to a loss.
     """
-    if "target_steps" not in batch and "target_codes" not in batch:
+    if "target_gap_planes" not in batch and "target_codes" not in batch:
         return batch
     out = dict(batch)
-    if "target_steps" in out:
-        out["target_ids"] = out.pop("target_steps").to(torch.int64).cumsum(-1)
+    valid = out["loss_mask"].bool()
+    if "target_gap_planes" in out:
+        raw = out.pop("target_gap_planes")
+        k = (out["target_codes"] if "target_codes" in out else out["target_logprobs"]).shape[-1]
+        planes = raw.reshape(*raw.shape[:-1], raw.shape[-1] // max(k, 1), k).to(torch.int64)
+        shifts = 8 * torch.arange(planes.shape[-2], device=raw.device, dtype=torch.int64)
+        gaps = (planes << shifts[:, None]).sum(-2)
+        ids = gaps.cumsum(-1) + torch.arange(k, device=raw.device, dtype=torch.int64)
+        out["target_ids"] = ids.masked_fill(~valid.to(raw.device)[..., None], 0)
     if "target_codes" in out:
         codes = out.pop("target_codes")
         table = out.pop("logprob_table").to(codes.device)
         logprobs = table[codes.to(torch.int64)]
-        out["target_logprobs"] = logprobs.masked_fill(~out["loss_mask"].to(codes.device).bool()[..., None], -math.inf)
+        out["target_logprobs"] = logprobs.masked_fill(~valid.to(codes.device)[..., None], -math.inf)
     return out
 
 

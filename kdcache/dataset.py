@@ -149,11 +149,12 @@ class KDCacheDataset(IterableDataset):
             `kdcache.localcache`). Ignored for a cache on a local path.
         pad_to: fixed length L of every batch (None: the longest sequence of the batch); pad_token_id: input id at
             padding.
-        compact_targets: serve the head as stored, for decoding on the GPU: `target_steps` [B, L, k] (uint16 or
-            int32 id steps) and `target_codes` [B, L, k] (uint8/uint16 log-prob codes) plus `logprob_table`
-            [levels] instead of `target_ids` / `target_logprobs` (3 instead of 12 bytes per entry through the
-            host, and no decode on the host). `kdcache.losses` decode it themselves (`kdcache.collate.
-            expand_targets` does it for other code). Not with `top_k` or a temperature.
+        compact_targets: serve the head as stored, for decoding on the GPU: `target_gap_planes` [B, L, P * k]
+            (the shard's planar gap bytes, docs/FORMAT.md; Zarr caches: `target_ids`) and `target_codes` [B, L, k]
+            (uint8/uint16 log-prob codes) plus `logprob_table` [levels] instead of `target_ids` /
+            `target_logprobs` (3-5 instead of 12 bytes per entry through the host, and no decode on the host).
+            `kdcache.losses` decode it themselves (`kdcache.collate.expand_targets` does it for other code). Not
+            with `top_k` or a temperature.
 
     Batch (a dict; B = batch_size, L = length, k' = top_k or the cache's k, nT = temperatures):
         `input_ids`, `attention_mask`, `labels` [B, L] int64 (labels: next token, -100 at padding and at each
@@ -450,7 +451,7 @@ class KDCacheDataset(IterableDataset):
 
     def _load_unit(self, index: int) -> UnitRows:
         """Fetch (checked against size and sha256), decompress and decode one unit compactly; a prefetch thread."""
-        return self.reader.read_unit_rows(self.reader.units[index])
+        return self.reader.read_unit_rows(self.reader.units[index], planar=self.compact_targets)
 
     def _collate(self, seqs: list[dict[str, Any] | None], batch_index: int) -> dict[str, Any]:
         temps = list(self.reader.temperatures)

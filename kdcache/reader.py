@@ -120,8 +120,9 @@ class CacheReader:
         except Exception as exc:  # checksum passed but decoding failed: written by an incompatible writer
             raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from exc
 
-    def read_unit_rows(self, unit: dict[str, Any]) -> UnitRows:
-        """One unit's rows, compact for batching (`kdcache.unitrows`): fetched and checked like `read_unit`."""
+    def read_unit_rows(self, unit: dict[str, Any], *, planar: bool = False) -> UnitRows:
+        """One unit's rows, compact for batching (`kdcache.unitrows`): fetched and checked like `read_unit`. `planar`
+        keeps a Parquet shard's gap bytes as stored (for compact batches)."""
         url = self.store.url(unit["path"])
         if self.format.NAME == "parquet":
             data = self.read_unit_bytes(unit)
@@ -129,7 +130,12 @@ class CacheReader:
                 table = read_parquet_table(data)
                 del data  # the compressed bytes are not needed any more
                 rows = UnitRows.from_parquet(
-                    table, k=self.k, num_temperatures=len(self.temperatures), codec=self.codec, vocab_size=self.vocab
+                    table,
+                    k=self.k,
+                    num_temperatures=len(self.temperatures),
+                    codec=self.codec,
+                    vocab_size=self.vocab,
+                    planar=planar,
                 )
             except Exception as exc:  # checksum passed but reading failed: written by an incompatible writer
                 raise CorruptShardError(f"{url}: cannot read shard: {exc}") from exc

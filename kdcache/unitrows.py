@@ -115,6 +115,10 @@ def _planar_steps(raw: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
     return steps.view(np.int32) if wide else steps
 
 
+def _ids_key(rows: UnitRows) -> str:
+    return "target_gap_planes" if rows.ids_are_planar else "target_steps" if rows.ids_are_steps else "target_ids"
+
+
 def _sequence_bounds(seq_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, lengths, seq_ids) of the runs of equal seq_id, in row order."""
     if len(seq_col) == 0:
@@ -129,7 +133,8 @@ def _sequence_bounds(seq_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 class UnitRows:
     """A unit's N token rows in S sequences (sequence s is rows [starts[s], starts[s] + lengths[s])).
 
-    `target_ids` are steps (ids = cumsum along the row) when `ids_are_steps`, else the ids. `target_values` are
+    `target_ids` are steps (ids = cumsum along the row) when `ids_are_steps`, the stored planar gap bytes [N, P * k]
+    uint8 when `ids_are_planar` (compact batches decode them on the GPU), else the ids. `target_values` are
     log-prob codes (decode with `logprob_table`) when `values_are_codes`, else float32 log-probs.
     Sampled caches keep the Arrow table (`sample_table`) or the decoded `ShardData` (`sample_data`) and decode a
     sequence's samples when it is batched.
@@ -146,6 +151,7 @@ class UnitRows:
     log_normalizers: np.ndarray  # [N, nT] float32
     tail_logprobs: np.ndarray  # [N, nT] float32
     entropy: np.ndarray  # [N] float32
+    ids_are_planar: bool = False
     sample_table: pa.Table | None = None
     sample_data: ShardData | None = None
     decode_args: dict[str, Any] | None = None  # k, num_temperatures, codec (for the samples of a Parquet row slice)
@@ -156,10 +162,18 @@ class UnitRows:
 
     @classmethod
     def from_parquet(
-        cls, table: pa.Table, *, k: int, num_temperatures: int, codec: CodecParams, vocab_size: int
+        cls,
+        table: pa.Table,
+        *,
+        k: int,
+        num_temperatures: int,
+        codec: CodecParams,
+        vocab_size: int,
+        planar: bool = False,
     ) -> UnitRows:
         """From a Parquet shard's Arrow table (`read_parquet_table`); id steps are held as uint16 when `vocab_size`
-        (the teacher's padded vocabulary) allows, else int32. Raises ValueError for unexpected columns."""
+        (the teacher's padded vocabulary) allows, else int32; with `planar`, the stored gap bytes are kept as they
+        are (zero-copy). Raises ValueError for unexpected columns."""
         n = table.num_rows
         starts, lengths, seq_ids = _sequence_bounds(_column(table, "seq_id"))
         if k > 0:
@@ -169,7 +183,7 @@ class UnitRows:
                     f"target columns are {gaps_raw.shape[1]} / {codes_raw.shape[1]} bytes wide; expected multiples "
                     f"of k={k} with {codec.code_bytes}-byte codes ({codec.logprobs})"
                 )
-            ids = _planar_steps(gaps_raw, k, vocab_size)
+            ids = gaps_raw if planar else _planar_steps(gaps_raw, k, vocab_size)
             values = planar_to_values(codes_raw, k, codec.code_dtype)
         else:
             ids, values = np.zeros((n, 0), np.uint16), np.zeros((n, 0), codec.code_dtype)
@@ -193,7 +207,8 @@ class UnitRows:
             seq_ids=seq_ids,
             input_ids=_column(table, "input_id").astype(np.int32, copy=False),
             target_ids=ids,
-            ids_are_steps=True,
+            ids_are_steps=not planar,
+            ids_are_planar=planar,
             target_values=values,
             values_are_codes=codes,
             log_normalizers=stacked("log_normalizer"),
@@ -224,14 +239,15 @@ class UnitRows:
 
     def sequence(self, index: int) -> dict[str, Any]:
         """Sequence `index` (file order) as views: `seq_id`, `input_ids` [T], `target_steps` or `target_ids`
-        [T, k], `target_codes` or `target_logprobs` [T, k], `log_normalizers`/`tail_logprobs` [T, nT], `entropy`
-        [T], and for sampled caches `sample_ids`/`sample_counts`/`sample_logprobs` [T, m]."""
+        [T, k] (or `target_gap_planes` [T, P * k]), `target_codes` or `target_logprobs` [T, k],
+        `log_normalizers`/`tail_logprobs` [T, nT], `entropy` [T], and for sampled caches
+        `sample_ids`/`sample_counts`/`sample_logprobs` [T, m]."""
         start = int(self.starts[index])
         rows = slice(start, start + int(self.lengths[index]))
         seq = {
             "seq_id": self.seq_ids[index],
             "input_ids": self.input_ids[rows],
-            "target_steps" if self.ids_are_steps else "target_ids": self.target_ids[rows],
+            _ids_key(self): self.target_ids[rows],
             "target_codes" if self.values_are_codes else "target_logprobs": self.target_values[rows],
             "log_normalizers": self.log_normalizers[rows],
             "tail_logprobs": self.tail_logprobs[rows],

@@ -34,8 +34,7 @@ def test_expanded_compact_batches_equal_host_batches(tmp_path, fmt, mode, logpro
     host, compact = both(tmp_path)
     for h, c in zip(host, compact):
         if fmt == "parquet":
-            assert "target_steps" in c and "target_ids" not in c
-            assert c["target_steps"].dtype == (torch.int32 if vocab > 2**16 else torch.uint16)
+            assert "target_gap_planes" in c and "target_ids" not in c and c["target_gap_planes"].dtype == torch.uint8
         if logprobs != "f32" and fmt == "parquet":
             assert "target_codes" in c and c["target_codes"].dtype == (
                 torch.uint8 if logprobs == "u8" else torch.uint16
@@ -59,7 +58,7 @@ def test_losses_take_compact_batches(tmp_path):
         for name in ("forward_kl_tail", "renormalized_topk_kl"):
             fn = getattr(losses, name)
             torch.testing.assert_close(fn(logits, c), fn(logits, h), rtol=0, atol=0)
-        assert "target_steps" in c  # the caller's batch is left as it was
+        assert "target_gap_planes" in c  # the caller's batch is left as it was
 
 
 def test_compact_targets_refuse_read_time_changes(tmp_path):
@@ -68,3 +67,38 @@ def test_compact_targets_refuse_read_time_changes(tmp_path):
         KDCacheDataset(str(tmp_path), batch_size=2, compact_targets=True, top_k=2)
     with pytest.raises(ValueError, match="compact_targets"):
         KDCacheDataset(str(tmp_path), batch_size=2, compact_targets=True, temperature=2.0)
+
+
+def test_sequences_with_different_plane_counts_share_a_batch():
+    # each shard stores as many byte planes as its largest gap needs; a batch mixes shards, so the narrower rows are
+    # padded with zero high planes, which decode to the same ids
+    import numpy as np
+
+    from kdcache.codec import encode_ids, gap_planes, values_to_planar
+    from kdcache.collate import collate_sequences
+
+    rng = np.random.default_rng(0)
+    k, seqs, want = 4, [], []
+    for vocab, length in ((200, 3), (70_000, 5)):
+        ids = np.sort(np.stack([rng.choice(vocab, k, replace=False) for _ in range(length)]), axis=1)
+        gaps = encode_ids(ids)
+        planes = values_to_planar(gaps, gap_planes(gaps))
+        seqs.append(
+            {
+                "seq_id": len(seqs),
+                "input_ids": np.zeros(length, np.int32),
+                "target_gap_planes": planes,
+                "target_logprobs": np.full((length, k), -1.0, np.float32),
+                "log_normalizers": np.zeros((length, 1), np.float32),
+                "tail_logprobs": np.zeros((length, 1), np.float32),
+                "entropy": np.zeros(length, np.float32),
+            }
+        )
+        want.append(ids)
+    assert seqs[0]["target_gap_planes"].shape[1] == k < seqs[1]["target_gap_planes"].shape[1]
+    batch = {
+        key: torch.from_numpy(v) for key, v in collate_sequences(seqs, k=k, num_temperatures=1, compact=True).items()
+    }
+    ids = expand_targets(batch)["target_ids"]
+    assert torch.equal(ids[0, :3], torch.from_numpy(want[0])) and torch.equal(ids[1, :5], torch.from_numpy(want[1]))
+    assert not ids[0, 3:].any()  # padding positions hold id 0, as in host batches
