@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of the teacher path, in one short run: (1) the chunked top-k correctness tests in bf16 and on CUDA
-# (tests/test_teacher.py and tests/test_targets.py, `-k "bf16 or cuda or device_map"`; with several GPUs visible the
-# device-map test spreads a replica over them), then (2) the capture-overhead benchmark
+# (tests/test_teacher.py, tests/test_targets.py and tests/test_compact_batches.py, `-k "bf16 or cuda or device_map"`;
+# with several GPUs visible the device-map test spreads a replica over them; compact batches are decoded on CUDA),
+# then (2) the capture-overhead benchmark
 # (bench/capture.py) with a ~1B-parameter Llama (hidden 2048, 8 layers, V 128256, bf16) on the GPU.
 # Everything is printed to stdout; the script exits non-zero as soon as a step fails. About 2-3 minutes on one
 # H100 (most of it building and saving the random model); needs ~25 GB of GPU memory.
@@ -52,7 +53,7 @@ echo "== 1/2 chunked top-k correctness: pytest -k 'bf16 or cuda or device_map'"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 # pipefail: a pytest failure fails the script through the pipe.
-"$PY" -m pytest tests/test_teacher.py tests/test_targets.py -q -rs -p no:cacheprovider -k "bf16 or cuda or device_map" 2>&1 | tee "$log"
+"$PY" -m pytest tests/test_teacher.py tests/test_targets.py tests/test_compact_batches.py -q -rs -p no:cacheprovider -k "bf16 or cuda or device_map" 2>&1 | tee "$log"
 if [[ "$DEVICE" == cuda* ]] && grep -q "skipped" "$log"; then
   echo "gpu_check.sh: FAIL: tests were skipped on a CUDA machine, so CUDA was not exercised" >&2
   exit 1

@@ -102,3 +102,14 @@ def test_sequences_with_different_plane_counts_share_a_batch():
     ids = expand_targets(batch)["target_ids"]
     assert torch.equal(ids[0, :3], torch.from_numpy(want[0])) and torch.equal(ids[1, :5], torch.from_numpy(want[1]))
     assert not ids[0, 3:].any()  # padding positions hold id 0, as in host batches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compact_batches_expand_on_cuda(tmp_path):
+    build_cache(tmp_path, fmt="parquet", mode="topk", logprobs="u16", vocab=70_000, num_units=2, seqs_per_unit=4)
+    host, compact = both(tmp_path)
+    for h, c in zip(host, compact):
+        on_gpu = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in c.items()}
+        expanded = expand_targets(on_gpu)
+        torch.testing.assert_close(expanded["target_ids"].cpu(), h["target_ids"], rtol=0, atol=0)
+        torch.testing.assert_close(expanded["target_logprobs"].cpu(), h["target_logprobs"], rtol=0, atol=0)
