@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from kdcache.errors import ConfigError
+from kdcache.head_transforms import HEAD_TRANSFORMS, HeadTransform, identity
 from kdcache.targets import SampledTargets, TokenTargets, sample_targets, select_topk
 
 __all__ = [
@@ -50,88 +51,6 @@ _PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 CHUNK_BYTES_BY_DEVICE = {"cpu": 64 * 2**20}
 ACCELERATOR_CHUNK_BYTES = 2**30
 
-HeadTransform = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-
-
-def _identity(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    return logits
-
-
-def _final_softcap(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    # Same op order as Gemma2ForCausalLM.forward, so half-precision rounding matches too.
-    cap = model.config.get_text_config(decoder=True).final_logit_softcapping
-    return logits if cap is None else torch.tanh(logits / cap) * cap
-
-
-def _recurrent_gemma_softcap(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    cap = model.config.logits_soft_cap
-    return torch.tanh(logits / cap) * cap
-
-
-def _cohere_scale(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    return logits * model.logit_scale
-
-
-def _granite_divide(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    return logits / model.config.logits_scaling
-
-
-def _hyperclovax_multiply(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    return logits * model.config.logits_scaling
-
-
-def _falcon_h1_multiply(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    return logits * model.model.lm_head_multiplier
-
-
-# What each causal-LM class's forward does between `lm_head(last_hidden_state)` and returning `.logits`, read from
-# the transformers 5.x sources. Keyed by class, not model_type: Gemma3ForConditionalGeneration skips the softcap
-# that Gemma3ForCausalLM applies. Classes not listed are accepted only if their config names no logit transform and
-# the load-time probe agrees with their forward.
-HEAD_TRANSFORMS: dict[str, HeadTransform] = {
-    **dict.fromkeys(
-        [
-            "LlamaForCausalLM",
-            "MistralForCausalLM",
-            "MixtralForCausalLM",
-            "Qwen2ForCausalLM",
-            "Qwen3ForCausalLM",
-            "Qwen3MoeForCausalLM",
-            "GPT2LMHeadModel",
-            "Phi3ForCausalLM",
-            "GemmaForCausalLM",
-            "Olmo2ForCausalLM",
-            "Gemma3ForConditionalGeneration",
-        ],
-        _identity,
-    ),
-    **dict.fromkeys(
-        [
-            "Gemma2ForCausalLM",
-            "Gemma3ForCausalLM",
-            "Gemma4ForCausalLM",
-            "Gemma4ForConditionalGeneration",
-            "VaultGemmaForCausalLM",
-            "NanoChatForCausalLM",
-        ],
-        _final_softcap,
-    ),
-    "RecurrentGemmaForCausalLM": _recurrent_gemma_softcap,
-    **dict.fromkeys(["CohereForCausalLM", "Cohere2ForCausalLM", "Cohere2MoeForCausalLM"], _cohere_scale),
-    **dict.fromkeys(
-        [
-            "GraniteForCausalLM",
-            "GraniteMoeForCausalLM",
-            "GraniteMoeSharedForCausalLM",
-            "GraniteMoeHybridForCausalLM",
-            "GraniteSWAForCausalLM",
-            "GraniteMoeSWAForCausalLM",
-        ],
-        _granite_divide,
-    ),
-    "HyperCLOVAXForCausalLM": _hyperclovax_multiply,
-    "FalconH1ForCausalLM": _falcon_h1_multiply,
-}
 # Config keys that suggest a final-logit transform (attention and router soft-capping excluded).
 _TRANSFORM_KEY = re.compile(r"(logit|lm_head).*(scal|cap|mult)|output_multiplier|mup")
 _NOT_TRANSFORM_KEY = re.compile(r"attn|attention|router|rope")
@@ -271,9 +190,9 @@ def _head_transform(model: torch.nn.Module) -> HeadTransform:
         raise ConfigError(
             f"{name} (model_type {model.config.model_type!r}) sets {suspicious}, which may transform the final "
             "logits, and kdcache does not know how this class applies it; add the class to "
-            "kdcache.teacher.HEAD_TRANSFORMS after reading its forward()"
+            "kdcache.head_transforms.HEAD_TRANSFORMS after reading its forward()"
         )
-    return _identity
+    return identity
 
 
 class Teacher:
@@ -402,7 +321,7 @@ class Teacher:
             raise ConfigError(
                 f"{type(self.model).__name__}: the chunked lm_head differs from the model's forward by {error:.3g} "
                 f"logits (allowed {allowed:.3g}); its forward applies a final-logit transform kdcache does not know. "
-                "Add the class to kdcache.teacher.HEAD_TRANSFORMS after reading its forward()"
+                "Add the class to kdcache.head_transforms.HEAD_TRANSFORMS after reading its forward()"
             )
 
     def _check_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
