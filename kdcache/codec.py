@@ -122,14 +122,6 @@ class CodecParams:
         """The decode table: float32 log-prob of each code, descending from 0 to logprob_min (empty for f32)."""
         return _level_table(self.logprob_min, self.levels, self.compand) if self.logprobs != "f32" else _EMPTY
 
-    @property
-    def step(self) -> float:
-        """The largest quantization step in nats (0.0 for f32); the decode error is at most half the local step."""
-        if self.logprobs == "f32":
-            return 0.0
-        t = self.table
-        return float(t[-2] - t[-1])
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": CODEC_NAME,

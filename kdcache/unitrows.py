@@ -115,10 +115,6 @@ def _planar_steps(raw: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
     return steps.view(np.int32) if wide else steps
 
 
-def _ids_key(rows: UnitRows) -> str:
-    return "target_gap_planes" if rows.ids_are_planar else "target_steps" if rows.ids_are_steps else "target_ids"
-
-
 def _sequence_bounds(seq_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, lengths, seq_ids) of the runs of equal seq_id, in row order."""
     if len(seq_col) == 0:
@@ -133,8 +129,9 @@ def _sequence_bounds(seq_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 class UnitRows:
     """A unit's N token rows in S sequences (sequence s is rows [starts[s], starts[s] + lengths[s])).
 
-    `target_ids` are steps (ids = cumsum along the row) when `ids_are_steps`, the stored planar gap bytes [N, P * k]
-    uint8 when `ids_are_planar` (compact batches decode them on the GPU), else the ids. `target_values` are
+    `ids_key` names what `target_ids` holds, and is the key a sequence carries them under: "target_steps" (ids =
+    cumsum along the row), "target_gap_planes" (the stored planar gap bytes [N, P * k] uint8, which compact batches
+    decode on the GPU) or "target_ids" (the ids). `target_values` are
     log-prob codes (decode with `logprob_table`) when `values_are_codes`, else float32 log-probs.
     Sampled caches keep the Arrow table (`sample_table`) or the decoded `ShardData` (`sample_data`) and decode a
     sequence's samples when it is batched.
@@ -144,14 +141,13 @@ class UnitRows:
     lengths: np.ndarray  # [S] int64
     seq_ids: np.ndarray  # [S] int64
     input_ids: np.ndarray  # [N] int32
-    target_ids: np.ndarray  # [N, k] steps (uint16 | int32) or ids (int64, ascending per row)
-    ids_are_steps: bool
+    target_ids: np.ndarray  # [N, k] steps (uint16 | int32), [N, P * k] planar gap bytes, or ids (int64, ascending)
+    ids_key: str  # "target_steps" | "target_gap_planes" | "target_ids"
     target_values: np.ndarray  # [N, k] codes (uint8 / uint16) or float32 log-probs
     values_are_codes: bool
     log_normalizers: np.ndarray  # [N, nT] float32
     tail_logprobs: np.ndarray  # [N, nT] float32
     entropy: np.ndarray  # [N] float32
-    ids_are_planar: bool = False
     sample_table: pa.Table | None = None
     sample_data: ShardData | None = None
     decode_args: dict[str, Any] | None = None  # k, num_temperatures, codec (for the samples of a Parquet row slice)
@@ -207,8 +203,7 @@ class UnitRows:
             seq_ids=seq_ids,
             input_ids=_column(table, "input_id").astype(np.int32, copy=False),
             target_ids=ids,
-            ids_are_steps=not planar,
-            ids_are_planar=planar,
+            ids_key="target_gap_planes" if planar else "target_steps",
             target_values=values,
             values_are_codes=codes,
             log_normalizers=stacked("log_normalizer"),
@@ -228,7 +223,7 @@ class UnitRows:
             seq_ids=seq_ids,
             input_ids=data.input_ids,
             target_ids=data.target_ids,
-            ids_are_steps=False,
+            ids_key="target_ids",
             target_values=data.target_logprobs,
             values_are_codes=False,
             log_normalizers=data.log_normalizers,
@@ -247,7 +242,7 @@ class UnitRows:
         seq = {
             "seq_id": self.seq_ids[index],
             "input_ids": self.input_ids[rows],
-            _ids_key(self): self.target_ids[rows],
+            self.ids_key: self.target_ids[rows],
             "target_codes" if self.values_are_codes else "target_logprobs": self.target_values[rows],
             "log_normalizers": self.log_normalizers[rows],
             "tail_logprobs": self.tail_logprobs[rows],
