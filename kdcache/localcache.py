@@ -1,9 +1,9 @@
 """A size-limited local disk cache of shard bytes fetched from an object store, shared by the processes of a node.
 
     local = LocalShardCache("/local_nvme/kdcache", max_bytes=200 * 2**30)
-    data = local.get(unit["sha256"], unit["bytes"])      # verified bytes, or None (absent or corrupt: re-fetch)
+    data = local.get(unit)                               # verified bytes, or None (absent or corrupt: re-fetch)
     if data is None:
-        data = fetch_and_verify(unit)                      # the caller checks size and sha256 of what it fetched
+        data = fetch_and_verify(unit)                      # the caller checks size and checksum of what it fetched
         local.put(unit["sha256"], data)
 
 `CacheReader` (and so `KDCacheDataset`) uses it when given `local_cache_dir`; local caches are read in place and
@@ -69,21 +69,20 @@ class LocalShardCache:
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return os.path.join(self.directory, sha256)
 
-    def get(self, sha256: str, size: int, crc32: int | None = None) -> memoryview | None:
-        """The shard's bytes if a valid local copy exists (size and checksum checked: `crc32` when the manifest
-        records one, else the sha256), else None.
+    def get(self, unit: dict) -> memoryview | None:
+        """The bytes of a manifest unit's shard if a valid local copy exists (size and checksum checked as readers
+        check them, `kdcache.manifest.shard_checksum_error`), else None.
 
         A copy of the wrong size or checksum is deleted (and counted in `corrupt`), so the caller's re-fetch
         replaces it.
         """
-        path = self.path(sha256)
+        path, size = self.path(unit["sha256"]), int(unit["bytes"])
         try:
             with open(path, "rb") as f:
                 data = read_pooled(f, size)
         except FileNotFoundError:
             self.misses += 1
             return None
-        unit = {"bytes": size, "sha256": sha256} | ({"crc32": crc32} if crc32 is not None else {})
         if shard_checksum_error(unit, data):
             self.corrupt += 1
             self.misses += 1

@@ -90,7 +90,7 @@ class CacheReader:
         """The shard's bytes (bytes-like), checked against its recorded size and checksum (from the local cache when it
         holds a valid copy; a fetched shard is added to it)."""
         if self.local_cache is not None:
-            data = self.local_cache.get(unit["sha256"], unit["bytes"], unit.get("crc32"))
+            data = self.local_cache.get(unit)
             if data is None:
                 data = self._fetch_unit_bytes(unit)
                 self.local_cache.put(unit["sha256"], data)

@@ -209,7 +209,7 @@ def test_arguments(remote, tmp_path):
     with pytest.raises(ValueError, match="local_cache_bytes must be > 0"):
         LocalShardCache(str(tmp_path), 0)
     with pytest.raises(ValueError, match="sha256"):
-        LocalShardCache(str(tmp_path), 10).get("../etc/passwd", 1)
+        LocalShardCache(str(tmp_path), 10).get({"sha256": "../etc/passwd", "bytes": 1})
     (tmp_path / "notes.txt").write_text("not a shard")  # a stranger's file is neither counted nor evicted
     cache = LocalShardCache(str(tmp_path), 10)
     cache.put("ab" * 32, b"0123456789")
