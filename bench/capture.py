@@ -7,9 +7,9 @@ the compared paths run back to back (interleaved), so load from other processes 
    top-k mask with a cumsum over ties, full-width logsumexp passes per temperature, dense entropy) on random
    logits ``[rows, V]`` at each ``--topk-vocabs``.
 2. Capture: a randomly initialised Llama (``--hidden``, ``--layers``, ``--vocab``; saved with ``save_pretrained`` and
-   loaded through ``kdcache.teacher.Teacher``) with a BPE tokenizer trained here with ``tokenizers`` on Python
+   loaded through ``kdcache.capture.teacher.Teacher``) with a BPE tokenizer trained here with ``tokenizers`` on Python
    standard-library sources, which also form the corpus (one jsonl work unit of ~7k-token documents). On the
-   exact padded batches the worker forms (``kdcache.worker.make_batches`` over the unit's windows) it times
+   exact padded batches the worker forms (``kdcache.capture.worker.make_batches`` over the unit's windows) it times
 
    - ``bare forward``: ``model(input_ids, attention_mask).logits`` (full logits: what a user pays anyway);
    - ``Teacher.compute_targets``: body + chunked lm_head + ``select_topk``, no encoding or I/O;
@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdcache.targets import TokenTargets, select_topk  # noqa: E402
+from kdcache.capture.targets import TokenTargets, select_topk  # noqa: E402
 
 TOKENIZER_VOCAB = 8192  # BPE vocabulary trained here; the model's lm_head may have more rows (padded vocab)
 HEAD_LOGIT_STD = 4.0  # nats; the lm_head is re-drawn so distributions are peaked like a trained teacher's
@@ -189,28 +189,29 @@ def build_teacher_dir(
 
 def make_worker(model_dir: Path, out_uri: str, args: argparse.Namespace):
     """A ``UnitWorker`` with settings built by hand (no job config), writing Parquet shards to ``out_uri``."""
-    from kdcache.worker import UnitWorker, WorkerSettings
+    from kdcache.capture.worker import UnitWorker, WorkerSettings
+    from kdcache.config import load_config
 
-    settings = WorkerSettings(
-        teacher={"model": str(model_dir), "revision": None, "dtype": args.dtype, "trust_remote_code": False}
-        | {"chunk_bytes": args.chunk_bytes},
-        data={"format": "jsonl", "text_field": "text", "ids_field": None, "tokenizer": None, "add_eos": True}
-        | {"max_length": args.max_length, "min_length": 2},
-        k=args.k,
-        temperatures=list(args.temperatures),
-        output_uri=out_uri,
-        storage_options={},
-        compression_level=3,
-        batch_tokens=args.batch_tokens,
-        shard_metadata={"bench": "capture"},
-        shard_format="parquet",
+    cfg = load_config(
+        None,
+        [
+            f"teacher.model={model_dir}",
+            f"teacher.dtype={args.dtype}",
+            f"teacher.chunk_bytes={'null' if args.chunk_bytes is None else args.chunk_bytes}",
+            "data.source=unused",
+            f"data.max_length={args.max_length}",
+            f"targets.k={args.k}",
+            f"targets.temperatures={list(args.temperatures)}",
+            f"output.uri={out_uri}",
+            f"cluster.batch_tokens={args.batch_tokens}",
+        ],
     )
-    return UnitWorker(settings, device=args.device)
+    return UnitWorker(WorkerSettings.from_config(cfg, fingerprint="bench-capture"), device=args.device)
 
 
 def padded_batches(worker, unit: dict[str, Any]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
     """The padded (ids, mask) batches ``UnitWorker.process`` forms for ``unit``, with real and padded token counts."""
-    from kdcache.worker import make_batches, pad_batch
+    from kdcache.capture.worker import make_batches, pad_batch
 
     windows, _ = worker.read_windows(unit)
     lengths = [len(w) for _, w in windows]
@@ -311,7 +312,7 @@ def bench_capture(args: argparse.Namespace) -> dict[str, Any]:
 
 def real_fraction_by_unit_size(worker, root: Path, unit_tokens: Sequence[int]) -> list[dict[str, Any]]:
     """Real-token fraction of ``make_batches`` on larger units of the same corpus (tokenization only, no forward)."""
-    from kdcache.worker import make_batches
+    from kdcache.capture.worker import make_batches
 
     out = []
     for tokens in unit_tokens:

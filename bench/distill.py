@@ -6,8 +6,8 @@ hard labels, on the same data and steps.
     python bench/distill.py --out DIR        # results.json, table.md and curves-*.png go to DIR
 
 Setup (full run): the teacher is the demo's 2-layer Llama trained on the Python standard library
-(`kdcache.demo.prepare_demo`, built once into ``.kdcache/demo/assets`` and shared with ``kdcache demo``); train and
-valid are split by file. A subset of the train split (documents spread over the library, ``--train-kb``) is cached
+(`kdcache.demo.assets.prepare_demo`: built once into ``.kdcache/demo/assets`` and shared with ``kdcache demo``); train
+and valid are split by file. A subset of the train split (documents spread over the library, ``--train-kb``) is cached
 once per target mode with `run_cache_job` on a local Ray with 2 teacher actors: top-8, top-32, sample N=50 and
 hybrid head 8 + N=50. Then students of two sizes (Llama h64/1 layer and h96/2 layers, the teacher's tokenizer and
 padded vocabulary) are trained for the same number of steps on the same batches (all caches hold the same sequences,
@@ -50,14 +50,16 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import torch  # noqa: E402
 
-from kdcache import students as st  # noqa: E402
+from kdcache.demo import evaluation as ev  # noqa: E402
+from kdcache.demo import students as st  # noqa: E402
+from kdcache.demo import training as tr  # noqa: E402
 
 FULL: dict[str, Any] = {
     "demo": None,  # prepare_demo's defaults (the assets `kdcache demo` uses)
     "train_kb": 450,  # KB of train-split text cached (~130k tokens)
     "max_length": 256,  # tokens per cached sequence
     "unit_bytes": 65536,  # input bytes per work unit (several units per actor)
-    "students": [st.StudentSpec("h64-L1", 64, 1, 2), st.StudentSpec("h96-L2", 96, 2, 3)],
+    "students": [ev.StudentSpec("h64-L1", 64, 1, 2), ev.StudentSpec("h96-L2", 96, 2, 3)],
     "steps": 200,
     "batch": 8,
     "eval_every": 25,
@@ -70,7 +72,7 @@ QUICK: dict[str, Any] = {
     "train_kb": 40,
     "max_length": 64,
     "unit_bytes": 8192,
-    "students": [st.StudentSpec("h32-L1", 32, 1, 2), st.StudentSpec("h48-L2", 48, 2, 2)],
+    "students": [ev.StudentSpec("h32-L1", 32, 1, 2), ev.StudentSpec("h48-L2", 48, 2, 2)],
     "steps": 12,
     "batch": 4,
     "eval_every": 4,
@@ -122,8 +124,8 @@ def build_caches(
     """One fresh cache per key of `CACHES` (local Ray, 2 actors); returns key -> uri, seconds, bytes, stats."""
     import ray
 
+    from kdcache.capture.job import run_cache_job
     from kdcache.config import load_config
-    from kdcache.job import run_cache_job
 
     started_ray = not ray.is_initialized()
     t0 = time.perf_counter()
@@ -290,7 +292,7 @@ def run(
 def _run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int, keys: list[str] | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdcache.demo import prepare_demo
+    from kdcache.demo.assets import prepare_demo
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -304,15 +306,15 @@ def _run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int, ke
     teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
     torch.set_num_threads(1)
-    valid = st.make_validation(
+    valid = ev.make_validation(
         teacher,
         tokenizer,
-        st.read_texts(assets.valid_dir),
+        ev.read_texts(assets.valid_dir),
         windows=settings["valid_windows"],
         length=settings["max_length"],
         curve_windows=settings["curve_windows"],
     )
-    train = st.TrainSettings(
+    train = tr.TrainSettings(
         steps=settings["steps"], batch_size=settings["batch"], eval_every=settings["eval_every"], data_seed=seed
     )
     runs = []

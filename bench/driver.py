@@ -1,8 +1,8 @@
 """How many units per second the driver's scheduling loop sustains, and what passes through the driver per unit.
 
-Runs the real loop (`kdcache.pool.schedule_units`, the one `run_cache_job` uses) on a local Ray with fake teacher
-actors that compute nothing: `process()` returns a realistic commit record (same keys and sizes as a real one,
-telemetry histograms included) immediately or after `--latency-ms`. To give the loop 1,000 actors on a laptop, the
+Runs the real loop (`kdcache.capture.scheduler.schedule_units`, the one `run_cache_job` uses) on a local Ray with
+fake teacher actors that compute nothing: `process()` returns a realistic commit record (same keys and sizes as a real
+one, telemetry histograms included) immediately or after `--latency-ms`. To give the loop 1,000 actors on a laptop, the
 fake actors are *virtual*: each is a handle onto one of `--backends` async Ray actors, so the driver sees 1,000
 actors and 2,000 refs in flight (what it tracks and waits on is real) while the machine runs a few processes.
 What this does not reproduce: 1,000 separate gRPC connections and nodes, and object-store latency between nodes.
@@ -37,9 +37,9 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kdcache.capture.plan import WorkUnit  # noqa: E402
+from kdcache.capture.scheduler import schedule_units  # noqa: E402
 from kdcache.manifest import build_manifest, commit_key, dumps  # noqa: E402
-from kdcache.plan import WorkUnit  # noqa: E402
-from kdcache.pool import schedule_units  # noqa: E402
 from kdcache.store import Store  # noqa: E402
 from kdcache.telemetry import summarize_tokens  # noqa: E402
 

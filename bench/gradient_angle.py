@@ -1,8 +1,8 @@
 """How close each cached-target estimator's gradient is to full-vocabulary KD, and what it costs to store.
 
-On the demo's small trained teacher (``kdcache.demo.prepare_demo``: a 2-layer Llama trained on the Python standard
-library) and a smaller student Llama (built from a config, briefly trained on hard labels), over one batch of held-out
-text:
+On the demo's small trained teacher (``kdcache.demo.assets.prepare_demo``: a 2-layer Llama trained on the Python
+standard library) and a smaller student Llama (built from a config, briefly trained on hard labels), over one batch of
+held-out text:
 
 1. the full-KD gradient: forward KL(p_teacher || q_student) with the teacher's full float32 distribution, mean over
    positions, differentiated w.r.t. every student parameter;
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from kdcache import losses
-from kdcache.formats.parquet import ShardWriter, read_shard
-from kdcache.targets import sample_targets, select_topk
+from kdcache.capture.targets import sample_targets, select_topk
+from kdcache.formats.parquet import ShardWriter, column_bytes, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = {"batch": 16, "length": 128, "draws": 10, "student_steps": 150}
@@ -92,15 +92,17 @@ def load_models(workdir: Path | None, settings: dict[str, Any], seed: int) -> tu
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdcache import demo
+    from kdcache.demo import corpus
+    from kdcache.demo import teacher as demo_teacher
+    from kdcache.demo.assets import prepare_demo
 
     if "teacher_steps" in settings:
-        train, valid = demo.split_train_valid(demo.stdlib_documents(16), valid_fraction=0.25)
+        train, valid = corpus.split_train_valid(corpus.stdlib_documents(16), valid_fraction=0.25)
         train_texts, valid_texts = [t for _, t in train], [t for _, t in valid]
         with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
-            tokenizer = demo.train_tokenizer(train_texts, Path(tmp), vocab_size=508)
-        teacher = demo.build_teacher(tokenizer, hidden_size=64, num_layers=2, heads=4, seed=seed)
-        demo.train_teacher(
+            tokenizer = demo_teacher.train_tokenizer(train_texts, Path(tmp), vocab_size=508)
+        teacher = demo_teacher.build_teacher(tokenizer, hidden_size=64, num_layers=2, heads=4, seed=seed)
+        demo_teacher.train_teacher(
             teacher,
             tokenizer,
             train_texts,
@@ -112,7 +114,7 @@ def load_models(workdir: Path | None, settings: dict[str, Any], seed: int) -> tu
             progress=False,
         )
         return teacher.eval(), tokenizer, train_texts, valid_texts
-    assets = demo.prepare_demo(workdir, progress=False, seed=seed)
+    assets = prepare_demo(workdir, progress=False, seed=seed)
     teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
     return teacher, tokenizer, _read_texts(assets.train_dir), _read_texts(assets.valid_dir)
@@ -120,7 +122,7 @@ def load_models(workdir: Path | None, settings: dict[str, Any], seed: int) -> tu
 
 def build_student(tokenizer: Any, train_texts: list[str], steps: int, seed: int) -> torch.nn.Module:
     """A 1-layer, 64-wide Llama over the teacher's padded vocabulary, trained ``steps`` AdamW steps on hard labels."""
-    from kdcache.demo import build_teacher, train_teacher
+    from kdcache.demo.teacher import build_teacher, train_teacher
 
     student = build_teacher(tokenizer, hidden_size=64, num_layers=1, heads=2, seed=seed + 1)
     if steps > 0:
@@ -155,7 +157,6 @@ def cache_round_trip(
         ``ids_per_token`` (distinct ids stored), ``bytes_per_token`` (whole file), ``target_bytes_per_token``
         (compressed target/sample/tail column chunks only).
     """
-    from kdcache.report import column_bytes
 
     b, length, vocab = logits.shape
     flat = logits.reshape(b * length, vocab)
@@ -163,15 +164,12 @@ def cache_round_trip(
         head, drawn = sample_targets(
             flat, num_samples=est.samples, head=est.k, temperatures=[1.0], generator=generator
         )
-        samples = [drawn.ids.numpy(), drawn.counts.numpy(), drawn.logprobs.numpy()]
     else:
-        head, samples = select_topk(flat, est.k, [1.0]), []
-    arrays = [head.ids, head.logprobs, head.log_normalizers, head.tail_logprobs, head.entropy]
-    arrays = [a.numpy() for a in arrays] + samples
+        head, drawn = select_topk(flat, est.k, [1.0]), None
     writer = ShardWriter(k=est.k, num_temperatures=1, num_samples=est.samples)
     for row in range(b):
-        rows = slice(row * length, (row + 1) * length)
-        writer.add(row, input_ids[row].numpy(), *(a[rows] for a in arrays))
+        rows = (row * length, (row + 1) * length)
+        writer.add(row, input_ids[row].numpy(), head.rows(*rows), None if drawn is None else drawn.rows(*rows))
     shard = writer.finish()
     data = read_shard(shard, k=est.k, num_temperatures=1)
     sizes = column_bytes(shard)

@@ -3,7 +3,7 @@
 Builds a tiny-hidden Llama with ``vocab_size=128256`` from a config (random weights), saves it, and runs each path
 in its own subprocess on the same random batch:
 
-- ``chunked``: ``kdcache.teacher.Teacher.compute_targets`` (body once, lm_head + ``select_topk`` per chunk of
+- ``chunked``: ``kdcache.capture.teacher.Teacher.compute_targets`` (body once, lm_head + ``select_topk`` per chunk of
   ``chunk_bytes`` float32 logits);
 - ``naive``: ``model(ids).logits`` (the full ``[B, L, V]`` float32 logits) -> ``log_softmax`` -> ``topk``.
 
@@ -79,7 +79,7 @@ def _child(args: argparse.Namespace) -> None:
     mask = torch.ones_like(ids)
     temperatures = [1.0, 2.0]
     if args.child == "chunked":
-        from kdcache.teacher import Teacher
+        from kdcache.capture.teacher import Teacher
 
         teacher = Teacher(args.model, dtype="float32", device="cpu", chunk_bytes=args.chunk_bytes)
 
@@ -139,7 +139,7 @@ def _run_child(path: str, model_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdcache.teacher import default_chunk_bytes
+    from kdcache.capture.teacher import default_chunk_bytes
 
     default_chunk = default_chunk_bytes("cpu")  # what a CPU Teacher uses when chunk_bytes is not set
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

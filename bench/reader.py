@@ -38,14 +38,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from kdcache.capture.targets import TokenTargets
 from kdcache.codec import CodecParams
-from kdcache.collate import collate_sequences, cumsum_rows, expand_targets
-from kdcache.dataset import KDCacheDataset
-from kdcache.formats.parquet import SHARD_SUFFIX, ShardWriter
+from kdcache.formats.memory import read_pooled
+from kdcache.formats.parquet import SUFFIX, ShardWriter, read_table, rows_from_table
+from kdcache.formats.rows import logprob_table
+from kdcache.losses.compact import expand_targets
 from kdcache.manifest import FORMAT_VERSION, INDEX_KEY, build_manifest, dumps, shard_key
-from kdcache.reader import open_cache
+from kdcache.read.collate import collate_sequences, cumsum_rows
+from kdcache.read.dataset import KDCacheDataset
+from kdcache.read.reader import open_cache
 from kdcache.store import Store
-from kdcache.unitrows import UnitRows, logprob_table, read_parquet_table, read_pooled
 
 TEMPERATURES = (1.0, 2.0)
 
@@ -76,10 +79,10 @@ def build_cache(uri: str, *, tokens: int, vocab: int, k: int, seq_len: int, unit
             tails = -rng.uniform(0.2, 4.0, size=(seq_len, len(TEMPERATURES))).astype(np.float32)
             entropy = rng.uniform(0.0, 5.0, size=seq_len).astype(np.float32)
             input_ids = rng.integers(0, vocab, size=seq_len).astype(np.int32)
-            writer.add(seq_id, input_ids, ids, lps, norms, tails, entropy)
+            writer.add(seq_id, input_ids, TokenTargets(ids, lps, norms, tails, entropy))
             seq_id += 1
         data = writer.finish()
-        path = shard_key(f"unit{u:04d}", "a0", SHARD_SUFFIX)
+        path = shard_key(f"unit{u:04d}", "a0", SUFFIX)
         store.write_bytes(path, data)
         entries.append(
             {
@@ -133,9 +136,9 @@ def breakdown(uri: str, *, batch_size: int, repeats: int) -> dict[str, float]:
         return out
 
     blobs = read()
-    tables = [read_parquet_table(b) for b in blobs]
+    tables = [read_table(b) for b in blobs]
     decode = dict(k=cache.k, num_temperatures=len(cache.temperatures), codec=cache.codec, vocab_size=cache.vocab)
-    rows = [UnitRows.from_parquet(t, **decode) for t in tables]
+    rows = [rows_from_table(t, **decode) for t in tables]
     seqs = [r.sequence(i) for r in rows for i in range(r.num_sequences)]
     batches = [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
 
@@ -160,8 +163,8 @@ def breakdown(uri: str, *, batch_size: int, repeats: int) -> dict[str, float]:
         "shard bytes into memory": read,
         "sha256 (verify --deep)": lambda: [hashlib.sha256(b).hexdigest() for b in blobs],
         "crc32 (every read)": lambda: [zlib.crc32(b) for b in blobs],
-        "Arrow decompression (ParquetFile.read)": lambda: [read_parquet_table(b) for b in blobs],
-        "unit decode (id steps, side columns)": lambda: [UnitRows.from_parquet(t, **decode) for t in tables],
+        "Arrow decompression (ParquetFile.read)": lambda: [read_table(b) for b in blobs],
+        "unit decode (id steps, side columns)": lambda: [rows_from_table(t, **decode) for t in tables],
         "collate_sequences, all of it": collate,
         "  of which ids (cumsum into int64)": ids,
         "  of which log-probs (table look-up)": logprobs,

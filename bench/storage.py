@@ -17,8 +17,8 @@ thread). Sources of teacher targets, each reduced to the top 128 per token plus 
   token at t + 1 is drawn from the head at t (the realized next token).
 - ``uniform``: the same log-probs with ids drawn uniformly without replacement: the hardest case for the ids, whose
   entropy is exactly the floor log2 C(V, k) / k bits per entry; an id coder cannot go below it.
-- ``demo``: the real outputs of the trained demo teacher (`kdcache.demo.prepare_demo`, a tiny Llama trained on the
-  Python standard library; its own vocabulary of ~2k ids) on held-out stdlib text. Not run with --quick.
+- ``demo``: the real outputs of the trained demo teacher (`kdcache.demo.assets.prepare_demo`, a tiny Llama trained on
+  the Python standard library; its own vocabulary of ~2k ids) on held-out stdlib text. Not run with --quick.
 
 Quantization error, averaged over tokens (nats): ``KL head`` = KL(p_head || q_head), both renormalized over the
 head; ``KL +tail`` = KL(P || Q) over the head plus the tail as one bucket (P true, Q the decoded head with the exact
@@ -117,7 +117,7 @@ def synthetic_teacher(vocab: int, n: int, *, seed: int = 0, target_entropy: floa
     """LLM-like targets (see the module docstring for the generator)."""
     import torch
 
-    from kdcache.targets import select_topk
+    from kdcache.capture.targets import select_topk
 
     rng = np.random.default_rng(seed)
     key = np.log1p(np.arange(vocab)) + rng.normal(0.0, 1.0, vocab)
@@ -141,7 +141,7 @@ def synthetic_teacher(vocab: int, n: int, *, seed: int = 0, target_entropy: floa
     parts = []
     for start in range(0, n, chunk):
         parts.append(select_topk(logits(min(chunk, n - start), scale, gen), KMAX, TEMPERATURES))
-    from kdcache.targets import TokenTargets
+    from kdcache.capture.targets import TokenTargets
 
     t = TokenTargets.concat(parts)
     # the input at t + 1 is the token realized at t, drawn from the head
@@ -167,8 +167,8 @@ def demo_teacher(n: int, workdir: Path) -> Targets:
     """Real outputs of the demo teacher on its held-out split (windows of 256 tokens)."""
     import torch
 
-    from kdcache.demo import prepare_demo
-    from kdcache.teacher import Teacher, load_tokenizer
+    from kdcache.capture.teacher import Teacher, load_tokenizer
+    from kdcache.demo.assets import prepare_demo
 
     assets = prepare_demo(workdir, progress=False)
     teacher = Teacher(str(assets.teacher_dir), dtype="float32", device="cpu")
@@ -186,7 +186,7 @@ def demo_teacher(n: int, workdir: Path) -> Targets:
         batch = torch.tensor(windows[start : start + 16])
         parts.append(teacher.compute_targets(batch, torch.ones_like(batch), k=KMAX, temperatures=TEMPERATURES))
         inputs.append(batch.reshape(-1).numpy())
-    from kdcache.targets import TokenTargets
+    from kdcache.capture.targets import TokenTargets
 
     t = TokenTargets.concat(parts)
     return _from_torch(t, np.concatenate(inputs), teacher.padded_vocab_size)
@@ -224,6 +224,7 @@ def _write(
     fmt_name: str, t: Targets, k: int, logprobs: str, head: tuple | None = None, n_temps: int = len(TEMPERATURES)
 ) -> tuple[bytes, float, int]:
     """(shard bytes, encode seconds, tokens) of targets t at k with kdcache's writer (the timed part: add + finish)."""
+    from kdcache.capture.targets import TokenTargets
     from kdcache.codec import CodecParams
     from kdcache.formats import get_format
 
@@ -235,7 +236,8 @@ def _write(
     writer = fmt.ShardWriter(k=k, num_temperatures=n_temps, codec=CodecParams.for_logprobs(logprobs))
     for s in range(0, n, SEQ_LEN):
         e = min(s + SEQ_LEN, n)
-        writer.add(s, t.input_ids[s:e], ids[s:e], lps[s:e], norms[s:e], tails[s:e], t.entropy[s:e])
+        head = TokenTargets(ids[s:e], lps[s:e], norms[s:e], tails[s:e], t.entropy[s:e])
+        writer.add(s, t.input_ids[s:e], head)
     data = writer.finish()
     return data, time.perf_counter() - t0, n
 

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from kdcache.dataset import KDCacheDataset
 from kdcache.losses import LOSSES, distillation_loss
+from kdcache.read.dataset import KDCacheDataset
 
 WEIGHT_FILES = (
     "model.safetensors",

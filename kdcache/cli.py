@@ -17,116 +17,18 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from kdcache.errors import CacheMismatchError, KdcacheError
 
-__all__ = ["cache_summary", "main"]
+__all__ = ["build_parser", "main"]
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A cache's summary as plain data (what `kdcache info --json` prints)."""
-    from kdcache.manifest import COMMITS_DIR, FINGERPRINT_KEY, read_manifest
-    from kdcache.store import Store
-
-    store = Store(uri, storage_options)
-    manifest = read_manifest(store)
-    if manifest is None:
-        try:
-            claimed = json.loads(store.read_bytes(FINGERPRINT_KEY))
-        except FileNotFoundError:
-            raise KdcacheError(f"{uri}: no kdcache cache here (no index.json, no fingerprint.json)") from None
-        inputs = claimed["fingerprint_inputs"]
-        commits = [n for n in store.list_names(COMMITS_DIR) if n.endswith(".json")]
-        return {
-            "uri": uri,
-            "complete": False,
-            "fingerprint": claimed["fingerprint"],
-            "teacher": inputs["teacher"]["model"],
-            "k": inputs["targets"]["k"],
-            "format": inputs["shard_format"],
-            "committed_units": len(commits),
-            "num_sequences": None,
-            "num_tokens": None,
-            "total_bytes": None,
-        }
-    inputs, stats = manifest["fingerprint_inputs"], manifest["stats"]
-    return {
-        "uri": uri,
-        "complete": bool(manifest["complete"]),
-        "fingerprint": manifest["fingerprint"],
-        "format": manifest["shard_format"],
-        "format_version": manifest["format_version"],
-        "teacher": inputs["teacher"]["model"],
-        "teacher_revision": inputs["teacher"]["revision"],
-        "model_type": inputs["teacher"].get("model_type"),
-        "vocab_size": inputs["tokenizer"]["vocab_size"],
-        "padded_vocab_size": inputs["teacher"]["padded_vocab_size"],
-        "tokenizer_hash": inputs["tokenizer"]["hash"],
-        "mode": inputs["targets"]["mode"],
-        "k": inputs["targets"]["k"],
-        "temperatures": inputs["targets"]["temperatures"],
-        "max_length": inputs["windowing"]["max_length"],
-        "num_units": stats["num_units"],
-        "num_sequences": stats["num_sequences"],
-        "num_tokens": stats["num_tokens"],
-        "total_bytes": stats["total_bytes"],
-        "bytes_per_token": stats["bytes_per_token"],
-        # per stored top-k entry: meaningful for topk caches only (hybrid/sample also store samples, sample has k=0)
-        "bytes_per_entry": stats["bytes_per_token"] / inputs["targets"]["k"]
-        if inputs["targets"]["mode"] == "topk"
-        else None,
-        "real_token_fraction": stats["real_token_fraction"],
-        "empty_documents": stats["empty_documents"],
-        "last_run": {k: v for k, v in stats["last_run"].items() if k != "failures"}
-        | {"failures": len(stats["last_run"]["failures"])},
-        "created_by": manifest["created_by"],
-        "telemetry": {
-            name: {key: t[key] for key in ("mean", "std", "p10", "p50", "p90")}
-            for name, t in (stats.get("telemetry") or {}).items()
-        },
-    }
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """Human-readable lines for `kdcache info`."""
-    if not s["complete"]:
-        return (
-            f"kdcache cache at {s['uri']}: INCOMPLETE ({s['committed_units']} units committed, no index.json yet)\n"
-            f"  teacher {s['teacher']}, top-{s['k']}, {s['format']}; rerun the same job to finish it"
-        )
-    lr = s["last_run"]
-    return "\n".join(
-        [
-            f"kdcache cache at {s['uri']}: complete ({s['created_by']}, format v{s['format_version']}, {s['format']})",
-            f"  teacher      {s['teacher']} ({s['model_type']}) revision={s['teacher_revision']}",
-            f"  vocab        {s['vocab_size']:,} tokens, {s['padded_vocab_size']:,} logits (padded); "
-            f"tokenizer sha256 {s['tokenizer_hash'][:12]}",
-            f"  targets      {s['mode']} k={s['k']}, temperatures {s['temperatures']}, windows of {s['max_length']}",
-            f"  contents     {s['num_sequences']:,} sequences, {s['num_tokens']:,} tokens in {s['num_units']} units",
-            f"  size         {s['total_bytes']:,} bytes = {s['bytes_per_token']:.1f} bytes/token"
-            + (f" ({s['bytes_per_entry']:.2f} bytes per top-k entry)" if s["bytes_per_entry"] is not None else ""),
-            f"  last run     {lr['units']} units, {lr['tokens']:,} tokens in {lr['wall_time_s']:.1f}s "
-            f"({lr['tokens_per_s']:,.0f} tok/s), {lr['failures']} failures; real-token fraction "
-            f"{s['real_token_fraction']:.3f}",
-            *[
-                f"  {name:<12} mean {t['mean']:.3f}, p10 {t['p10']:.3f}, median {t['p50']:.3f}, p90 {t['p90']:.3f}"
-                for name, t in (
-                    ("entropy", s["telemetry"].get("entropy")),
-                    ("captured", s["telemetry"].get("captured_mass")),
-                )
-                if t
-            ],
-            f"  fingerprint  {s['fingerprint']}",
-        ]
-    )
-
-
 def _cmd_cache(args: argparse.Namespace) -> int:
+    from kdcache.capture.job import run_cache_job
     from kdcache.config import load_config
-    from kdcache.job import run_cache_job
+    from kdcache.tools.info import cache_summary, format_summary
 
     cfg = load_config(args.config, args.overrides)
     manifest = run_cache_job(cfg)
@@ -135,21 +37,24 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from kdcache.submit import run_submit
+    from kdcache.capture.submit import run_submit
 
     return run_submit(args)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from kdcache.tools.info import cache_summary, format_summary
+
     summary = cache_summary(args.uri)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from kdcache.capture.job import run_cache_job, shutdown_ray
     from kdcache.config import load_config
-    from kdcache.demo import prepare_demo
-    from kdcache.job import run_cache_job
+    from kdcache.demo.assets import prepare_demo
+    from kdcache.tools.info import cache_summary, format_summary
 
     workdir = Path(args.workdir)
     print("[demo] kdcache demo: a tiny teacher trained here on the Python standard library (not a real model)")
@@ -174,11 +79,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(format_summary(cache_summary(cfg.output.uri)))
     if args.student_steps <= 0:
         return 0
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()  # the teacher actors are done: free the cores for the students
-    from kdcache.students import demo_students
+    shutdown_ray()  # the teacher actors are done: free the cores for the students
+    from kdcache.demo.students import demo_students
 
     demo_students(
         assets.teacher_dir,
@@ -192,7 +94,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from kdcache.report import write_report
+    from kdcache.tools.report import write_report
 
     written = write_report(args.uri, args.out)
     for name, path in written.items():
@@ -201,7 +103,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from kdcache.verify import verify_cache
+    from kdcache.tools.verify import verify_cache
 
     report = verify_cache(args.uri, deep=args.deep, workers=args.workers)
     print(report.format())

@@ -102,18 +102,6 @@ class TargetsConfig:
         """Draws per position: 0 in topk mode."""
         return 0 if self.mode == "topk" else self.samples
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What of this section determines the cached bytes."""
-        out: dict[str, Any] = {
-            "mode": self.mode,
-            "k": self.stored_k,
-            "temperatures": self.temperatures,
-            "logprob_codec": self.logprob_codec,
-        }
-        if self.mode != "topk":
-            out.update(samples=self.samples, seed=self.seed)
-        return out
-
 
 @dataclass
 class OutputConfig:

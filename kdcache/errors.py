@@ -1,8 +1,17 @@
-"""Exception types raised by kdcache. Every message names the file, unit or config key at fault."""
+"""Every exception kdcache raises on purpose. Each message names the file, unit, config key or URI at fault."""
 
 from __future__ import annotations
 
-__all__ = ["CacheMismatchError", "ConfigError", "CorruptShardError", "KdcacheError", "SourceError"]
+__all__ = [
+    "CacheMismatchError",
+    "ConfigError",
+    "CorruptShardError",
+    "JobFailed",
+    "KdcacheError",
+    "SourceError",
+    "StoreError",
+    "SubmitError",
+]
 
 
 class KdcacheError(Exception):
@@ -23,3 +32,15 @@ class CacheMismatchError(KdcacheError):
 
 class CorruptShardError(KdcacheError):
     """A shard is missing, truncated or fails its checksum."""
+
+
+class StoreError(KdcacheError):
+    """A storage operation failed after its retries; the message names the key."""
+
+
+class JobFailed(KdcacheError):
+    """A unit failed more than `cluster.max_retries` times, failed on bad input, or no actor could start."""
+
+
+class SubmitError(KdcacheError):
+    """The job could not be submitted, or (with --wait) did not succeed."""

@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import StoreError
 
-__all__ = ["Store", "StoreError", "expand_urls", "is_transient", "join_url", "open_url", "safe_relpath"]
+__all__ = ["Store", "expand_urls", "is_transient", "join_url", "open_url", "safe_relpath"]
 
 T = TypeVar("T")
 log = logging.getLogger("kdcache.store")
@@ -41,10 +41,6 @@ _NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests",
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs")
 _CONDITIONAL_PUT: dict[tuple[str, str], bool] = {}  # (protocol + endpoint, bucket) -> whether If-None-Match works
 _CONDITIONAL_PUT_LOCK = threading.Lock()
-
-
-class StoreError(KdcacheError):
-    """A storage operation failed after its retries; the message names the key."""
 
 
 def safe_relpath(relpath: str) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.reader import open_cache
+from kdcache.read.reader import open_cache
 from kdcache.store import Store
 
 __all__ = ["LocalRayCluster", "assert_no_stray_shards", "assert_same_sequences", "free_port", "read_back"]

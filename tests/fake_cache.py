@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcache.capture.targets import select_topk
 from kdcache.codec import CodecParams
-from kdcache.formats.parquet import SHARD_SUFFIX, ShardWriter
+from kdcache.formats.parquet import SUFFIX, ShardWriter
 from kdcache.manifest import INDEX_KEY, build_manifest, dumps, shard_key
 from kdcache.store import Store
-from kdcache.targets import select_topk
 
 __all__ = ["fake_logits", "write_fake_cache"]
 
@@ -73,18 +73,10 @@ def write_fake_cache(
             next_id += 1
             t = select_topk(fake_logits(seq_id, length, vocab), k, list(temperatures))
             ids = rng.integers(0, vocab, size=length).astype(np.int32)
-            writer.add(
-                seq_id,
-                ids,
-                t.ids.numpy(),
-                t.logprobs.numpy(),
-                t.log_normalizers.numpy(),
-                t.tail_logprobs.numpy(),
-                t.entropy.numpy(),
-            )
+            writer.add(seq_id, ids, t)
         data = writer.finish()
         unit_id = f"unit{u:04d}"
-        path = shard_key(unit_id, "a0", SHARD_SUFFIX)
+        path = shard_key(unit_id, "a0", SUFFIX)
         store.write_bytes(path, data)
         units.append(
             {
@@ -102,7 +94,7 @@ def write_fake_cache(
         fingerprint_inputs=inputs,
         units=units,
         shard_format="parquet",
-        shard_suffix=SHARD_SUFFIX,
+        shard_suffix=SUFFIX,
     )
     store.write_bytes(INDEX_KEY, dumps(manifest))
     return manifest

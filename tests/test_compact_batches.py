@@ -8,8 +8,8 @@ import torch
 from test_format_spec import build_cache
 
 from kdcache import losses
-from kdcache.collate import expand_targets
-from kdcache.dataset import KDCacheDataset
+from kdcache.losses.compact import expand_targets
+from kdcache.read.dataset import KDCacheDataset
 
 
 def both(root, **kw) -> tuple[list[dict], list[dict]]:
@@ -26,16 +26,17 @@ def both(root, **kw) -> tuple[list[dict], list[dict]]:
         ("parquet", "topk", "u16", 70_000),  # int32 steps, uint16 codes
         ("parquet", "topk", "f32", 300),  # steps compact, log-probs stored as float32 already
         ("parquet", "hybrid", "u8", 300),  # the head compact, the samples as usual
-        ("zarr", "topk", "u8", 300),  # Zarr units are decoded whole: ids as usual, codes compact or not
+        ("zarr", "topk", "u8", 300),  # Zarr shards serve compact batches too
+        ("zarr", "topk", "u16", 70_000),
+        ("zarr", "hybrid", "u8", 300),
     ],
 )
 def test_expanded_compact_batches_equal_host_batches(tmp_path, fmt, mode, logprobs, vocab):
     build_cache(tmp_path, fmt=fmt, mode=mode, logprobs=logprobs, vocab=vocab, num_units=2, seqs_per_unit=4)
     host, compact = both(tmp_path)
     for h, c in zip(host, compact):
-        if fmt == "parquet":
-            assert "target_gap_planes" in c and "target_ids" not in c and c["target_gap_planes"].dtype == torch.uint8
-        if logprobs != "f32" and fmt == "parquet":
+        assert "target_gap_planes" in c and "target_ids" not in c and c["target_gap_planes"].dtype == torch.uint8
+        if logprobs != "f32":
             assert "target_codes" in c and c["target_codes"].dtype == (
                 torch.uint8 if logprobs == "u8" else torch.uint16
             )
@@ -75,7 +76,7 @@ def test_sequences_with_different_plane_counts_share_a_batch():
     import numpy as np
 
     from kdcache.codec import encode_ids, gap_planes, values_to_planar
-    from kdcache.collate import collate_sequences
+    from kdcache.read.collate import collate_sequences
 
     rng = np.random.default_rng(0)
     k, seqs, want = 4, [], []

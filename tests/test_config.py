@@ -102,14 +102,14 @@ def test_chunk_bytes_defaults_to_the_devices_choice_and_must_be_positive():
 
 
 def test_a_replica_over_several_gpus_is_spread_by_a_device_map():
-    from kdcache.job import _worker_settings
+    from kdcache.capture.worker import WorkerSettings
 
     with pytest.raises(ConfigError, match="teacher.device_map"):
         make(teacher={"model": "m", "device_map": "everywhere"})
     with pytest.raises(ConfigError, match="whole number"):
         make(cluster={"gpus_per_actor": 1.5})
-    assert _worker_settings(make(cluster={"gpus_per_actor": 1}), "f")["teacher"]["device_map"] is None
-    assert _worker_settings(make(cluster={"gpus_per_actor": 0.5}), "f")["teacher"]["device_map"] is None
-    assert _worker_settings(make(cluster={"gpus_per_actor": 4}), "f")["teacher"]["device_map"] == "auto"
+    assert WorkerSettings.from_config(make(cluster={"gpus_per_actor": 1}), "f").teacher.device_map is None
+    assert WorkerSettings.from_config(make(cluster={"gpus_per_actor": 0.5}), "f").teacher.device_map is None
+    assert WorkerSettings.from_config(make(cluster={"gpus_per_actor": 4}), "f").teacher.device_map == "auto"
     cfg = make(teacher={"model": "m", "device_map": "balanced"}, cluster={"gpus_per_actor": 2})
-    assert _worker_settings(cfg, "f")["teacher"]["device_map"] == "balanced"
+    assert WorkerSettings.from_config(cfg, "f").teacher.device_map == "balanced"

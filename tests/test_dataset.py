@@ -12,10 +12,10 @@ import torch
 from fake_cache import fake_logits, write_fake_cache
 from torch.utils.data import DataLoader
 
-from kdcache.dataset import KDCacheDataset
 from kdcache.errors import CacheMismatchError, CorruptShardError
-from kdcache.order import EpochOrder
-from kdcache.reader import open_cache
+from kdcache.read.dataset import KDCacheDataset
+from kdcache.read.order import EpochOrder
+from kdcache.read.reader import open_cache
 
 UNIT_SEQS = [4, 3, 5, 0, 7]  # 19 sequences: divides by none of the global batch sizes used below; one empty unit
 VOCAB, K = 64, 8
@@ -328,7 +328,7 @@ def test_tokenizer_hash_check(tmp_path):
     from tiny_models import build_tiny_tokenizer
     from transformers import AutoTokenizer
 
-    from kdcache.teacher import tokenizer_fingerprint
+    from kdcache.identity import tokenizer_fingerprint
 
     tok = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok", vocab_size=96))
     size = len(tok)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from fake_cache import write_fake_cache
 
-from kdcache.reader import open_cache
+from kdcache.read.reader import open_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -28,7 +28,7 @@ CASES = [  # (cache name, drop_last)
 
 
 def _rank_main(rank: int, caches: dict[str, str], out: str, init_file: str) -> None:
-    from kdcache.dataset import KDCacheDataset
+    from kdcache.read.dataset import KDCacheDataset
 
     # Built before the process group exists: the rank is resolved when iteration starts (and for the workers).
     early = KDCacheDataset(caches["uneven"], batch_size=2, seed=1)

@@ -14,17 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcache import demo
-from kdcache.demo import (
-    DemoAssets,
-    build_teacher,
-    prepare_demo,
-    split_train_valid,
-    stdlib_documents,
-    train_teacher,
-    write_corpus,
-)
-from kdcache.threads import ThreadChooser
+from kdcache.demo import assets as demo
+from kdcache.demo import teacher as demo_teacher
+from kdcache.demo.assets import DemoAssets, prepare_demo
+from kdcache.demo.corpus import split_train_valid, stdlib_documents, write_corpus
+from kdcache.demo.teacher import SPECIAL_TOKENS, build_teacher, train_teacher
+from kdcache.demo.threads import ThreadChooser
 
 SMALL = {"train_steps": 120, "max_files": 40, "corpus_files": 3, "progress": False}
 TINY = {"max_files": 12, "corpus_files": 2, "progress": False}  # for tests that build more than once
@@ -125,7 +120,7 @@ def test_tokenizer_round_trips_and_vocab_is_padded(assets: DemoAssets):
         assert ids[0] == tokenizer.bos_token_id  # Llama-style: bos prepended
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token} == set(
-        demo.SPECIAL_TOKENS.values()
+        SPECIAL_TOKENS.values()
     )
     assert len(tokenizer) == 2048 + 4
     config = AutoConfig.from_pretrained(assets.teacher_dir)
@@ -218,8 +213,8 @@ def test_prepare_demo_second_call_reuses_assets(assets: DemoAssets, monkeypatch:
     workdir = assets.teacher_dir.parent
     marker = workdir / demo.MARKER_NAME
     mtime = marker.stat().st_mtime_ns
-    monkeypatch.setattr(demo, "train_teacher", _fail_training)
-    monkeypatch.setattr(demo, "train_tokenizer", _fail_training)
+    monkeypatch.setattr(demo_teacher, "train_teacher", _fail_training)
+    monkeypatch.setattr(demo_teacher, "train_tokenizer", _fail_training)
     start = time.perf_counter()
     again = prepare_demo(workdir, **SMALL)
     assert time.perf_counter() - start < 2.0
@@ -242,7 +237,7 @@ def test_prepare_demo_rebuilds_on_new_settings_deterministically(tmp_path: Path)
 
 def test_interrupted_rebuild_never_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     prepare_demo(tmp_path, train_steps=2, **TINY)
-    monkeypatch.setattr(demo, "train_teacher", _fail_training)
+    monkeypatch.setattr(demo_teacher, "train_teacher", _fail_training)
     with pytest.raises(RuntimeError, match="must not run"):
         prepare_demo(tmp_path, train_steps=5, **TINY)
     assert not (tmp_path / demo.MARKER_NAME).exists()

@@ -17,11 +17,12 @@ import yaml
 from cluster_helpers import LocalRayCluster, assert_no_stray_shards, assert_same_sequences, read_back
 from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
-from kdcache.actors import FAULTS_ENV
-from kdcache.errors import SourceError
-from kdcache.job import JobFailed, run_cache_job, schedule_units
-from kdcache.plan import plan_units
-from kdcache.store import Store, StoreError
+from kdcache.capture.actors import FAULTS_ENV
+from kdcache.capture.job import run_cache_job
+from kdcache.capture.plan import plan_units
+from kdcache.capture.scheduler import schedule_units
+from kdcache.errors import JobFailed, SourceError, StoreError
+from kdcache.store import Store
 
 
 @pytest.fixture(scope="module")

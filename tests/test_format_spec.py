@@ -21,12 +21,12 @@ import pytest
 import torch
 from fake_cache import write_fake_cache
 
+from kdcache.capture.targets import sample_targets, select_topk
 from kdcache.codec import CodecParams
 from kdcache.formats import get_format
 from kdcache.manifest import INDEX_KEY, build_manifest, dumps, shard_key
-from kdcache.reader import open_cache
+from kdcache.read.reader import open_cache
 from kdcache.store import Store
-from kdcache.targets import sample_targets, select_topk
 
 # ---- a cache builder (kdcache's writers; the reader below must not use kdcache) -----------------------------------
 
@@ -85,22 +85,12 @@ def build_cache(
             length = int(rng.integers(2, 20))
             logits = torch.randn(length, vocab, generator=gen) * 3.0
             if mode == "topk":
-                head, extra = select_topk(logits, k, list(temperatures)), ()
+                head, samples = select_topk(logits, k, list(temperatures)), None
             else:
-                head, st = sample_targets(
+                head, samples = sample_targets(
                     logits, num_samples=num_samples, head=stored_k, temperatures=list(temperatures), generator=gen
                 )
-                extra = (st.ids.numpy(), st.counts.numpy(), st.logprobs.numpy())
-            writer.add(
-                seed * 10_000 + u * 100 + s,
-                rng.integers(0, vocab, size=length),
-                head.ids.numpy(),
-                head.logprobs.numpy(),
-                head.log_normalizers.numpy(),
-                head.tail_logprobs.numpy(),
-                head.entropy.numpy(),
-                *extra,
-            )
+            writer.add(seed * 10_000 + u * 100 + s, rng.integers(0, vocab, size=length), head, samples)
         data = writer.finish()
         path = shard_key(f"unit{u:04d}", "a0", writer_cls.SUFFIX)
         store.write_bytes(path, data)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from fake_cache import write_fake_cache
 
-from kdcache.dataset import KDCacheDataset
 from kdcache.integrations.ray_train import shard_for_ray_train
-from kdcache.reader import open_cache
+from kdcache.read.dataset import KDCacheDataset
+from kdcache.read.reader import open_cache
 
 UNIT_SEQS = [5, 4, 6, 4]  # 19 sequences
 VOCAB = 64

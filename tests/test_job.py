@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
-from kdcache.cli import cache_summary, main
+from kdcache.capture.job import run_cache_job
+from kdcache.cli import main
 from kdcache.codec import CodecParams, error_bound
 from kdcache.errors import CacheMismatchError, ConfigError
-from kdcache.job import run_cache_job
-from kdcache.reader import open_cache
+from kdcache.read.reader import open_cache
+from kdcache.tools.info import cache_summary
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def expected_windows(teacher, corpus, max_length):
     """Independently tokenize and window the corpus: {seq_id: input_ids}."""
     from transformers import AutoTokenizer
 
-    from kdcache.sources import make_seq_id
+    from kdcache.capture.sources import make_seq_id
 
     tok = AutoTokenizer.from_pretrained(teacher)
     out = {}
@@ -103,7 +104,7 @@ def test_cached_targets_match_the_teacher_computed_directly(finished_cache, tiny
 
 def test_rerun_does_no_work_and_other_fingerprint_is_refused(finished_cache, tiny_teacher, job_corpus, monkeypatch):
     cfg, manifest, out = finished_cache
-    import kdcache.job as job
+    import kdcache.capture.job as job
 
     def boom(*a, **k):
         raise AssertionError("a rerun of a complete cache must not schedule any unit")

@@ -15,9 +15,9 @@ import torch
 from fake_cache import write_fake_cache
 from torch.utils.data import DataLoader
 
-from kdcache.dataset import KDCacheDataset
-from kdcache.localcache import LocalShardCache
-from kdcache.reader import CacheReader, open_cache
+from kdcache.read.dataset import KDCacheDataset
+from kdcache.read.localcache import LocalShardCache
+from kdcache.read.reader import CacheReader, open_cache
 
 UNIT_SEQS = [3, 4, 2, 5, 3, 4]
 

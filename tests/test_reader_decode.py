@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kdcache.capture.targets import TokenTargets
 from kdcache.codec import (
     CodecParams,
     decode_planar_gaps,
@@ -15,9 +16,10 @@ from kdcache.codec import (
     planar_to_values,
     values_to_planar,
 )
-from kdcache.collate import collate_sequences, cumsum_rows
-from kdcache.formats.parquet import ShardWriter, decode_table
-from kdcache.unitrows import UnitRows, logprob_table, pooled_empty, read_parquet_table
+from kdcache.formats import get_format
+from kdcache.formats.memory import pooled_empty
+from kdcache.formats.rows import logprob_table
+from kdcache.read.collate import collate_sequences, cumsum_rows
 
 
 def random_ids(rng: np.random.Generator, rows: int, k: int, vocab: int) -> np.ndarray:
@@ -79,20 +81,21 @@ def test_cumsum_rows_matches_numpy_across_blocks():
         np.testing.assert_array_equal(cumsum_rows(steps, out), np.cumsum(steps, axis=1, dtype=np.int64))
 
 
-def write_shard(rng, *, k: int, vocab: int, codec: CodecParams, lengths: list[int], temps: int = 2) -> bytes:
-    writer = ShardWriter(k=k, num_temperatures=temps, codec=codec, row_group_tokens=16)
+def write_shard(
+    rng, *, k: int, vocab: int, codec: CodecParams, lengths: list[int], temps: int = 2, fmt: str = "parquet"
+) -> bytes:
+    writer = get_format(fmt).ShardWriter(k=k, num_temperatures=temps, codec=codec, row_group_tokens=16)
     for s, n in enumerate(lengths):
         ids = random_ids(rng, n, k, vocab)
         lps = np.sort(-rng.exponential(3.0, size=(n, k)).astype(np.float32), axis=1)
-        writer.add(
-            100 + s,
-            rng.integers(0, vocab, size=n).astype(np.int32),
-            ids,
-            lps,
-            rng.normal(10, 1, size=(n, temps)).astype(np.float32),
-            -rng.uniform(0.1, 3, size=(n, temps)).astype(np.float32),
-            rng.uniform(0, 4, size=n).astype(np.float32),
+        head = TokenTargets(
+            ids=ids,
+            logprobs=lps,
+            log_normalizers=rng.normal(10, 1, size=(n, temps)).astype(np.float32),
+            tail_logprobs=-rng.uniform(0.1, 3, size=(n, temps)).astype(np.float32),
+            entropy=rng.uniform(0, 4, size=n).astype(np.float32),
         )
+        writer.add(100 + s, rng.integers(0, vocab, size=n).astype(np.int32), head)
     return writer.finish()
 
 
@@ -100,15 +103,16 @@ def write_shard(rng, *, k: int, vocab: int, codec: CodecParams, lengths: list[in
     ("vocab", "codec"),
     [(64, "u8"), (32_000, "u8"), (70_000, "u8"), (200_000, "u16"), (1000, "f32")],
 )
-def test_unit_rows_and_collation_match_the_plain_decoder(vocab, codec):
-    """Compact rows (id steps, codes) collate to exactly what the decoded rows collate to, over several row groups."""
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+def test_unit_rows_and_collation_match_the_plain_decoder(vocab, codec, fmt):
+    """Compact rows (id steps, codes) collate to exactly what the decoded rows collate to, over several row groups
+    (Parquet) or chunks (Zarr): every format serves the reader's fast path."""
     rng = np.random.default_rng(vocab)
     params = CodecParams.for_logprobs(codec)
     k, lengths = 8, [5, 17, 1, 30, 9]
-    data = write_shard(rng, k=k, vocab=vocab, codec=params, lengths=lengths)
-    table = read_parquet_table(data)
-    plain = decode_table(table, k=k, num_temperatures=2, codec=params)
-    rows = UnitRows.from_parquet(table, k=k, num_temperatures=2, codec=params, vocab_size=vocab)
+    data = write_shard(rng, k=k, vocab=vocab, codec=params, lengths=lengths, fmt=fmt)
+    plain = get_format(fmt).read_shard(data, k=k, num_temperatures=2, codec=params)
+    rows = get_format(fmt).read_rows(data, k=k, num_temperatures=2, codec=params, vocab_size=vocab)
     assert rows.lengths.tolist() == lengths and rows.seq_ids.tolist() == [100, 101, 102, 103, 104]
     assert rows.target_ids.dtype == (np.uint16 if vocab <= 2**16 else np.int32)
     assert rows.values_are_codes == (codec != "f32")

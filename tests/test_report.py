@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
+from kdcache.capture.job import run_cache_job
+from kdcache.capture.targets import SampledTargets, TokenTargets
 from kdcache.cli import main
+from kdcache.formats import get_format
 from kdcache.formats.parquet import ShardWriter
-from kdcache.job import run_cache_job
-from kdcache.report import CHARTS, FOOTER, column_bytes, throughput_series, write_report
+from kdcache.tools.report import CHARTS, FOOTER, shard_column_bytes, throughput_series, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -57,34 +59,47 @@ def test_report_command_writes_pngs_and_an_html_that_shows_them(report_cache, tm
 def test_column_bytes_account_for_the_whole_file(report_cache):
     cache, manifest = report_cache
     unit = manifest["units"][0]
-    sizes = column_bytes(str(cache / unit["path"]))
+    parquet = get_format("parquet")
+    with open(cache / unit["path"], "rb") as handle:
+        sizes = shard_column_bytes(parquet, handle, unit["bytes"])
     assert sum(sizes.values()) == unit["bytes"]
     assert {"seq_id", "input_id", "target_gaps", "target_codes", "entropy", FOOTER} <= set(sizes)
     assert sizes["target_gaps"] > sizes["entropy"] > 0
-    assert column_bytes((cache / unit["path"]).read_bytes()) == sizes
+    assert shard_column_bytes(parquet, (cache / unit["path"]).read_bytes(), unit["bytes"]) == sizes
 
 
 def test_column_bytes_sums_nested_sample_columns():
     t = 40
     writer = ShardWriter(k=2, num_temperatures=1, num_samples=20)
     ids = np.tile(np.arange(5), (t, 1))
-    writer.add(
-        7,
-        np.arange(t),
-        np.tile([3, 9], (t, 1)),
-        np.full((t, 2), -1.0, np.float32),
-        np.zeros((t, 1), np.float32),
-        np.full((t, 1), -0.5, np.float32),
-        np.ones(t, np.float32),
-        ids + 10,
-        np.full((t, 5), 4, np.int32),
-        np.full((t, 5), -3.0, np.float32),
+    head = TokenTargets(
+        ids=np.tile([3, 9], (t, 1)),
+        logprobs=np.full((t, 2), -1.0, np.float32),
+        log_normalizers=np.zeros((t, 1), np.float32),
+        tail_logprobs=np.full((t, 1), -0.5, np.float32),
+        entropy=np.ones(t, np.float32),
     )
+    samples = SampledTargets(
+        ids=ids + 10, counts=np.full((t, 5), 4, np.int32), logprobs=np.full((t, 5), -3.0, np.float32), num_samples=20
+    )
+    writer.add(7, np.arange(t), head, samples)
     data = writer.finish()
-    sizes = column_bytes(data)
+    sizes = get_format("parquet").column_bytes(data)
     assert {"sample_gaps", "sample_counts", "sample_codes"} <= set(sizes)
     assert not any("." in name for name in sizes)
-    assert sum(sizes.values()) == len(data)
+    assert sum(shard_column_bytes(get_format("parquet"), data, len(data)).values()) == len(data)
+
+
+def test_report_of_a_zarr_cache_writes_every_chart(tmp_path):
+    from test_format_spec import build_cache
+
+    manifest = build_cache(tmp_path / "z", fmt="zarr", num_units=2)
+    written = write_report(str(tmp_path / "z"), tmp_path / "r")
+    for name in CHARTS:
+        assert png_size(written[name])[0] >= 400
+    unit = max(manifest["units"], key=lambda u: u["num_tokens"])
+    sizes = shard_column_bytes(get_format("zarr"), (tmp_path / "z" / unit["path"]).read_bytes(), unit["bytes"])
+    assert sum(sizes.values()) == unit["bytes"] and sizes["target_gaps"] > 0 and sizes["entropy"] > 0
 
 
 def test_throughput_series_sorts_units_and_skips_untimed_ones():

@@ -21,11 +21,11 @@ import yaml
 from cluster_helpers import assert_no_stray_shards, assert_same_sequences, read_back
 from conftest import stdlib_texts, tiny_job_config, write_jsonl
 
-from kdcache.actors import FAULTS_ENV
+from kdcache.capture.actors import FAULTS_ENV
+from kdcache.capture.job import run_cache_job
+from kdcache.capture.plan import plan_units
 from kdcache.errors import KdcacheError
-from kdcache.job import _worker_settings, run_cache_job
-from kdcache.plan import plan_units
-from kdcache.reader import open_cache
+from kdcache.read.reader import open_cache
 from kdcache.store import Store
 
 KEY_ID = "AKIAKDCACHETEST00001"
@@ -160,12 +160,11 @@ def test_job_on_s3_every_sequence_once_and_no_credentials_anywhere(s3_clean, s3,
 @pytest.fixture(scope="module")
 def worker(s3, tiny_teacher, s3_corpus):
     """A UnitWorker (no Ray) writing to s3://kdcache/worker: the commit protocol in isolation."""
-    from kdcache.worker import UnitWorker, WorkerSettings
+    from kdcache.capture.worker import UnitWorker, WorkerSettings
 
     cfg = s3_config(tiny_teacher, s3_corpus, "s3://kdcache/worker", s3)
-    settings = _worker_settings(cfg, "0" * 64) | {"output_uri": "s3://kdcache/worker"}
     units = plan_units(cfg.data.source, "jsonl", unit_bytes=cfg.data.unit_bytes)
-    return UnitWorker(WorkerSettings(**settings), device="cpu"), units
+    return UnitWorker(WorkerSettings.from_config(cfg, "0" * 64), device="cpu"), units
 
 
 def test_a_duplicate_commit_loses_cleanly_and_deletes_its_shard(worker, s3):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.capture.targets import SampledTargets, TokenTargets, sample_targets
 from kdcache.codec import CodecParams, error_bound
 from kdcache.formats.parquet import ShardWriter, read_shard
-from kdcache.targets import sample_targets
 
 
 def test_sample_mode_draws_unique_ids_with_counts():
@@ -62,18 +62,14 @@ def test_shard_round_trip_with_samples():
     lps = np.where(counts > 0, -rng.exponential(2, size=(t, m)), -np.inf).astype(np.float32)
     writer = ShardWriter(k=2, num_temperatures=1, num_samples=10)
     head_ids = np.tile([3, 9], (t, 1))
-    writer.add(
-        5,
-        np.arange(t),
-        head_ids,
-        np.full((t, 2), -1.0, np.float32),
-        np.zeros((t, 1)),
-        np.zeros((t, 1)),
-        np.ones(t),
-        ids,
-        counts,
-        lps,
+    head = TokenTargets(
+        ids=head_ids,
+        logprobs=np.full((t, 2), -1.0, np.float32),
+        log_normalizers=np.zeros((t, 1)),
+        tail_logprobs=np.zeros((t, 1)),
+        entropy=np.ones(t),
     )
+    writer.add(5, np.arange(t), head, SampledTargets(ids=ids, counts=counts, logprobs=lps, num_samples=10))
     data = read_shard(writer.finish(), k=2, num_temperatures=1)
     got = {}
     for row in range(t):
@@ -94,9 +90,9 @@ def test_shard_round_trip_with_samples():
 def test_sampled_job_end_to_end_is_reproducible(ray_session, tiny_teacher, tmp_path, mode):
     from conftest import stdlib_texts, write_jsonl
 
+    from kdcache.capture.job import run_cache_job
     from kdcache.config import load_config
-    from kdcache.job import run_cache_job
-    from kdcache.reader import open_cache
+    from kdcache.read.reader import open_cache
 
     write_jsonl(tmp_path / "d" / "a.jsonl", [{"text": t} for t in stdlib_texts(4, 600)])
     common = [
@@ -119,7 +115,7 @@ def test_sampled_job_end_to_end_is_reproducible(ray_session, tiny_teacher, tmp_p
     assert seq["target_ids"].shape[1] == (4 if mode == "hybrid" else 0)
     assert np.all(seq["sample_counts"].sum(-1) == 20)
     assert m1["fingerprint_inputs"]["targets"]["samples"] == 20
-    from kdcache.cli import cache_summary, format_summary
+    from kdcache.tools.info import cache_summary, format_summary
 
     summary = cache_summary(f"{tmp_path}/c1")  # info works on sampled caches (k may be 0)
     assert summary["mode"] == mode and summary["bytes_per_entry"] is None
@@ -130,10 +126,10 @@ def test_sampled_job_end_to_end_is_reproducible(ray_session, tiny_teacher, tmp_p
 def test_dataset_serves_sampled_caches_to_sampled_kl(ray_session, tiny_teacher, tmp_path, mode):
     from conftest import stdlib_texts, write_jsonl
 
+    from kdcache.capture.job import run_cache_job
     from kdcache.config import load_config
-    from kdcache.dataset import KDCacheDataset
-    from kdcache.job import run_cache_job
     from kdcache.losses import sampled_kl
+    from kdcache.read.dataset import KDCacheDataset
 
     write_jsonl(tmp_path / "d" / "a.jsonl", [{"text": t} for t in stdlib_texts(3, 300)])
     run_cache_job(

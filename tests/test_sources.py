@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
+from kdcache.capture.plan import plan_units
+from kdcache.capture.sources import cut_windows, iter_documents, make_seq_id
 from kdcache.errors import SourceError
-from kdcache.plan import plan_units
-from kdcache.sources import cut_windows, iter_documents, make_seq_id
 
 
 def docs_of(units, fmt="jsonl", **kw):

@@ -1,4 +1,4 @@
-"""Tests of `kdcache.students` (training loop, evaluation metrics) and `bench/distill.py --quick`."""
+"""Tests of `kdcache.demo.students` (training loop, evaluation metrics) and `bench/distill.py --quick`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 from fake_cache import write_fake_cache
 
 from kdcache import losses
-from kdcache import students as st
+from kdcache.demo import evaluation as ev
+from kdcache.demo import training as tr
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = st.StudentSpec("h16-L1", 16, 1, 2)
+TINY = ev.StudentSpec("h16-L1", 16, 1, 2)
 Tensor = torch.Tensor
 
 
@@ -27,17 +28,17 @@ def test_ece_on_a_hand_made_example():
     confidence = torch.tensor([0.95, 0.95, 0.55, 0.55, 0.25])
     correct = torch.tensor([True, False, True, True, False])
     # (2/5)|0.5 - 0.95| + (2/5)|1 - 0.55| + (1/5)|0 - 0.25| = 0.18 + 0.18 + 0.05
-    assert st.expected_calibration_error(confidence, correct) == pytest.approx(0.41)
+    assert ev.expected_calibration_error(confidence, correct) == pytest.approx(0.41)
     # Two confidences in one bin average before the gap is taken: (2/2)|0.5 - (0.03 + 0.05)/2|
-    assert st.expected_calibration_error(torch.tensor([0.03, 0.05]), torch.tensor([True, False])) == pytest.approx(
+    assert ev.expected_calibration_error(torch.tensor([0.03, 0.05]), torch.tensor([True, False])) == pytest.approx(
         0.46
     )
     # ... and land in different bins with 2 bins: (1/2)|1 - 0.3| + (1/2)|0 - 0.7|
-    two = st.expected_calibration_error(torch.tensor([0.3, 0.7]), torch.tensor([True, False]), bins=2)
+    two = ev.expected_calibration_error(torch.tensor([0.3, 0.7]), torch.tensor([True, False]), bins=2)
     assert two == pytest.approx(0.7)
-    assert st.expected_calibration_error(torch.ones(4), torch.ones(4, dtype=torch.bool)) == 0.0
-    assert st.expected_calibration_error(torch.full((4,), 0.5), torch.tensor([1, 0, 1, 0]).bool()) == 0.0
-    assert st.expected_calibration_error(torch.zeros(0), torch.zeros(0, dtype=torch.bool)) == 0.0
+    assert ev.expected_calibration_error(torch.ones(4), torch.ones(4, dtype=torch.bool)) == 0.0
+    assert ev.expected_calibration_error(torch.full((4,), 0.5), torch.tensor([1, 0, 1, 0]).bool()) == 0.0
+    assert ev.expected_calibration_error(torch.zeros(0), torch.zeros(0, dtype=torch.bool)) == 0.0
 
 
 def test_ece_matches_a_loop_reference():
@@ -52,26 +53,26 @@ def test_ece_matches_a_loop_reference():
             conf = sum(c for c, _ in inside) / len(inside)
             acc = sum(a for _, a in inside) / len(inside)
             total += len(inside) / 1000 * abs(acc - conf)
-    assert st.expected_calibration_error(confidence, correct) == pytest.approx(total, abs=1e-9)
+    assert ev.expected_calibration_error(confidence, correct) == pytest.approx(total, abs=1e-9)
     assert total > 0.1
 
 
 def _random_valid(
     vocab: int, teacher_vocab: int, windows: int = 3, length: int = 7
-) -> tuple[st.ValidationSet, Tensor]:
+) -> tuple[ev.ValidationSet, Tensor]:
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, vocab, (windows, length), generator=g)
     labels = torch.randint(0, teacher_vocab, (windows, length), generator=g)
     teacher_logits = torch.randn(windows, length, teacher_vocab, generator=g) * 2.0
-    return st.ValidationSet(input_ids, labels, torch.log_softmax(teacher_logits, -1), curve_windows=1)
+    return ev.ValidationSet(input_ids, labels, torch.log_softmax(teacher_logits, -1), curve_windows=1)
 
 
 @pytest.mark.parametrize("teacher_vocab", [48, 40])  # equal vocabularies, and a teacher narrower than the student
 def test_evaluate_matches_dense_references(teacher_vocab):
     vocab = 48
     valid = _random_valid(vocab, teacher_vocab)
-    model = st.build_student(TINY, vocab_size=vocab, seed=3).eval()
-    got = st.evaluate(model, valid, batch_windows=2)
+    model = ev.build_student(TINY, vocab_size=vocab, seed=3).eval()
+    got = ev.evaluate(model, valid, batch_windows=2)
     with torch.no_grad():
         logits = model(input_ids=valid.input_ids).logits.double()
     log_q = torch.log_softmax(logits, -1)
@@ -85,8 +86,8 @@ def test_evaluate_matches_dense_references(teacher_vocab):
     assert got["ce"] == pytest.approx(float(ce), rel=1e-5)
     conf, pred = log_q.exp().max(-1)
     assert got["accuracy"] == pytest.approx(float((pred == valid.labels).double().mean()))
-    assert got["ece"] == pytest.approx(st.expected_calibration_error(conf, pred == valid.labels), abs=1e-6)
-    first = st.evaluate(model, valid, windows=valid.curve_windows)
+    assert got["ece"] == pytest.approx(ev.expected_calibration_error(conf, pred == valid.labels), abs=1e-6)
+    first = ev.evaluate(model, valid, windows=valid.curve_windows)
     assert first["ce"] == pytest.approx(float(-log_q[:1].gather(-1, valid.labels[:1, :, None]).mean()), rel=1e-5)
 
 
@@ -103,7 +104,7 @@ def test_dense_forward_kl_is_forward_kl_tail_with_every_id_cached():
         "tail_logprob": torch.full((b, t), -math.inf),
         "loss_mask": mask,
     }
-    dense = st.dense_forward_kl(student, teacher, mask)
+    dense = ev.dense_forward_kl(student, teacher, mask)
     (g_dense,) = torch.autograd.grad(dense, student)
     bucket = losses.forward_kl_tail(student, batch)
     (g_bucket,) = torch.autograd.grad(bucket, student)
@@ -117,10 +118,10 @@ def test_dense_forward_kl_is_forward_kl_tail_with_every_id_cached():
 def test_training_from_a_cache_decreases_the_kd_loss(tmp_path):
     uri = str(tmp_path / "cache")
     write_fake_cache(uri, num_units=2, seqs_per_unit=4, k=8, vocab=64, min_len=10, max_len=12)
-    model = st.build_student(TINY, vocab_size=64, seed=0)
-    settings = st.TrainSettings(steps=60, batch_size=4, lr=1e-2, eval_every=0)
-    batches = st.cache_batches(uri, batch_size=4, seed=0, student_vocab_size=64)
-    curve, stats = st.train_student(model, batches, st.make_loss("cache", mode="topk"), settings)
+    model = ev.build_student(TINY, vocab_size=64, seed=0)
+    settings = tr.TrainSettings(steps=60, batch_size=4, lr=1e-2, eval_every=0)
+    batches = tr.cache_batches(uri, batch_size=4, seed=0, student_vocab_size=64)
+    curve, stats = tr.train_student(model, batches, tr.make_loss("cache", mode="topk"), settings)
     batches.close()
     first, last = stats["losses"][:4], stats["losses"][-4:]
     assert curve == [] and len(stats["losses"]) == 60 and stats["tokens"] > 60 * 4 * 8
@@ -139,16 +140,16 @@ def test_runs_share_batches_and_hard_labels_need_no_teacher(tmp_path):
 
     for _ in range(2):
         seen.append([])
-        model = st.build_student(TINY, vocab_size=64)
-        batches = st.cache_batches(uri, batch_size=2, seed=5)
-        st.train_student(model, batches, recording, st.TrainSettings(steps=6, batch_size=2, eval_every=0))
+        model = ev.build_student(TINY, vocab_size=64)
+        batches = tr.cache_batches(uri, batch_size=2, seed=5)
+        tr.train_student(model, batches, recording, tr.TrainSettings(steps=6, batch_size=2, eval_every=0))
         batches.close()
     assert seen[0] == seen[1]  # the same batches in the same order
     assert len({i for ids in seen[0][:4] for i in ids}) == 8  # epoch 0: every sequence once, then epoch 1
     with pytest.raises(ValueError, match="online KD needs the teacher"):
-        st.make_loss("online")
+        tr.make_loss("online")
     with pytest.raises(ValueError, match="targets must be one of"):
-        st.make_loss("soft")
+        tr.make_loss("soft")
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark

@@ -15,10 +15,10 @@ import yaml
 from cluster_helpers import LocalRayCluster, read_back
 from conftest import stdlib_texts, write_jsonl
 
-import kdcache.submit as submit_module
+import kdcache.capture.submit as submit_module
+from kdcache.capture.submit import DEFAULT_EXCLUDES, build_submission
 from kdcache.cli import main
 from kdcache.errors import ConfigError
-from kdcache.submit import DEFAULT_EXCLUDES, build_submission
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

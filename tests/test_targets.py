@@ -1,4 +1,4 @@
-"""Tests for kdcache.targets: select_topk against a dense float64 reference, edge cases, and the tail helper.
+"""Tests for kdcache.capture.targets: select_topk against a dense float64 reference, edge cases, and the tail helper.
 
 Run: ``python -m pytest tests/test_targets.py -q``
 """
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-import kdcache.targets as targets_module
-from kdcache.targets import TokenTargets, select_topk, tail_logprob_from_head
+import kdcache.capture.targets as targets_module
+from kdcache.capture.targets import TokenTargets, select_topk, tail_logprob_from_head
 
 TEMPS = (1.0, 0.5, 2.0, 4.0)
 ATOL = 1e-5  # float32 math on logits of magnitude ~10

@@ -1,4 +1,4 @@
-"""Tests for kdcache.teacher on tiny real models saved to disk and loaded back through ``from_pretrained``.
+"""Tests for kdcache.capture.teacher on tiny real models saved to disk and loaded back through ``from_pretrained``.
 
 For every architecture the chunked head must reproduce ``log_softmax(model(ids).logits)`` computed independently
 here, row by row without padding, including Gemma 2 soft-capping and Granite / Cohere logit scaling.
@@ -16,10 +16,12 @@ import torch
 from tiny_models import ARCHS, GEMMA2_FINAL_LOGIT_SOFTCAP, SCALED_ARCHS, build_tiny_model, build_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-import kdcache.teacher as teacher_module
+import kdcache.capture.head_transforms as head_transforms
+import kdcache.capture.teacher as teacher_module
+from kdcache.capture.targets import TokenTargets, select_topk
+from kdcache.capture.teacher import Teacher, load_tokenizer, read_model_info, resolve_dtype
 from kdcache.errors import ConfigError
-from kdcache.targets import TokenTargets, select_topk
-from kdcache.teacher import Teacher, load_tokenizer, read_model_info, resolve_dtype, tokenizer_fingerprint
+from kdcache.identity import tokenizer_fingerprint
 
 TEMPS = (1.0, 2.0)
 K = 16
@@ -226,7 +228,7 @@ def test_device_map_replica_gives_the_same_targets(model_dirs: dict[str, Path], 
 
 
 def test_unknown_class_is_checked(model_dirs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.delitem(teacher_module.HEAD_TRANSFORMS, "LlamaForCausalLM")
+    monkeypatch.delitem(head_transforms.HEAD_TRANSFORMS, "LlamaForCausalLM")
     # An unlisted class with no transform in its config loads, after the probe against its forward passes.
     Teacher(str(model_dirs["llama"]), device="cpu")
     # An unlisted class whose config names a logit transform is refused rather than silently ignored.
@@ -238,7 +240,7 @@ def test_unknown_class_is_checked(model_dirs: dict[str, Path], tmp_path: Path, m
 
 
 def test_wrong_transform_fails_the_probe(model_dirs: dict[str, Path], monkeypatch) -> None:
-    monkeypatch.setitem(teacher_module.HEAD_TRANSFORMS, "LlamaForCausalLM", lambda model, logits: logits * 2)
+    monkeypatch.setitem(head_transforms.HEAD_TRANSFORMS, "LlamaForCausalLM", lambda model, logits: logits * 2)
     with pytest.raises(ConfigError, match="differs from the model's forward"):
         Teacher(str(model_dirs["llama"]), device="cpu")
 

@@ -14,8 +14,8 @@ from test_format_spec import build_cache
 from kdcache.cli import main
 from kdcache.errors import CorruptShardError
 from kdcache.manifest import shard_checksum_error
-from kdcache.reader import open_cache
-from kdcache.verify import verify_cache
+from kdcache.read.reader import open_cache
+from kdcache.tools.verify import verify_cache
 
 
 @pytest.fixture(params=["parquet", "zarr"])

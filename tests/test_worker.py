@@ -1,5 +1,5 @@
-"""Tests for kdcache.worker without Ray: the pipelined `UnitWorker.process` writes the same shard as encoding every
-batch after the forwards, errors on either thread stop the unit before anything is written, and `BatchEncoder`.
+"""Tests for kdcache.capture.worker without Ray: the pipelined `UnitWorker.process` writes the same shard as encoding
+every batch after the forwards, errors on either thread stop the unit before anything is written, and `BatchEncoder`.
 
 Run: ``python -m pytest tests/test_worker.py -q``
 """
@@ -13,11 +13,10 @@ import time
 import pytest
 from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 
+from kdcache.capture.plan import plan_units
+from kdcache.capture.worker import BatchEncoder, UnitWorker, WorkerSettings, make_batches, pad_batch
 from kdcache.formats import get_format
-from kdcache.formats.shard import TokenBuffer
-from kdcache.job import _worker_settings
-from kdcache.plan import plan_units
-from kdcache.worker import BatchEncoder, UnitWorker, WorkerSettings, make_batches, pad_batch
+from kdcache.formats.base import TokenBuffer
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +27,7 @@ def unit_corpus(tmp_path_factory):
 
 def make_worker(teacher, corpus, out, *extra: str) -> tuple[UnitWorker, dict]:
     cfg = tiny_job_config(teacher, corpus, out, "data.unit_bytes=1000000", "cluster.batch_tokens=192", *extra)
-    settings = _worker_settings(cfg, "0" * 64) | {"shard_format": cfg.output.format}  # no fingerprint.json here
-    worker = UnitWorker(WorkerSettings(**settings), device="cpu")
+    worker = UnitWorker(WorkerSettings.from_config(cfg, "0" * 64), device="cpu")
     (unit,) = plan_units(cfg.data.source, "jsonl", unit_bytes=cfg.data.unit_bytes)
     return worker, unit.to_dict()
 
@@ -43,10 +41,11 @@ def serial_shard(worker: UnitWorker, unit: dict) -> bytes:
     per_window = {}
     for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
         ids, mask = pad_batch([windows[i][1] for i in batch])
-        arrays = worker._compute(ids, mask, unit["unit_id"], batch_index)
+        head, samples = worker.compute(ids, mask, unit["unit_id"], batch_index)
         offset = 0
         for i in batch:
-            per_window[i] = [a[offset : offset + lengths[i]] for a in arrays]
+            rows = (offset, offset + lengths[i])
+            per_window[i] = (head.rows(*rows), None if samples is None else samples.rows(*rows))
             offset += lengths[i]
     for i, (seq_id, input_ids) in enumerate(windows):
         writer.add(seq_id, input_ids, *per_window[i])
@@ -67,7 +66,7 @@ def test_pipelined_process_writes_the_serial_shard(tiny_teacher, unit_corpus, tm
     record = worker.process(unit)
     windows, _ = worker.read_windows(unit)
     assert len(make_batches([len(w) for _, w in windows], worker.settings.batch_tokens)) >= 3  # really pipelined
-    assert record["path"].endswith(get_format(worker.settings.shard_format).SUFFIX)
+    assert record["path"].endswith(get_format(worker.settings.output.format).SUFFIX)
     data = worker.store.read_bytes(record["path"])
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
     assert data == serial_shard(worker, unit)
@@ -97,14 +96,14 @@ def test_an_encoder_error_fails_the_unit_and_writes_nothing(tiny_teacher, unit_c
 
 def test_a_forward_error_stops_the_encoder_and_writes_nothing(tiny_teacher, unit_corpus, tmp_path, monkeypatch):
     worker, unit = make_worker(tiny_teacher, unit_corpus, tmp_path / "out")
-    original = worker._compute
+    original = worker.compute
 
     def failing(ids, mask, unit_id, batch_index):
         if batch_index == 2:
             raise RuntimeError("teacher failed (test)")
         return original(ids, mask, unit_id, batch_index)
 
-    monkeypatch.setattr(worker, "_compute", failing)
+    monkeypatch.setattr(worker, "compute", failing)
     with pytest.raises(RuntimeError, match="teacher failed"):
         worker.process(unit)
     assert worker.store.list_names("shards") == [] and worker.store.list_names("commits") == []

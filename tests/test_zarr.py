@@ -15,14 +15,15 @@ from test_format_spec import build_cache
 from kdcache.config import load_config
 from kdcache.errors import ConfigError
 from kdcache.formats import get_format
-from kdcache.verify import verify_cache
+from kdcache.identity import targets_identity
+from kdcache.tools.verify import verify_cache
 
 
 def test_config_keys():
     base = ["teacher.model=m", "data.source=s", "output.uri=u"]
     cfg = load_config(None, [*base, "output.format=zarr", "targets.logprob_codec=u16", "output.row_group_tokens=4096"])
     assert (cfg.output.format, cfg.targets.logprob_codec, cfg.output.row_group_tokens) == ("zarr", "u16", 4096)
-    assert cfg.targets.fingerprint()["logprob_codec"] == "u16"
+    assert targets_identity(cfg.targets)["logprob_codec"] == "u16"
     with pytest.raises(ConfigError, match="output.format"):
         load_config(None, [*base, "output.format=hdf5"])
     with pytest.raises(ConfigError, match="targets.logprob_codec"):
@@ -58,8 +59,8 @@ def test_missing_chunk_is_an_error_not_zeros(tmp_path):
 def test_same_job_as_parquet_and_zarr_reads_back_identically(ray_session, tiny_teacher, tmp_path):
     from conftest import stdlib_texts, write_jsonl
 
-    from kdcache.job import run_cache_job
-    from kdcache.reader import open_cache
+    from kdcache.capture.job import run_cache_job
+    from kdcache.read.reader import open_cache
 
     write_jsonl(tmp_path / "d" / "a.jsonl", [{"text": t} for t in stdlib_texts(4, 700)])
     common = [
@@ -92,7 +93,7 @@ def test_same_job_as_parquet_and_zarr_reads_back_identically(ray_session, tiny_t
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert sum(len(s["input_ids"]) for s in zarr_) == sum(len(s["input_ids"]) for s in parquet)
     # the training reader serves both formats identically too
-    from kdcache.dataset import KDCacheDataset
+    from kdcache.read.dataset import KDCacheDataset
 
     batches = {
         fmt: list(KDCacheDataset(f"{tmp_path}/{fmt}", batch_size=2, seed=3, shuffle=True))

@@ -1,15 +1,18 @@
-"""Shard file formats. Nothing outside this package knows how a shard file is laid out.
+"""Shard file formats: the only code that knows how a shard file is laid out.
 
     fmt = get_format("zarr")          # or "parquet"; the manifest's `shard_format` names the cache's format
     writer = fmt.ShardWriter(k=64, num_temperatures=2, codec=codec)
-    writer.add(seq_id, input_ids, target_ids, target_logprobs, log_normalizers, tail_logprobs, entropy)
+    writer.add(seq_id, input_ids, head)          # head: `kdcache.formats.base.HeadRows` (e.g. a TokenTargets)
     data: bytes = writer.finish()     # one immutable object per work unit, named shards/<unit>-<attempt>{fmt.SUFFIX}
-    shard = fmt.read_shard(data, k=64, num_temperatures=2, codec=codec)   # -> ShardData
+    shard = fmt.read_shard(data, k=64, num_temperatures=2, codec=codec)             # -> base.ShardData, decoded
+    rows = fmt.read_rows(data, k=64, num_temperatures=2, codec=codec, vocab_size=V)  # -> rows.UnitRows, compact
 
-Each format module has NAME, SUFFIX, ShardWriter (``add`` / ``finish() -> bytes``, ``num_sequences``,
-``num_tokens``), ``read_shard(bytes, *, k, num_temperatures, codec) -> ShardData`` and
-``read_shard_info(bytes) -> dict`` (counts and self-description from the footer / group metadata, without decoding
-the targets). Formats import their heavy library (pyarrow, zarr) only when first asked for.
+Each format module has NAME, SUFFIX, ShardWriter (``add`` / ``encode_sequence`` + ``add_encoded`` / ``finish() ->
+bytes``, ``num_sequences``, ``num_tokens``), ``read_shard`` (every column decoded: `ShardData`), ``read_rows``
+(compact rows for batching: `UnitRows`), ``read_shard_info(bytes) -> dict`` (counts and self-description without
+decoding the targets) and ``column_bytes(bytes) -> {column: stored bytes}``. What the formats share is in `base`
+(encoding, `ShardData`), `rows` (`UnitRows`) and `memory` (Arrow-pool arrays). Formats import their heavy library
+(pyarrow, zarr) only when first asked for.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from kdcache.formats.shard import ShardData, split_sequences
-
-__all__ = ["SHARD_FORMATS", "ShardData", "get_format", "split_sequences"]
+__all__ = ["SHARD_FORMATS", "get_format"]
 
 SHARD_FORMATS = ("parquet", "zarr")
 

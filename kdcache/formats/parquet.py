@@ -41,29 +41,25 @@ from kdcache.codec import (
     planar_to_values,
     values_to_planar,
 )
-from kdcache.formats.shard import (
-    BufferedShardWriter,
-    ShardData,
-    ragged_ids,
-    ragged_to_padded,
-    split_sequences,
-)
+from kdcache.formats.base import BufferedShardWriter, ShardData
+from kdcache.formats.memory import pooled_empty
+from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, sequence_bounds, steps_from_planar
 
 __all__ = [
     "NAME",
-    "SHARD_SUFFIX",
     "SUFFIX",
-    "ShardData",
     "ShardWriter",
+    "column_bytes",
     "decode_table",
+    "read_rows",
     "read_shard",
     "read_shard_info",
-    "read_shard_table",
-    "split_sequences",
+    "read_table",
+    "rows_from_table",
 ]
 
 NAME = "parquet"
-SHARD_SUFFIX = SUFFIX = ".parquet"
+SUFFIX = ".parquet"
 ROW_GROUP_TOKENS = 65536  # tokens per row group (rounded up to whole sequences)
 
 
@@ -75,12 +71,13 @@ def _fixed_binary(raw: np.ndarray) -> pa.Array:
 
 def _fixed_binary_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A FIXED_LEN_BYTE_ARRAY column -> [N, W] uint8 (zero-copy for a single chunk)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = arr.type.byte_width
-    if len(arr) == 0:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    width = column.type.byte_width
+    if len(column) == 0:
         return np.zeros((0, width), dtype=np.uint8)
-    raw = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=(arr.offset + len(arr)) * width)[arr.offset * width :]
-    return raw.reshape(len(arr), width)
+    raw = np.frombuffer(column.buffers()[1], dtype=np.uint8, count=(column.offset + len(column)) * width)
+    return raw[column.offset * width :].reshape(len(column), width)
 
 
 def _binary_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -209,82 +206,165 @@ def _row_group_bounds(seq_lengths: np.ndarray, row_group_tokens: int) -> list[tu
     return bounds
 
 
-def _decode_samples(table: pa.Table, codec: CodecParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _source(source: bytes | memoryview | BinaryIO) -> Any:
+    """What pyarrow reads: a zero-copy reader over bytes-like data, or the seekable binary file itself."""
+    return pa.BufferReader(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+
+
+def read_table(source: bytes | memoryview | BinaryIO, columns: list[str] | None = None) -> pa.Table:
+    """A shard's Arrow table (decompressed, not decoded): the one way kdcache reads a Parquet shard.
+
+    `ParquetFile.read` without Arrow's thread pools, not `pq.read_table`: that goes through the Arrow dataset
+    scanner, whose thread pools are a fork hazard in DataLoader workers (hangs, and aborts at interpreter exit), and
+    imports pyarrow.dataset and pandas with it (~1.5 s) in every fresh worker. Parallelism comes from the reader's
+    threads instead (Arrow releases the GIL while it reads).
+    """
+    return pq.ParquetFile(_source(source)).read(columns=columns, use_threads=False)
+
+
+def _samples(table: pa.Table, codec: CodecParams) -> RaggedSamples | None:
+    """The table's sampled targets, ragged as stored (None when the shard has no sample columns)."""
+    if "sample_gaps" not in table.column_names:
+        return None
     gaps_col = table.column("sample_gaps").combine_chunks()
-    offsets = gaps_col.offsets.to_numpy()
-    lengths = np.diff(offsets)
+    offsets = gaps_col.offsets.to_numpy().astype(np.int64)
     gaps = gaps_col.values.to_numpy(zero_copy_only=False).view(np.uint32)[offsets[0] : offsets[-1]]
-    ids = ragged_ids(lengths, gaps)
-    counts = _binary_values(table.column("sample_counts")).astype(np.int32)
-    codes = _binary_values(table.column("sample_codes")).view(codec.code_dtype)
-    lps = dequantize_logprobs(codes, codec)
-    return (
-        ragged_to_padded(lengths, ids, 0),
-        ragged_to_padded(lengths, counts, 0),
-        ragged_to_padded(lengths, lps, np.float32(-np.inf)),
+    return RaggedSamples(
+        offsets=offsets - offsets[0],
+        gaps=gaps,
+        counts=_binary_values(table.column("sample_counts")),
+        codes=_binary_values(table.column("sample_codes")).view(codec.code_dtype),
+        codec=codec,
     )
 
 
+def _target_planes(table: pa.Table, k: int, codec: CodecParams) -> tuple[np.ndarray, np.ndarray]:
+    """The [N, P * k] planar gap bytes and the [N, k] log-prob codes of a table's target columns (zero-copy)."""
+    gaps_raw = _fixed_binary_to_numpy(table.column("target_gaps"))
+    codes_raw = _fixed_binary_to_numpy(table.column("target_codes"))
+    if gaps_raw.shape[1] % k or codes_raw.shape[1] != codec.code_bytes * k:
+        raise ValueError(
+            f"target columns are {gaps_raw.shape[1]} / {codes_raw.shape[1]} bytes wide; expected multiples of "
+            f"k={k} with {codec.code_bytes}-byte codes ({codec.logprobs})"
+        )
+    return gaps_raw, planar_to_values(codes_raw, k, codec.code_dtype)
+
+
+def _numpy(table: pa.Table, name: str) -> np.ndarray:
+    """A primitive column as numpy (zero-copy for one chunk without nulls)."""
+    col = table.column(name)
+    return col.chunk(0).to_numpy(zero_copy_only=False) if col.num_chunks == 1 else col.to_numpy()
+
+
+def _per_temperature(table: pa.Table, prefix: str, num_temperatures: int) -> np.ndarray:
+    """[N, nT] float32 (pooled) from the columns `{prefix}_0`, `{prefix}_1`, ..."""
+    out = pooled_empty((table.num_rows, num_temperatures), np.float32)
+    for j in range(num_temperatures):
+        out[:, j] = _numpy(table, f"{prefix}_{j}")
+    return out
+
+
 def read_shard(
-    source: bytes | BinaryIO, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()
+    source: bytes | memoryview | BinaryIO, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()
 ) -> ShardData:
     """Decode a whole shard file (bytes or a seekable binary file)."""
-    return decode_table(read_shard_table(source), k=k, num_temperatures=num_temperatures, codec=codec)
+    return decode_table(read_table(source), k=k, num_temperatures=num_temperatures, codec=codec)
 
 
-def read_shard_table(source: bytes | BinaryIO) -> pa.Table:
-    """A whole shard as an Arrow table, decompressed but not decoded (decode row slices later with `decode_table`).
+def read_rows(
+    source: bytes | memoryview | BinaryIO,
+    *,
+    k: int,
+    num_temperatures: int,
+    codec: CodecParams,
+    vocab_size: int,
+    planar: bool = False,
+) -> UnitRows:
+    """A shard's rows, compact for batching (`kdcache.formats.rows`); see `rows_from_table`."""
+    return rows_from_table(
+        read_table(source), k=k, num_temperatures=num_temperatures, codec=codec, vocab_size=vocab_size, planar=planar
+    )
 
-    Holding the table instead of `ShardData` keeps ~(P + B)k + 28 bytes per token (k = 64: ~250 B) instead of
-    ~12k (~800 B), and lets a reader decode only the rows it needs.
-    """
-    return pq.read_table(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+
+def rows_from_table(
+    table: pa.Table, *, k: int, num_temperatures: int, codec: CodecParams, vocab_size: int, planar: bool = False
+) -> UnitRows:
+    """Compact rows of a shard's table (`read_table`): id steps in uint16 when `vocab_size` (the teacher's padded
+    vocabulary) allows, else int32; with `planar`, the stored gap bytes as they are (zero-copy). Raises ValueError
+    for unexpected columns."""
+    n = table.num_rows
+    starts, lengths, seq_ids = sequence_bounds(_numpy(table, "seq_id"))
+    if k > 0:
+        gaps_raw, codes = _target_planes(table, k, codec)
+        ids = gaps_raw if planar else steps_from_planar(gaps_raw, k, vocab_size)
+    else:
+        ids, codes = np.zeros((n, 0), np.uint16), np.zeros((n, 0), codec.code_dtype)
+    are_codes = logprob_table(codec) is not None
+    return UnitRows(
+        starts=starts,
+        lengths=lengths,
+        seq_ids=seq_ids,
+        input_ids=_numpy(table, "input_id").astype(np.int32, copy=False),
+        target_ids=ids,
+        ids_key="target_gap_planes" if planar else "target_steps",
+        target_values=codes if are_codes else dequantize_logprobs(codes, codec),
+        values_are_codes=are_codes,
+        log_normalizers=_per_temperature(table, "log_normalizer", num_temperatures),
+        tail_logprobs=_per_temperature(table, "tail_logprob", num_temperatures),
+        entropy=_numpy(table, "entropy").astype(np.float32, copy=False),
+        samples=_samples(table, codec),
+    )
 
 
-def read_shard_info(source: bytes | BinaryIO) -> dict[str, Any]:
+def read_shard_info(source: bytes | memoryview | BinaryIO) -> dict[str, Any]:
     """Counts and self-description from the footer and the seq_id column only (no target is decompressed).
 
     Returns {"num_tokens", "num_sequences", "metadata"}; raises for a file pyarrow cannot read.
     """
-    pf = pq.ParquetFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+    pf = pq.ParquetFile(_source(source))
     raw = (pf.schema_arrow.metadata or {}).get(b"kdcache", b"{}")
-    seq = pf.read(columns=["seq_id"]).column("seq_id").to_numpy()
+    seq = pf.read(columns=["seq_id"], use_threads=False).column("seq_id").to_numpy()
     runs = int(np.count_nonzero(np.diff(seq))) + 1 if len(seq) else 0
     return {"num_tokens": pf.metadata.num_rows, "num_sequences": runs, "metadata": json.loads(raw)}
+
+
+def column_bytes(source: bytes | memoryview | BinaryIO) -> dict[str, int]:
+    """Compressed bytes of each top-level column of a shard, summed over row groups (only the footer is read).
+
+    Returns:
+        ``{column: bytes}`` in schema order; nested leaves such as ``sample_gaps.list.element`` are summed into their
+        top-level column.
+    """
+    metadata = pq.ParquetFile(_source(source)).metadata
+    sizes: dict[str, int] = {}
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            name = chunk.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0) + int(chunk.total_compressed_size)
+    return sizes
 
 
 def decode_table(table: pa.Table, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()) -> ShardData:
     """Decode token rows already read into an Arrow table (a whole file, some row groups, or a row slice)."""
     n = table.num_rows
     if k > 0:
-        gaps_raw = _fixed_binary_to_numpy(table.column("target_gaps"))
-        codes_raw = _fixed_binary_to_numpy(table.column("target_codes"))
-        if gaps_raw.shape[1] % k or codes_raw.shape[1] != codec.code_bytes * k:
-            raise ValueError(
-                f"target columns are {gaps_raw.shape[1]} / {codes_raw.shape[1]} bytes wide; expected multiples of "
-                f"k={k} with {codec.code_bytes}-byte codes ({codec.logprobs})"
-            )
+        gaps_raw, codes = _target_planes(table, k, codec)
         target_ids = decode_planar_gaps(gaps_raw, k)
-        target_logprobs = dequantize_logprobs(planar_to_values(codes_raw, k, codec.code_dtype), codec)
+        target_logprobs = dequantize_logprobs(codes, codec)
     else:
         target_ids, target_logprobs = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
-    samples = _decode_samples(table, codec) if "sample_gaps" in table.column_names else (None, None, None)
-
-    def floats(name: str) -> np.ndarray:
-        return table.column(name).to_numpy().astype(np.float32, copy=False)
-
+    ragged = _samples(table, codec)
+    samples = ragged.padded(0, n) if ragged is not None else (None, None, None)
     return ShardData(
-        seq_ids=table.column("seq_id").to_numpy().astype(np.int64, copy=False),
-        input_ids=table.column("input_id").to_numpy().astype(np.int32, copy=False),
+        seq_ids=_numpy(table, "seq_id").astype(np.int64, copy=False),
+        input_ids=_numpy(table, "input_id").astype(np.int32, copy=False),
         target_ids=target_ids,
         target_logprobs=target_logprobs,
-        log_normalizers=np.stack([floats(f"log_normalizer_{j}") for j in range(num_temperatures)], axis=1).reshape(
-            n, num_temperatures
-        ),
-        tail_logprobs=np.stack([floats(f"tail_logprob_{j}") for j in range(num_temperatures)], axis=1).reshape(
-            n, num_temperatures
-        ),
-        entropy=floats("entropy"),
+        log_normalizers=_per_temperature(table, "log_normalizer", num_temperatures),
+        tail_logprobs=_per_temperature(table, "tail_logprob", num_temperatures),
+        entropy=_numpy(table, "entropy").astype(np.float32, copy=False),
         sample_ids=samples[0],
         sample_counts=samples[1],
         sample_logprobs=samples[2],

@@ -40,24 +40,19 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs
-from kdcache.formats.shard import (
-    BufferedShardWriter,
-    ShardData,
-    ragged_ids,
-    ragged_to_padded,
-    split_sequences,
-)
+from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs, gap_planes, values_to_planar
+from kdcache.formats.base import BufferedShardWriter, ShardData
+from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, steps_from_gaps
 
 __all__ = [
     "NAME",
     "SUFFIX",
-    "ShardData",
     "ShardWriter",
+    "column_bytes",
     "read_arrays",
+    "read_rows",
     "read_shard",
     "read_shard_info",
-    "split_sequences",
 ]
 
 NAME = "zarr"
@@ -175,31 +170,42 @@ def read_arrays(source: bytes) -> dict[str, np.ndarray]:
     return {name: np.asarray(arr[...]) for name, arr in group.arrays()}
 
 
-def read_shard(source: bytes, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()) -> ShardData:
-    """Decode a whole zipped Zarr shard."""
+def _checked_arrays(source: bytes, k: int, codec: CodecParams) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every array of a shard, and its seq_offsets as int64, after checking they agree with each other."""
     a = read_arrays(source)
     offsets = a["seq_offsets"].astype(np.int64)
     n = int(offsets[-1]) if len(offsets) else 0
     if len(a["input_id"]) != n:
         raise ValueError(f"seq_offsets end at {n} but input_id holds {len(a['input_id'])} tokens")
+    if k > 0 and (a["target_gaps"].shape != (n, k) or a["target_codes"].dtype != codec.code_dtype):
+        raise ValueError(
+            f"target arrays are {a['target_gaps'].shape} {a['target_codes'].dtype}; expected [{n}, {k}] "
+            f"with {codec.code_dtype} codes ({codec.logprobs})"
+        )
+    return a, offsets
+
+
+def _samples(a: dict[str, np.ndarray], codec: CodecParams) -> RaggedSamples | None:
+    """The shard's sampled targets, ragged as stored (None when it has no sample arrays)."""
+    if "sample_lengths" not in a:
+        return None
+    offsets = np.concatenate([[0], np.cumsum(a["sample_lengths"], dtype=np.int64)])
+    return RaggedSamples(offsets, a["sample_gaps"], a["sample_counts"], a["sample_codes"], codec)
+
+
+def read_shard(
+    source: bytes | memoryview, *, k: int, num_temperatures: int, codec: CodecParams = CodecParams()
+) -> ShardData:
+    """Decode a whole zipped Zarr shard."""
+    a, offsets = _checked_arrays(source, k, codec)
+    n = int(offsets[-1]) if len(offsets) else 0
     if k > 0:
-        if a["target_gaps"].shape != (n, k) or a["target_codes"].dtype != codec.code_dtype:
-            raise ValueError(
-                f"target arrays are {a['target_gaps'].shape} {a['target_codes'].dtype}; expected [{n}, {k}] "
-                f"with {codec.code_dtype} codes ({codec.logprobs})"
-            )
         target_ids = decode_ids(a["target_gaps"])
         target_logprobs = dequantize_logprobs(a["target_codes"], codec)
     else:
         target_ids, target_logprobs = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
-    samples: tuple[np.ndarray | None, ...] = (None, None, None)
-    if "sample_lengths" in a:
-        lengths = a["sample_lengths"].astype(np.int64)
-        samples = (
-            ragged_to_padded(lengths, ragged_ids(lengths, a["sample_gaps"]), 0),
-            ragged_to_padded(lengths, a["sample_counts"].astype(np.int32), 0),
-            ragged_to_padded(lengths, dequantize_logprobs(a["sample_codes"], codec), np.float32(-np.inf)),
-        )
+    ragged = _samples(a, codec)
+    samples = ragged.padded(0, n) if ragged is not None else (None, None, None)
     return ShardData(
         seq_ids=np.repeat(a["seq_id"].astype(np.int64), np.diff(offsets)),
         input_ids=a["input_id"].astype(np.int32, copy=False),
@@ -212,6 +218,54 @@ def read_shard(source: bytes, *, k: int, num_temperatures: int, codec: CodecPara
         sample_counts=samples[1],
         sample_logprobs=samples[2],
     )
+
+
+def read_rows(
+    source: bytes | memoryview,
+    *,
+    k: int,
+    num_temperatures: int,
+    codec: CodecParams,
+    vocab_size: int,
+    planar: bool = False,
+) -> UnitRows:
+    """A shard's rows, compact for batching (`kdcache.formats.rows`): id steps in uint16 when `vocab_size` allows,
+    else int32; with `planar`, the gaps as planar bytes (what compact batches ship to the GPU)."""
+    a, offsets = _checked_arrays(source, k, codec)
+    n = int(offsets[-1]) if len(offsets) else 0
+    if k > 0:
+        gaps = a["target_gaps"]
+        ids = values_to_planar(gaps, gap_planes(gaps)) if planar else steps_from_gaps(gaps, vocab_size)
+        codes = a["target_codes"]
+    else:
+        ids, codes = np.zeros((n, 0), np.uint16), np.zeros((n, 0), codec.code_dtype)
+    are_codes = logprob_table(codec) is not None
+    return UnitRows(
+        starts=offsets[:-1],
+        lengths=np.diff(offsets),
+        seq_ids=a["seq_id"].astype(np.int64, copy=False),
+        input_ids=a["input_id"].astype(np.int32, copy=False),
+        target_ids=ids,
+        ids_key="target_gap_planes" if planar else "target_steps",
+        target_values=codes if are_codes else dequantize_logprobs(codes, codec),
+        values_are_codes=are_codes,
+        log_normalizers=a["log_normalizers"].reshape(n, num_temperatures),
+        tail_logprobs=a["tail_logprobs"].astype(np.float32).reshape(n, num_temperatures),
+        entropy=a["entropy"].astype(np.float32),
+        samples=_samples(a, codec),
+    )
+
+
+def column_bytes(source: bytes | memoryview | BinaryIO) -> dict[str, int]:
+    """Stored bytes of each array of a shard (its chunks and zarr.json), from the zip's central directory only."""
+    fileobj = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    sizes: dict[str, int] = {}
+    with zipfile.ZipFile(fileobj) as zf:
+        for info in zf.infolist():
+            if "/" in info.filename:
+                name = info.filename.split("/", 1)[0]
+                sizes[name] = sizes.get(name, 0) + info.compress_size
+    return sizes
 
 
 def read_shard_info(source: bytes | BinaryIO) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from kdcache.dataset import KDCacheDataset
+from kdcache.read.dataset import KDCacheDataset
 
 __all__ = ["KDDataLoader", "passthrough_collator"]
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from kdcache.dataset import KDCacheDataset
 from kdcache.integrations import KDDataLoader, passthrough_collator
 from kdcache.losses import distillation_loss
+from kdcache.read.dataset import KDCacheDataset
 
-__all__ = ["DATASET_STATE_FILE", "KDTrainer", "passthrough_collator"]
+__all__ = ["DATASET_STATE_FILE", "KDTrainer"]
 
 DATASET_STATE_FILE = "kdcache_dataset_state.json"
 

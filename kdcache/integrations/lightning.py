@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from kdcache.dataset import KDCacheDataset
 from kdcache.integrations import KDDataLoader
 from kdcache.losses import distillation_loss
+from kdcache.read.dataset import KDCacheDataset
 
 __all__ = ["KDCacheDataModule", "KDLightningModule"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdcache.dataset import KDCacheDataset
+from kdcache.read.dataset import KDCacheDataset
 
 __all__ = ["shard_for_ray_train"]
 

@@ -42,7 +42,8 @@ the student's logits exists for one chunk only. A custom autograd function compu
 forward pass and keeps one gradient buffer in the student's dtype (double backward is not supported).
 
 Layout: this module is the public entry point (batch checks, teacher targets, the losses); the chunked autograd
-machinery is in `kdcache.chunked`, the divergences and per-row student computations in `kdcache.divergences`.
+machinery is in `kdcache.losses.autograd`, the divergences and per-row student computations in
+`kdcache.losses.divergences`, the device-side decoding of compact batches in `kdcache.losses.compact`.
 
 Usage::
 
@@ -61,10 +62,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcache import divergences
-from kdcache.chunked import RowLoss, compute_dtype, mean_over_rows  # noqa: F401 (RowLoss: re-exported)
-from kdcache.collate import expand_targets
-from kdcache.divergences import (
+from kdcache.losses import divergences
+from kdcache.losses.autograd import compute_dtype, mean_over_rows
+from kdcache.losses.compact import expand_targets
+from kdcache.losses.divergences import (
     bucket_rows,
     cross_entropy_rows,
     log1mexp,

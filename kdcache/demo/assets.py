@@ -15,9 +15,9 @@ cores (training drops to one thread, ~2x slower, while other processes compete f
 idempotent: a marker ``demo.json``, written last, records the settings and training stats; a second call with the
 same settings returns at once, different settings rebuild. ``kdcache demo`` calls it; alone::
 
-    python -m kdcache.demo .kdcache/demo/assets
+    python -m kdcache.demo.assets .kdcache/demo/assets
 
-The corpus helpers are in `kdcache.demo_corpus`, the tokenizer and teacher in `kdcache.demo_teacher`; this module
+The corpus helpers are in `kdcache.demo.corpus`, the tokenizer and teacher in `kdcache.demo.teacher`; this module
 assembles them into the assets folder.
 """
 
@@ -34,33 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# The corpus and teacher helpers live in their own modules and stay importable from here (the constants and
-# padded_vocab_size too). prepare_demo calls them through this module's names: tests replace train_teacher and
-# train_tokenizer here to prove that a second call does not rebuild.
-from kdcache.demo_corpus import MAX_FILE_BYTES, split_train_valid, stdlib_documents, write_corpus  # noqa: F401
-from kdcache.demo_teacher import (  # noqa: F401
-    SPECIAL_TOKENS,
-    VOCAB_PAD_MULTIPLE,
-    build_teacher,
-    padded_vocab_size,
-    train_teacher,
-    train_tokenizer,
-)
+from kdcache.demo import corpus, teacher
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
-__all__ = [
-    "DEFAULT_TRAIN_STEPS",
-    "DemoAssets",
-    "build_teacher",
-    "prepare_demo",
-    "split_train_valid",
-    "stdlib_documents",
-    "train_teacher",
-    "train_tokenizer",
-    "write_corpus",
-]
+__all__ = ["DEFAULT_TRAIN_STEPS", "DemoAssets", "prepare_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,18 +162,18 @@ def prepare_demo(
     (workdir / MARKER_NAME).unlink(missing_ok=True)  # first: from here on the folders may be half-replaced
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=workdir))
     try:
-        docs = stdlib_documents(max_files)
-        train_docs, valid_docs = split_train_valid(docs)
+        docs = corpus.stdlib_documents(max_files)
+        train_docs, valid_docs = corpus.split_train_valid(docs)
         if not train_docs or not valid_docs:
             raise ValueError(f"prepare_demo: max_files={max_files} gives too few stdlib files for a train/valid split")
-        write_corpus(train_docs, tmp / "train", files=corpus_files)
-        write_corpus(valid_docs, tmp / "valid", files=min(2, corpus_files))
+        corpus.write_corpus(train_docs, tmp / "train", files=corpus_files)
+        corpus.write_corpus(valid_docs, tmp / "valid", files=min(2, corpus_files))
         train_texts = [text for _, text in train_docs]
         logger.info("demo: %d train / %d valid stdlib files; training the tokenizer", len(train_docs), len(valid_docs))
-        tokenizer = train_tokenizer(train_texts, tmp / "teacher")
-        model = build_teacher(tokenizer, seed=seed)
+        tokenizer = teacher.train_tokenizer(train_texts, tmp / "teacher")
+        model = teacher.build_teacher(tokenizer, seed=seed)
         logger.info("demo: training a %d-parameter teacher", sum(p.numel() for p in model.parameters()))
-        stats = train_teacher(
+        stats = teacher.train_teacher(
             model, tokenizer, train_texts, steps=train_steps, seconds=train_seconds, seed=seed, progress=progress
         )
         _save_quietly(model, tmp / "teacher")
@@ -228,6 +207,6 @@ def prepare_demo(
     return _assets(workdir, info)
 
 
-if __name__ == "__main__":  # python -m kdcache.demo [WORKDIR]: build (or reuse) the assets, print the marker
+if __name__ == "__main__":  # python -m kdcache.demo.assets [WORKDIR]: build (or reuse) the assets, print the marker
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(json.dumps(prepare_demo(Path(sys.argv[1] if len(sys.argv) > 1 else ".kdcache/demo/assets")).info, indent=1))

@@ -11,8 +11,7 @@ Targets of a run (`make_loss`):
 - ``"online"``: full knowledge distillation, the teacher run inside the loop, forward KL on its dense logits;
 - ``"hard"``: cross-entropy against the next token, no teacher.
 
-Students are built and evaluated by `kdcache.evaluation`; runs are compared by `kdcache.students`, which re-exports
-these names.
+Students are built and evaluated by `kdcache.demo.evaluation`; runs are compared by `kdcache.demo.students`.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ import torch
 from torch import Tensor
 
 from kdcache import losses
-from kdcache.evaluation import ValidationSet, dense_forward_kl, evaluate
-from kdcache.threads import ThreadChooser, available_cpus
+from kdcache.demo.evaluation import ValidationSet, dense_forward_kl, evaluate
+from kdcache.demo.threads import ThreadChooser, available_cpus
 
 __all__ = ["LossFn", "TrainSettings", "cache_batches", "make_loss", "train_student"]
 
@@ -82,7 +81,7 @@ def cache_batches(
     uri: str, *, batch_size: int, seed: int, student_vocab_size: int | None = None
 ) -> Iterator[dict[str, Any]]:
     """Endless batches of a cache: epoch 0, 1, ... of `KDCacheDataset` (full batches only), a pure function of seed."""
-    from kdcache.dataset import KDCacheDataset
+    from kdcache.read.dataset import KDCacheDataset
 
     ds = KDCacheDataset(uri, batch_size=batch_size, seed=seed, drop_last=True, student_vocab_size=student_vocab_size)
     if len(ds) == 0:

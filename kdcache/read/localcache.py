@@ -33,12 +33,12 @@ import os
 import time
 import uuid
 
+from kdcache.formats.memory import read_pooled
 from kdcache.manifest import shard_checksum_error
-from kdcache.unitrows import read_pooled
 
 __all__ = ["LocalShardCache"]
 
-log = logging.getLogger("kdcache.localcache")
+log = logging.getLogger("kdcache.read.localcache")
 _LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died

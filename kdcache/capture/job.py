@@ -22,14 +22,13 @@ import posixpath
 import time
 from typing import Any
 
-from kdcache.codec import CodecParams
+from kdcache.capture.plan import WorkUnit, plan_units
+from kdcache.capture.scheduler import ActorFactory, RunStats, schedule_units
 from kdcache.config import KDCacheConfig
-from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.errors import ConfigError
+from kdcache.identity import claim_fingerprint, fingerprint_inputs, fingerprint_of, tokenizer_fingerprint
 from kdcache.manifest import (
     COMMITS_DIR,
-    FINGERPRINT_KEY,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     INDEX_KEY,
     SHARDS_DIR,
     build_manifest,
@@ -37,18 +36,17 @@ from kdcache.manifest import (
     dumps,
     read_manifest,
 )
-from kdcache.plan import WorkUnit, fingerprint_of, plan_units
-from kdcache.pool import ActorFactory, JobFailed, RunStats, schedule_units
 from kdcache.store import Store
 
-__all__ = ["ActorFactory", "JobFailed", "RunStats", "compute_fingerprint", "run_cache_job", "schedule_units"]
+__all__ = ["compute_fingerprint", "run_cache_job", "shutdown_ray"]
 
-log = logging.getLogger("kdcache.job")
+log = logging.getLogger("kdcache.capture.job")
 
 
 def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
-    """Everything that determines the cached bytes, read from the teacher's config and tokenizer (no weights)."""
-    from kdcache.teacher import load_tokenizer, read_model_info, tokenizer_fingerprint
+    """The job's fingerprint inputs (`kdcache.identity.fingerprint_inputs`), from the teacher's config and tokenizer
+    (no weights are loaded); checks the targets against the vocabulary first."""
+    from kdcache.capture.teacher import load_tokenizer, read_model_info
 
     t = cfg.teacher
     info = read_model_info(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
@@ -58,53 +56,7 @@ def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
         trust_remote_code=t.trust_remote_code,
     )
     cfg.validate_against_vocab(info["padded_vocab_size"])
-    return {
-        "format_version": FORMAT_VERSION,
-        "teacher": {"model": t.model, "revision": t.revision, "dtype": t.dtype, **info},
-        "tokenizer": {"name": cfg.data.tokenizer or t.model, **tokenizer_fingerprint(tok)},
-        "targets": cfg.targets.fingerprint(),
-        "codec": CodecParams.for_logprobs(getattr(cfg.targets, "logprob_codec", "u8")).to_dict(),
-        "windowing": {
-            "max_length": cfg.data.max_length,
-            "min_length": cfg.data.min_length,
-            "add_eos": cfg.data.add_eos,
-            "add_special_tokens": True,
-        },
-        "data": {
-            "source": cfg.data.source,
-            "format": cfg.data.format,
-            "text_field": cfg.data.text_field,
-            "ids_field": cfg.data.ids_field,
-            "unit_bytes": cfg.data.unit_bytes,
-        },
-        "shard_format": cfg.output.format,
-    }
-
-
-def _describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _describe_difference(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: cache has {a!r}, this job has {b!r}")
-    return diffs
-
-
-def _claim_fingerprint(store: Store, fingerprint: str, inputs: dict[str, Any]) -> None:
-    record = {"format": FORMAT_NAME, "fingerprint": fingerprint, "fingerprint_inputs": inputs}
-    if store.create_exclusive(FINGERPRINT_KEY, dumps(record)):
-        return
-    existing = json.loads(store.read_bytes(FINGERPRINT_KEY))
-    if existing.get("fingerprint") != fingerprint:
-        diffs = _describe_difference(existing.get("fingerprint_inputs", {}), inputs)
-        raise CacheMismatchError(
-            f"{store.uri} already holds a cache with a different fingerprint "
-            f"({existing.get('fingerprint', '?')[:12]} vs {fingerprint[:12]}): "
-            + "; ".join(diffs[:6])
-            + ". Use a new output.uri (a cache is immutable)."
-        )
+    return fingerprint_inputs(cfg, info, {"name": cfg.data.tokenizer or t.model, **tokenizer_fingerprint(tok)})
 
 
 def _sanitized_config(cfg: KDCacheConfig) -> dict[str, Any]:
@@ -131,6 +83,14 @@ def _init_ray(cfg: KDCacheConfig):
     else:
         ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
     return ray
+
+
+def shutdown_ray() -> None:
+    """Leave the Ray this process started or joined (frees an embedded Ray's cores once the job is done)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _delete_orphan_shards(store: Store, units: list[dict[str, Any]]) -> int:
@@ -169,7 +129,7 @@ def run_cache_job(
     started = time.time()
     inputs = compute_fingerprint(cfg)
     fingerprint = fingerprint_of(inputs)
-    _claim_fingerprint(store, fingerprint, inputs)
+    claim_fingerprint(store, fingerprint, inputs)
     existing = read_manifest(store)
     if existing is not None and existing["complete"] and existing["fingerprint"] == fingerprint:
         log.info("%s: cache is complete; nothing to do", store.uri)
@@ -218,9 +178,10 @@ def _run_units(
     _init_ray(cfg)
     c = cfg.cluster
     if factory is None:
-        from kdcache.actors import TeacherActorFactory
+        from kdcache.capture.actors import TeacherActorFactory
+        from kdcache.capture.worker import WorkerSettings
 
-        settings = _worker_settings(cfg, fingerprint)
+        settings = WorkerSettings.from_config(cfg, fingerprint)
         factory = TeacherActorFactory(
             settings, num_gpus=c.gpus_per_actor, num_cpus=c.cpus_per_actor, options=actor_options
         )
@@ -229,33 +190,11 @@ def _run_units(
         factory,
         num_actors=c.num_actors,
         max_retries=c.max_retries,
-        backup_after_s=getattr(c, "backup_after_s", None),
+        backup_after_s=c.backup_after_s,
         progress=c.progress,
         progress_total=total,
         progress_done=total - len(pending),
     )
-
-
-def _worker_settings(cfg: KDCacheConfig, fingerprint: str) -> dict[str, Any]:
-    """What every actor needs (a `WorkerSettings` dict); storage options travel to the actors, never to a file."""
-    raw = cfg.to_dict()
-    extra = {"row_group_tokens": cfg.output.row_group_tokens} if hasattr(cfg.output, "row_group_tokens") else {}
-    teacher = raw["teacher"]
-    if teacher.get("device_map") is None and cfg.cluster.gpus_per_actor > 1:
-        teacher = teacher | {"device_map": "auto"}  # one replica spread over its actor's GPUs
-    return extra | {
-        "teacher": teacher,
-        "data": raw["data"],
-        "k": cfg.targets.stored_k,
-        "num_samples": cfg.targets.num_samples,
-        "seed": cfg.targets.seed,
-        "temperatures": cfg.targets.temperatures,
-        "output_uri": cfg.output.uri,
-        "storage_options": cfg.output.storage_options,
-        "compression_level": cfg.output.compression_level,
-        "batch_tokens": cfg.cluster.batch_tokens,
-        "shard_metadata": {"fingerprint": fingerprint, "format_version": FORMAT_VERSION},
-    }
 
 
 def _build_manifest(cfg, fingerprint, inputs, units, last_run, started) -> dict[str, Any]:

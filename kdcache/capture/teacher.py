@@ -1,6 +1,7 @@
 """Load a Hugging Face causal LM as a teacher and turn token batches into top-k soft targets, chunk by chunk.
 
-The only module of kdcache that imports ``transformers`` (imported lazily, so importing this module is cheap).
+The capture stage's only module that imports ``transformers`` (lazily, inside functions); elsewhere only the Hugging
+Face Trainer adapter and the demo do (tests/test_layout.py checks).
 
 The teacher runs the base model once per batch, gathers the hidden states of the valid (unpadded) positions and
 applies the output head to a few positions at a time, with every final-logit transform the architecture's own
@@ -16,31 +17,26 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdcache.capture.head_transforms import HEAD_TRANSFORMS, HeadTransform, identity
+from kdcache.capture.targets import SampledTargets, TokenTargets, sample_targets, select_topk
 from kdcache.errors import ConfigError
-from kdcache.head_transforms import HEAD_TRANSFORMS, HeadTransform, identity
-from kdcache.targets import SampledTargets, TokenTargets, sample_targets, select_topk
+from kdcache.identity import weights_fingerprint
 
 __all__ = [
-    "HEAD_TRANSFORMS",
     "Teacher",
     "default_chunk_bytes",
     "load_tokenizer",
     "read_model_info",
     "resolve_dtype",
-    "tokenizer_fingerprint",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _PROBE_TOKENS = 16  # length of the one-row probe used to check the chunked head against the model's forward
 # Allowed max |chunked - forward| logit difference, relative to 1 + max |logit|, per compute dtype.
 _PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
@@ -110,43 +106,6 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
-    """Identify a tokenizer by content, so a cache can refuse a student whose tokenizer differs.
-
-    Args:
-        tokenizer: A transformers tokenizer. A fast one is hashed by its ``tokenizer.json`` content (minus the
-            truncation/padding state, which transformers changes on each call), a slow one by its sorted vocab.
-
-    Returns:
-        ``{"hash": sha256 hex, "vocab_size": len(tokenizer), "eos_token_id": int | None, "bos_token_id": ...}``.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is not None:
-        content = json.loads(backend.to_str())
-        content.pop("truncation", None)
-        content.pop("padding", None)
-    else:
-        content = tokenizer.get_vocab()
-    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return {
-        "hash": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-    }
-
-
-def _weights_fingerprint(name_or_path: str, config: Any) -> str | None:
-    """sha256 of config.json plus sorted (weight file, size) for a local directory; else the resolved hub commit."""
-    local = Path(name_or_path)
-    if local.is_dir():
-        digest = hashlib.sha256((local / "config.json").read_bytes())
-        for path in sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
-            digest.update(f"\n{path.name}\t{path.stat().st_size}".encode())
-        return digest.hexdigest()
-    return getattr(config, "_commit_hash", None)  # None: the hub commit could not be resolved
-
-
 def read_model_info(
     name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> dict[str, Any]:
@@ -172,7 +131,7 @@ def read_model_info(
         "logit_scale": getattr(text, "logit_scale", None),
         "logits_scaling": getattr(text, "logits_scaling", None),
         "config_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
-        "weights_fingerprint": _weights_fingerprint(name_or_path, config),
+        "weights_fingerprint": weights_fingerprint(name_or_path, config),
     }
 
 
@@ -190,7 +149,7 @@ def _head_transform(model: torch.nn.Module) -> HeadTransform:
         raise ConfigError(
             f"{name} (model_type {model.config.model_type!r}) sets {suspicious}, which may transform the final "
             "logits, and kdcache does not know how this class applies it; add the class to "
-            "kdcache.head_transforms.HEAD_TRANSFORMS after reading its forward()"
+            "kdcache.capture.head_transforms.HEAD_TRANSFORMS after reading its forward()"
         )
     return identity
 
@@ -321,7 +280,7 @@ class Teacher:
             raise ConfigError(
                 f"{type(self.model).__name__}: the chunked lm_head differs from the model's forward by {error:.3g} "
                 f"logits (allowed {allowed:.3g}); its forward applies a final-logit transform kdcache does not know. "
-                "Add the class to kdcache.head_transforms.HEAD_TRANSFORMS after reading its forward()"
+                "Add the class to kdcache.capture.head_transforms.HEAD_TRANSFORMS after reading its forward()"
             )
 
     def _check_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,16 +19,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kdcache.errors import ConfigError, KdcacheError, SourceError
-from kdcache.plan import WorkUnit
+from kdcache.capture.plan import WorkUnit
+from kdcache.errors import ConfigError, JobFailed, SourceError
 
-__all__ = ["ActorFactory", "JobFailed", "RunStats", "schedule_units"]
+__all__ = ["ActorFactory", "RunStats", "schedule_units"]
 
-log = logging.getLogger("kdcache.job")
-
-
-class JobFailed(KdcacheError):
-    """A unit failed more than `cluster.max_retries` times, failed on bad input, or no actor could start."""
+log = logging.getLogger("kdcache.capture.job")
 
 
 class ActorFactory(Protocol):

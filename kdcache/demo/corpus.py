@@ -1,6 +1,6 @@
 """The demo corpus: the Python standard library's own sources as jsonl shards, split into train / valid by name.
 
-`kdcache.demo.prepare_demo` calls these; they need nothing but the standard library::
+`kdcache.demo.assets.prepare_demo` calls these; they need nothing but the standard library::
 
     docs = stdlib_documents(400)                       # [(name, text)], e.g. ("json/decoder.py", "...")
     train, valid = split_train_valid(docs)             # by a hash of the name: stable and disjoint

@@ -1,6 +1,6 @@
 """The demo teacher: a byte-level BPE tokenizer and a tiny Llama trained on the demo corpus (a demo, not a real model).
 
-`kdcache.demo.prepare_demo` calls these in this order::
+`kdcache.demo.assets.prepare_demo` calls these in this order::
 
     tokenizer = train_tokenizer(texts, out_dir)        # 2048 learned tokens + 4 specials, saved with save_pretrained
     model = build_teacher(tokenizer)                   # 2-layer Llama, vocabulary padded to a multiple of 64
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcache.threads import ThreadChooser, available_cpus
+from kdcache.demo.threads import ThreadChooser, available_cpus
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions that use them
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -170,7 +170,7 @@ def train_teacher(
     Runs ``steps`` steps, or until ``seconds`` have passed, whichever comes first (give ``seconds=None`` for a
     deterministic run). Learning rate: linear warmup, then cosine decay to 10% over the run's progress. Uses as many
     torch threads as this process has CPUs, or 1 while other processes compete for them (see
-    `kdcache.threads.ThreadChooser`), then restores the previous setting.
+    `kdcache.demo.threads.ThreadChooser`), then restores the previous setting.
 
     Args:
         model: A causal LM (e.g. from `build_teacher`); left in eval mode.

@@ -11,7 +11,7 @@ No file format is known here: parquet.py and zarr.py turn `TokenBuffer.arrays()`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,12 +20,35 @@ from kdcache.codec import CodecParams, encode_ids, quantize_logprobs, sort_targe
 __all__ = [
     "BufferedShardWriter",
     "EncodedSequence",
+    "HeadRows",
+    "SampleRows",
     "ShardData",
     "TokenBuffer",
     "ragged_to_padded",
     "ragged_ids",
     "split_sequences",
 ]
+
+
+class HeadRows(Protocol):
+    """The head targets of T consecutive positions, as a shard writer takes them (numpy arrays or CPU tensors).
+
+    `kdcache.capture.targets.TokenTargets` is one; any object with these attributes will do.
+    """
+
+    ids: Any  # [T, k] token ids (any order: writers sort them)
+    logprobs: Any  # [T, k] log-probs at T = 1, aligned with ids
+    log_normalizers: Any  # [T, nT] logsumexp(z / T_j) over the vocabulary
+    tail_logprobs: Any  # [T, nT] log mass outside the ids at T_j
+    entropy: Any  # [T] entropy at T = 1, nats
+
+
+class SampleRows(Protocol):
+    """Sampled targets of T consecutive positions (`kdcache.capture.targets.SampledTargets` is one)."""
+
+    ids: Any  # [T, m] unique sampled ids, padding id 0
+    counts: Any  # [T, m] draws of each id, 0 = padding
+    logprobs: Any  # [T, m] teacher log-probs at T = 1, -inf = padding
 
 
 @dataclass
@@ -105,63 +128,29 @@ class TokenBuffer:
     num_tokens: int = 0
     _parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
-    def add(
-        self,
-        seq_id: int,
-        input_ids: np.ndarray,
-        target_ids: np.ndarray,
-        target_logprobs: np.ndarray,
-        log_normalizers: np.ndarray,
-        tail_logprobs: np.ndarray,
-        entropy: np.ndarray,
-        sample_ids: np.ndarray | None = None,
-        sample_counts: np.ndarray | None = None,
-        sample_logprobs: np.ndarray | None = None,
-    ) -> None:
-        """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
-        tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
-        Ids need not be sorted (they are sorted here)."""
-        self.add_encoded(
-            self.encode_sequence(
-                seq_id,
-                input_ids,
-                target_ids,
-                target_logprobs,
-                log_normalizers,
-                tail_logprobs,
-                entropy,
-                sample_ids,
-                sample_counts,
-                sample_logprobs,
-            )
-        )
-
     def encode_sequence(
-        self,
-        seq_id: int,
-        input_ids: np.ndarray,
-        target_ids: np.ndarray,
-        target_logprobs: np.ndarray,
-        log_normalizers: np.ndarray,
-        tail_logprobs: np.ndarray,
-        entropy: np.ndarray,
-        sample_ids: np.ndarray | None = None,
-        sample_counts: np.ndarray | None = None,
-        sample_logprobs: np.ndarray | None = None,
+        self, seq_id: int, input_ids: np.ndarray, head: HeadRows, samples: SampleRows | None = None
     ) -> EncodedSequence:
         """Check and encode one sequence (id sort, gap coding, log-prob quantization) without adding it.
 
-        Same arguments as `add`. Reads only the buffer's settings, never its contents, so it may run on another
-        thread while this buffer is being added to; `add_encoded` appends the result.
+        Args:
+            seq_id: the sequence's id. input_ids: ``[T]`` its tokens.
+            head: its head targets (``ids``, ``logprobs`` ``[T, k]``; ``log_normalizers``, ``tail_logprobs``
+                ``[T, nT]``; ``entropy`` ``[T]``); ids need not be sorted (they are sorted here).
+            samples: sampled caches only: ``ids``, ``counts``, ``logprobs`` ``[T, m]``, padded with count 0.
+
+        Reads only the buffer's settings, never its contents, so it may run on another thread while this buffer is
+        being added to; `add_encoded` appends the result.
 
         Raises:
             ValueError: a shape does not match the settings, or sampled ids/counts cannot be stored.
         """
         t = len(input_ids)
-        target_ids, target_logprobs = np.asarray(target_ids), np.asarray(target_logprobs)
+        target_ids, target_logprobs = np.asarray(head.ids), np.asarray(head.logprobs)
         if target_ids.shape != (t, self.k) or target_logprobs.shape != (t, self.k):
             raise ValueError(f"sequence {seq_id}: targets must be [{t}, {self.k}], got {target_ids.shape}")
-        log_normalizers, tail_logprobs = np.asarray(log_normalizers), np.asarray(tail_logprobs)
+        log_normalizers, tail_logprobs = np.asarray(head.log_normalizers), np.asarray(head.tail_logprobs)
+        entropy = np.asarray(head.entropy)
         if log_normalizers.shape != (t, self.num_temperatures) or tail_logprobs.shape != (t, self.num_temperatures):
             raise ValueError(f"sequence {seq_id}: normalizers/tails must be [{t}, {self.num_temperatures}]")
         if np.shape(entropy) != (t,):
@@ -178,11 +167,9 @@ class TokenBuffer:
             "entropy": np.asarray(entropy, dtype=np.float32),
         }
         if self.num_samples > 0:
-            if sample_ids is None or sample_counts is None or sample_logprobs is None:
-                raise ValueError(
-                    f"sequence {seq_id}: a sampled shard needs sample_ids, sample_counts, sample_logprobs"
-                )
-            part.update(_encode_samples(seq_id, t, sample_ids, sample_counts, sample_logprobs, self.codec))
+            if samples is None:
+                raise ValueError(f"sequence {seq_id}: a sampled shard needs the sequence's sampled targets")
+            part.update(_encode_samples(seq_id, t, samples.ids, samples.counts, samples.logprobs, self.codec))
         return EncodedSequence(num_tokens=t, parts=part)
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
@@ -292,38 +279,15 @@ class BufferedShardWriter:
     def num_tokens(self) -> int:
         return self._buffer.num_tokens
 
-    def add(
-        self,
-        seq_id: int,
-        input_ids: np.ndarray,
-        target_ids: np.ndarray,
-        target_logprobs: np.ndarray,
-        log_normalizers: np.ndarray,
-        tail_logprobs: np.ndarray,
-        entropy: np.ndarray,
-        sample_ids: np.ndarray | None = None,
-        sample_counts: np.ndarray | None = None,
-        sample_logprobs: np.ndarray | None = None,
-    ) -> None:
-        """Add one sequence. Shapes: input_ids [T]; target_ids, target_logprobs [T, k]; log_normalizers,
-        tail_logprobs [T, nT]; entropy [T]; sample_* [T, m] padded with count 0 (sampled caches only).
-        Ids need not be sorted (they are sorted here)."""
-        self._buffer.add(
-            seq_id,
-            input_ids,
-            target_ids,
-            target_logprobs,
-            log_normalizers,
-            tail_logprobs,
-            entropy,
-            sample_ids,
-            sample_counts,
-            sample_logprobs,
-        )
+    def add(self, seq_id: int, input_ids: np.ndarray, head: HeadRows, samples: SampleRows | None = None) -> None:
+        """Encode and append one sequence (arguments as `TokenBuffer.encode_sequence`)."""
+        self._buffer.add_encoded(self._buffer.encode_sequence(seq_id, input_ids, head, samples))
 
-    def encode_sequence(self, *args: Any, **kwargs: Any) -> EncodedSequence:
-        """`TokenBuffer.encode_sequence`: encode one sequence (arguments as `add`) without adding it; thread-safe."""
-        return self._buffer.encode_sequence(*args, **kwargs)
+    def encode_sequence(
+        self, seq_id: int, input_ids: np.ndarray, head: HeadRows, samples: SampleRows | None = None
+    ) -> EncodedSequence:
+        """`TokenBuffer.encode_sequence`: encode one sequence without adding it; thread-safe."""
+        return self._buffer.encode_sequence(seq_id, input_ids, head, samples)
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
         """Append a sequence from `encode_sequence` (of a writer with the same settings), in file order."""

@@ -19,6 +19,7 @@ Nothing is written before every batch is computed and encoded, so a crash at any
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import queue
@@ -28,17 +29,21 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kdcache.capture.sources import cut_windows, iter_documents, make_seq_id, tokenize_documents
 from kdcache.codec import CodecParams
-from kdcache.errors import ConfigError
+from kdcache.config import DataConfig, KDCacheConfig, OutputConfig, TargetsConfig, TeacherConfig
 from kdcache.formats import get_format
-from kdcache.manifest import FINGERPRINT_KEY, commit_key, dumps, shard_key
-from kdcache.sources import cut_windows, iter_documents, make_seq_id, tokenize_documents
+from kdcache.formats.base import BufferedShardWriter
+from kdcache.manifest import FORMAT_VERSION, commit_key, dumps, shard_key
 from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
+
+if TYPE_CHECKING:
+    from kdcache.capture.targets import SampledTargets, TokenTargets
 
 __all__ = ["ENCODE_QUEUE_BATCHES", "BatchEncoder", "UnitWorker", "WorkerSettings", "make_batches", "pad_batch"]
 
@@ -67,22 +72,31 @@ def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Plain settings a worker needs (taken from the job config by the driver)."""
+    """What a teacher actor needs, typed: the job's config sections, the teacher batch size and the fingerprint.
 
-    teacher: dict[str, Any]  # TeacherConfig as a dict
-    data: dict[str, Any]  # DataConfig as a dict
-    k: int
-    temperatures: list[float]
-    output_uri: str
-    storage_options: dict[str, Any]
-    compression_level: int
-    batch_tokens: int
-    shard_metadata: dict[str, Any]  # fingerprint etc., stored in each file's key-value metadata
-    num_samples: int = 0  # draws per position (sample/hybrid modes); 0 = topk
-    seed: int = 0  # seed of the draws, combined with the unit id and batch index
-    shard_format: str | None = None  # parquet | zarr; None: as the cache's fingerprint.json records (else parquet)
-    codec: dict[str, Any] | None = None  # CodecParams.to_dict(); None: as fingerprint.json records (else u8)
-    row_group_tokens: int = 65536  # tokens per Parquet row group / Zarr chunk (whole sequences per row group)
+    Dataclasses pickle, so these cross the Ray boundary as they are. Storage options travel to the actors this way
+    and are never written to a file.
+    """
+
+    teacher: TeacherConfig
+    data: DataConfig
+    targets: TargetsConfig
+    output: OutputConfig
+    batch_tokens: int  # padded tokens per teacher batch
+    fingerprint: str  # the cache's fingerprint, stored in each shard's metadata
+
+    @classmethod
+    def from_config(cls, cfg: KDCacheConfig, fingerprint: str) -> WorkerSettings:
+        """The settings of a job's actors. A teacher over several GPUs per actor gets accelerate's device map."""
+        teacher = cfg.teacher
+        if teacher.device_map is None and cfg.cluster.gpus_per_actor > 1:
+            teacher = dataclasses.replace(teacher, device_map="auto")  # one replica spread over its actor's GPUs
+        return cls(teacher, cfg.data, cfg.targets, cfg.output, cfg.cluster.batch_tokens, fingerprint)
+
+    @property
+    def codec(self) -> CodecParams:
+        """How the shards code log-probs (`targets.logprob_codec`)."""
+        return CodecParams.for_logprobs(self.targets.logprob_codec)
 
 
 class UnitWorker:
@@ -94,26 +108,26 @@ class UnitWorker:
     """
 
     def __init__(self, settings: WorkerSettings, device: str | None = None):
-        from kdcache.teacher import Teacher, load_tokenizer
+        from kdcache.capture.teacher import Teacher, load_tokenizer
 
         self.settings = settings
-        t = settings.teacher
+        t, data = settings.teacher, settings.data
         self.teacher = Teacher(
-            t["model"],
-            revision=t["revision"],
-            dtype=t["dtype"],
+            t.model,
+            revision=t.revision,
+            dtype=t.dtype,
             device=device,
-            trust_remote_code=t["trust_remote_code"],
-            chunk_bytes=t["chunk_bytes"],
-            device_map=t.get("device_map"),
+            trust_remote_code=t.trust_remote_code,
+            chunk_bytes=t.chunk_bytes,
+            device_map=t.device_map,
         )
         self.tokenizer = load_tokenizer(
-            settings.data["tokenizer"] or t["model"],
-            revision=None if settings.data["tokenizer"] else t["revision"],
-            trust_remote_code=t["trust_remote_code"],
+            data.tokenizer or t.model,
+            revision=None if data.tokenizer else t.revision,
+            trust_remote_code=t.trust_remote_code,
         )
-        self.store = Store(settings.output_uri, settings.storage_options)
-        self._shard_format: tuple[Any, CodecParams] | None = None
+        self.store = Store(settings.output.uri, settings.output.storage_options)
+        self.format = get_format(settings.output.format)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # verbose=False: whole documents exceed model_max_length by design (they are cut into windows next)
@@ -123,75 +137,53 @@ class UnitWorker:
         """The unit's windows as (seq_id, input_ids [T] int32), plus counts of skipped input."""
         data = self.settings.data
         counts = {"documents": 0, "empty_documents": 0, "short_windows_dropped": 0}
-        docs = iter_documents(unit, fmt=data["format"], text_field=data["text_field"], ids_field=data["ids_field"])
+        docs = iter_documents(unit, fmt=data.format, text_field=data.text_field, ids_field=data.ids_field)
         eos = self.tokenizer.eos_token_id
         windows: list[tuple[int, np.ndarray]] = []
         non_empty = (d for d in docs if not _is_empty(d, counts))
         for doc, ids in tokenize_documents(non_empty, self._encode):
             counts["documents"] += 1
-            if data["add_eos"] and eos is not None and doc.ids is None:
+            if data.add_eos and eos is not None and doc.ids is None:
                 ids = [*ids, eos]
-            cut = cut_windows(ids, data["max_length"], data["min_length"])
-            counts["short_windows_dropped"] += -(-len(ids) // data["max_length"]) - len(cut)
+            cut = cut_windows(ids, data.max_length, data.min_length)
+            counts["short_windows_dropped"] += -(-len(ids) // data.max_length) - len(cut)
             windows += [(make_seq_id(unit["url"], doc.locator, w), arr) for w, arr in enumerate(cut)]
         return windows, counts
 
-    def _compute(self, ids, mask, unit_id: str, batch_index: int) -> list[np.ndarray]:
-        """Targets of one padded batch as numpy arrays, in ShardWriter.add's argument order."""
+    def compute(
+        self, ids: Any, mask: Any, unit_id: str, batch_index: int
+    ) -> tuple[TokenTargets, SampledTargets | None]:
+        """Targets of one right-padded batch's valid positions, row-major, as numpy arrays on the host."""
         import torch
 
-        s = self.settings
-        if s.num_samples == 0:
-            t = self.teacher.compute_targets(ids, mask, k=s.k, temperatures=s.temperatures)
-            samples = []
-        else:
-            # Seeded per (seed, unit, batch): a rerun or a retry on another actor draws the same ids.
-            generator = torch.Generator(device=self.teacher.device)
-            generator.manual_seed(_draw_seed(s.seed, unit_id, batch_index))
-            t, st = self.teacher.compute_sampled_targets(
-                ids, mask, num_samples=s.num_samples, head=s.k, temperatures=s.temperatures, generator=generator
-            )
-            samples = [st.ids.cpu().numpy(), st.counts.cpu().numpy(), st.logprobs.cpu().numpy()]
-        head = [t.ids, t.logprobs, t.log_normalizers, t.tail_logprobs, t.entropy]
-        return [a.cpu().numpy() for a in head] + samples
+        targets = self.settings.targets
+        if targets.num_samples == 0:
+            head = self.teacher.compute_targets(ids, mask, k=targets.stored_k, temperatures=targets.temperatures)
+            return head.numpy(), None
+        # Seeded per (seed, unit, batch): a rerun or a retry on another actor draws the same ids.
+        generator = torch.Generator(device=self.teacher.device)
+        generator.manual_seed(_draw_seed(targets.seed, unit_id, batch_index))
+        head, samples = self.teacher.compute_sampled_targets(
+            ids,
+            mask,
+            num_samples=targets.num_samples,
+            head=targets.stored_k,
+            temperatures=targets.temperatures,
+            generator=generator,
+        )
+        return head.numpy(), samples.numpy()
 
-    def shard_format(self) -> tuple[Any, CodecParams]:
-        """(format module, CodecParams) of the shards this worker writes.
-
-        The settings decide when they name them; otherwise the cache's own identity does: the driver creates
-        fingerprint.json before any unit runs, and its `shard_format` and `codec` are what the manifest will
-        record, so shards and manifest cannot disagree. Without a fingerprint.json (a bare worker): parquet, u8.
-        """
-        if self._shard_format is None:
-            s = self.settings
-            inputs: dict[str, Any] = {}
-            if s.shard_format is None or s.codec is None:
-                try:
-                    inputs = json.loads(self.store.read_bytes(FINGERPRINT_KEY)).get("fingerprint_inputs", {})
-                except FileNotFoundError:
-                    inputs = {}
-            codec = CodecParams.from_dict(s.codec or inputs.get("codec") or CodecParams().to_dict())
-            wanted = inputs.get("targets", {}).get("logprob_codec", codec.logprobs)
-            if s.codec is None and wanted != codec.logprobs:
-                raise ConfigError(
-                    f"targets.logprob_codec: the job asks for {wanted!r} but the cache's fingerprint records codec "
-                    f"{codec.logprobs!r}; the driver must record CodecParams.for_logprobs({wanted!r}).to_dict()"
-                )
-            self._shard_format = (get_format(s.shard_format or inputs.get("shard_format") or "parquet"), codec)
-        return self._shard_format
-
-    def shard_writer(self, unit: dict[str, Any]) -> Any:
+    def shard_writer(self, unit: dict[str, Any]) -> BufferedShardWriter:
         """An empty shard writer of this cache's format and codec for `unit` (its id goes into the file metadata)."""
         s = self.settings
-        fmt, codec = self.shard_format()
-        return fmt.ShardWriter(
-            k=s.k,
-            num_temperatures=len(s.temperatures),
-            num_samples=s.num_samples,
-            compression_level=s.compression_level,
-            codec=codec,
-            metadata={**s.shard_metadata, "unit_id": unit["unit_id"]},
-            row_group_tokens=s.row_group_tokens,
+        return self.format.ShardWriter(
+            k=s.targets.stored_k,
+            num_temperatures=len(s.targets.temperatures),
+            num_samples=s.targets.num_samples,
+            compression_level=s.output.compression_level,
+            codec=s.codec,
+            metadata={"fingerprint": s.fingerprint, "format_version": FORMAT_VERSION, "unit_id": unit["unit_id"]},
+            row_group_tokens=s.output.row_group_tokens,
         )
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
@@ -203,38 +195,36 @@ class UnitWorker:
         ``write`` (shard and commit record), ``total``.
         """
 
-        s = self.settings
         t0 = time.perf_counter()
         windows, counts = self.read_windows(unit)
         t_read = time.perf_counter()
-        fmt, _ = self.shard_format()
         writer = self.shard_writer(unit)
         lengths = [len(w) for _, w in windows]
         encoded: list[Any] = [None] * len(windows)  # EncodedSequence per window, in read order
         entropies: list[Any] = [None] * len(windows)
         masses: list[Any] = [None] * len(windows)
 
-        def encode_batch(batch: list[int], arrays: list[np.ndarray]) -> None:
+        def encode_batch(batch: list[int], head: TokenTargets, samples: SampledTargets | None) -> None:
             offset = 0
             for i in batch:  # valid positions come row by row, in batch order
-                n = lengths[i]
-                part = [a[offset : offset + n] for a in arrays]
-                offset += n
-                encoded[i] = writer.encode_sequence(windows[i][0], windows[i][1], *part)
-                entropies[i] = part[4]
-                masses[i] = captured_mass(part[1], part[7] if len(part) > 5 else None)
+                rows = (offset, offset + lengths[i])
+                offset += lengths[i]
+                seq_head, seq_samples = head.rows(*rows), None if samples is None else samples.rows(*rows)
+                encoded[i] = writer.encode_sequence(windows[i][0], windows[i][1], seq_head, seq_samples)
+                entropies[i] = seq_head.entropy
+                masses[i] = captured_mass(seq_head.logprobs, None if seq_samples is None else seq_samples.logprobs)
 
         padded = 0
         forward_s = 0.0
         encoder = BatchEncoder(encode_batch)
         try:
-            for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
+            for batch_index, batch in enumerate(make_batches(lengths, self.settings.batch_tokens)):
                 ids, mask = pad_batch([windows[i][1] for i in batch])
                 padded += ids.numel()
                 f0 = time.perf_counter()
-                arrays = self._compute(ids, mask, unit["unit_id"], batch_index)
+                head, samples = self.compute(ids, mask, unit["unit_id"], batch_index)
                 forward_s += time.perf_counter() - f0
-                encoder.submit(batch, arrays)  # raises at once if the encoder failed
+                encoder.submit(batch, head, samples)  # raises at once if the encoder failed
         except BaseException:
             encoder.abort()
             raise
@@ -246,7 +236,7 @@ class UnitWorker:
         record = {
             "unit_id": unit["unit_id"],
             "index": unit["index"],
-            "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], fmt.SUFFIX),
+            "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], self.format.SUFFIX),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "crc32": zlib.crc32(data),

@@ -25,8 +25,8 @@ KL(teacher || student) over the full vocabulary, and the expected calibration er
 Math (`dense_forward_kl`, `kl_to_teacher`, `expected_calibration_error`) is pure functions on tensors; transformers
 and matplotlib are imported inside the functions that use them.
 
-Layout: `kdcache.evaluation` builds students (`StudentSpec`, `build_student`) and measures them (`ValidationSet`,
-`make_validation`, `evaluate` and the pure metrics); `kdcache.training` holds the loss of a run (`make_loss`), the
+Layout: `kdcache.demo.evaluation` builds students (`StudentSpec`, `build_student`) and measures them (`ValidationSet`,
+`make_validation`, `evaluate` and the pure metrics); `kdcache.demo.training` holds the loss of a run (`make_loss`), the
 batch stream (`cache_batches`) and the loop (`train_student`); this module trains and compares runs (`StudentRun`,
 `train_runs`, `RunResult`, `format_results`, `plot_curves`) and the demo's students. Every name listed in `__all__`
 stays importable from here.
@@ -42,52 +42,18 @@ from typing import Any
 
 import torch
 
-from kdcache.evaluation import (
+from kdcache.demo.evaluation import (
     ECE_BINS,
     StudentSpec,
     ValidationSet,
     build_student,
-    dense_forward_kl,
-    evaluate,
-    expected_calibration_error,
-    kl_to_teacher,
     make_validation,
     num_parameters,
     read_texts,
 )
-from kdcache.training import (  # noqa: F401 (LossFn, TARGETS: re-exported)
-    TARGETS,
-    LossFn,
-    TrainSettings,
-    cache_batches,
-    make_loss,
-    train_student,
-)
+from kdcache.demo.training import TrainSettings, cache_batches, make_loss, train_student
 
-__all__ = [
-    "DEMO_STUDENTS",
-    "ECE_BINS",
-    "RunResult",
-    "StudentRun",
-    "StudentSpec",
-    "TrainSettings",
-    "ValidationSet",
-    "build_student",
-    "cache_batches",
-    "demo_students",
-    "dense_forward_kl",
-    "evaluate",
-    "expected_calibration_error",
-    "format_results",
-    "kl_to_teacher",
-    "make_loss",
-    "make_validation",
-    "num_parameters",
-    "plot_curves",
-    "read_texts",
-    "train_runs",
-    "train_student",
-]
+__all__ = ["DEMO_STUDENTS", "RunResult", "StudentRun", "demo_students", "format_results", "plot_curves", "train_runs"]
 
 
 # --------------------------------------------------------------------------------------------------- comparisons
@@ -187,7 +153,7 @@ def train_runs(
     Returns:
         One `RunResult` per run, in order.
     """
-    from kdcache.reader import CacheReader
+    from kdcache.read.reader import CacheReader
 
     vocab = int(teacher.config.vocab_size)
     results = []
@@ -345,7 +311,7 @@ def demo_students(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from kdcache.reader import CacheReader
+    from kdcache.read.reader import CacheReader
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar

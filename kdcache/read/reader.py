@@ -14,7 +14,7 @@ the shard.
 Remote caches (s3://, gs://, memory://, ...) can keep the shards they fetch on local disk:
 `open_cache(uri, local_cache_dir="/nvme/kd", local_cache_bytes=100 * 2**30)` serves a shard from there when its
 local copy passes the same size and checksum check, and fetches (and stores) it otherwise; least recently used
-shards are evicted above the limit (`kdcache.localcache`). Caches on a local path are read in place, not copied.
+shards are evicted above the limit (`kdcache.read.localcache`). Caches on a local path are read in place, not copied.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ import numpy as np
 
 from kdcache.codec import CodecParams
 from kdcache.errors import CacheMismatchError, CorruptShardError, KdcacheError
-from kdcache.formats import ShardData, get_format, split_sequences
-from kdcache.localcache import LocalShardCache
+from kdcache.formats import get_format
+from kdcache.formats.base import ShardData, split_sequences
+from kdcache.formats.memory import read_pooled
+from kdcache.formats.rows import UnitRows
 from kdcache.manifest import INDEX_KEY, read_manifest, shard_checksum_error
+from kdcache.read.localcache import LocalShardCache
 from kdcache.store import Store
-from kdcache.unitrows import UnitRows, read_parquet_table, read_pooled
 
 __all__ = ["CacheReader", "open_cache"]
 
@@ -121,26 +123,21 @@ class CacheReader:
             raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from exc
 
     def read_unit_rows(self, unit: dict[str, Any], *, planar: bool = False) -> UnitRows:
-        """One unit's rows, compact for batching (`kdcache.unitrows`): fetched and checked like `read_unit`. `planar`
-        keeps a Parquet shard's gap bytes as stored (for compact batches)."""
+        """One unit's rows, compact for batching (`kdcache.formats.rows`): fetched and checked like `read_unit`.
+        `planar` keeps the gaps as planar bytes (for compact batches)."""
         url = self.store.url(unit["path"])
-        if self.format.NAME == "parquet":
-            data = self.read_unit_bytes(unit)
-            try:
-                table = read_parquet_table(data)
-                del data  # the compressed bytes are not needed any more
-                rows = UnitRows.from_parquet(
-                    table,
-                    k=self.k,
-                    num_temperatures=len(self.temperatures),
-                    codec=self.codec,
-                    vocab_size=self.vocab,
-                    planar=planar,
-                )
-            except Exception as exc:  # checksum passed but reading failed: written by an incompatible writer
-                raise CorruptShardError(f"{url}: cannot read shard: {exc}") from exc
-        else:
-            rows = UnitRows.from_shard_data(self.read_unit(unit))
+        data = self.read_unit_bytes(unit)
+        try:
+            rows = self.format.read_rows(
+                data,
+                k=self.k,
+                num_temperatures=len(self.temperatures),
+                codec=self.codec,
+                vocab_size=self.vocab,
+                planar=planar,
+            )
+        except Exception as exc:  # checksum passed but reading failed: written by an incompatible writer
+            raise CorruptShardError(f"{url}: cannot read shard: {exc}") from exc
         if rows.num_sequences != unit["num_sequences"]:
             raise CorruptShardError(
                 f"{url}: shard holds {rows.num_sequences} sequences, the manifest records {unit['num_sequences']}"

@@ -10,7 +10,7 @@
             state = ds.state_after(int(batch["batch_index"]) + 1)  # save it; later ds.load_state_dict(state)
 
 Contract:
-- **Order**: a pure function of (seed, epoch) (see `kdcache.order`): units permuted, sequences shuffled inside
+- **Order**: a pure function of (seed, epoch) (see `kdcache.read.order`): units permuted, sequences shuffled inside
   windows of `shuffle_window_units` units. Independent of the number of ranks and workers.
 - **Exactly once, equal steps**: the order is cut into global batches of `batch_size * world_size`; rank r gets the
   r-th `batch_size` rows of each. Every rank yields the same number of batches. The incomplete last global batch is
@@ -24,7 +24,7 @@ Contract:
   arithmetic over the manifest's `num_sequences` (nothing skipped is read) and works with another world size or
   worker count as long as the global batch size is unchanged.
 - **Throughput** (one process, several cores): units are fetched, checksummed, decompressed and decoded compactly
-  (`kdcache.unitrows`: id steps in uint16/int32, log-prob codes as stored) `prefetch_units` ahead, in first-use
+  (`kdcache.formats.rows`: id steps in uint16/int32, log-prob codes as stored) `prefetch_units` ahead, in first-use
   order, by a pool of one thread per core; one background thread collates the next batches (int64 ids by one
   cumsum, log-probs by one table look-up, written once into their final arrays), off the training thread, also
   with num_workers=0. Every (rank, worker) reads the units its rows fall in; with window shuffling that is every
@@ -32,7 +32,7 @@ Contract:
   (shuffle_window_units + prefetch_units) compact units per worker (~(3 * k + 24) bytes per token with the u8
   codec and a vocabulary of at most 65,536; 2 more bytes per entry above); `prefetch_units >= shuffle_window_units`
   keeps the next window fully loaded when a window ends. Remote caches can keep fetched shards on local disk
-  (`local_cache_dir`, `local_cache_bytes`; `kdcache.localcache`).
+  (`local_cache_dir`, `local_cache_bytes`; `kdcache.read.localcache`).
 - **Epochs with workers**: call `set_epoch` before each epoch and do not use `persistent_workers=True` (persistent
   workers keep their copy of the dataset, so they would not see the new epoch).
 - **Modes**: topk, sample and hybrid caches. Sampled caches add `sample_ids`, `sample_weights` (count / N, times the
@@ -53,14 +53,21 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kdcache.collate import apply_temperature, collate_sequences, keep_top_k, sample_weights, stored_temperature_index
 from kdcache.errors import CacheMismatchError
-from kdcache.order import EpochOrder, num_global_batches, rank_positions
-from kdcache.prefetch import UnitPrefetcher, in_background
-from kdcache.reader import CacheReader
-from kdcache.unitrows import UnitRows, logprob_table
+from kdcache.formats.rows import UnitRows, logprob_table
+from kdcache.identity import check_student
+from kdcache.read.collate import (
+    apply_temperature,
+    collate_sequences,
+    keep_top_k,
+    sample_weights,
+    stored_temperature_index,
+)
+from kdcache.read.order import EpochOrder, num_global_batches, rank_positions
+from kdcache.read.prefetch import UnitPrefetcher, in_background
+from kdcache.read.reader import CacheReader
 
-__all__ = ["STATE_VERSION", "KDCacheDataset", "check_student"]
+__all__ = ["STATE_VERSION", "KDCacheDataset"]
 
 STATE_VERSION = 1
 _PLAN_BATCHES = 64  # batches whose rows are looked up at once
@@ -74,46 +81,6 @@ def _load_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def check_student(manifest: dict[str, Any], *, student_vocab_size: int | None = None, tokenizer: Any = None) -> None:
-    """Raise `CacheMismatchError` when a student cannot be trained on this cache's targets.
-
-    A student output layer with at least the teacher's padded vocabulary is fine (extra columns get teacher
-    probability 0); fewer columns, a tokenizer of another size, or a tokenizer with another content hash are not.
-
-    Args:
-        manifest: the cache's manifest. student_vocab_size: the student's output columns (`config.vocab_size`).
-        tokenizer: the student's tokenizer: a transformers tokenizer (size and content hash checked) or anything
-            with `__len__` (size checked).
-    """
-    inputs = manifest["fingerprint_inputs"]
-    teacher_padded = inputs["teacher"]["padded_vocab_size"]
-    cached_tok = inputs["tokenizer"]
-    if student_vocab_size is not None and int(student_vocab_size) < teacher_padded:
-        raise CacheMismatchError(
-            f"student vocab {int(student_vocab_size)} < teacher padded vocab {teacher_padded}: the student's output "
-            f"layer must cover every cached id; pad it (e.g. resize_token_embeddings({teacher_padded}))"
-        )
-    if tokenizer is None:
-        return
-    size = len(tokenizer)
-    if size != cached_tok["vocab_size"]:
-        raise CacheMismatchError(
-            f"student tokenizer vocab {size} != teacher tokenizer vocab {cached_tok['vocab_size']} "
-            f"(cache tokenizer {cached_tok.get('name')!r}): the student must use the teacher's tokenizer"
-        )
-    if getattr(tokenizer, "backend_tokenizer", None) is not None:
-        from kdcache.teacher import tokenizer_fingerprint
-
-        digest = tokenizer_fingerprint(tokenizer)["hash"]
-        if digest != cached_tok["hash"]:
-            raise CacheMismatchError(
-                f"student tokenizer hash {digest[:16]} != teacher tokenizer hash {str(cached_tok['hash'])[:16]} "
-                f"(both vocab {size}): same size, different tokens; use the teacher's tokenizer"
-            )
-    if size > teacher_padded:
-        raise CacheMismatchError(f"student tokenizer vocab {size} > teacher padded vocab {teacher_padded}")
 
 
 @dataclass
@@ -141,19 +108,19 @@ class KDCacheDataset(IterableDataset):
         shuffle_window_units: units whose sequences are shuffled together (memory: about this many units).
         top_k: keep the k' most probable cached entries per position, dropped mass folded into the tail.
         temperature: express targets at T (exact if cached, else renormalized top-k with a warning); see
-            `kdcache.collate.apply_temperature` for how `temperatures` is re-based.
+            `kdcache.read.collate.apply_temperature` for how `temperatures` is re-based.
         student_vocab_size, tokenizer: checked against the cache (`check_student`).
         prefetch_units: units fetched and decompressed ahead in background threads; 0 reads synchronously.
         local_cache_dir, local_cache_bytes: keep the shards of a remote cache in this local directory, at most this
             many bytes, least recently used evicted (shared safely by the workers and ranks of a node; see
-            `kdcache.localcache`). Ignored for a cache on a local path.
+            `kdcache.read.localcache`). Ignored for a cache on a local path.
         pad_to: fixed length L of every batch (None: the longest sequence of the batch); pad_token_id: input id at
             padding.
         compact_targets: serve the head as stored, for decoding on the GPU: `target_gap_planes` [B, L, P * k]
             (the shard's planar gap bytes, docs/FORMAT.md; Zarr caches: `target_ids`) and `target_codes` [B, L, k]
             (uint8/uint16 log-prob codes) plus `logprob_table` [levels] instead of `target_ids` /
             `target_logprobs` (3-5 instead of 12 bytes per entry through the host, and no decode on the host).
-            `kdcache.losses` decode it themselves (`kdcache.collate.expand_targets` does it for other code). Not
+            `kdcache.losses` decode it themselves (`kdcache.read.collate.expand_targets` does it for other code). Not
             with `top_k` or a temperature.
 
     Batch (a dict; B = batch_size, L = length, k' = top_k or the cache's k, nT = temperatures):

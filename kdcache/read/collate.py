@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.unitrows import pooled_empty
+from kdcache.formats.memory import pooled_empty
 
 __all__ = [
     "IGNORE_INDEX",
     "apply_temperature",
     "collate_sequences",
     "cumsum_rows",
-    "expand_targets",
     "keep_top_k",
     "sample_weights",
     "stored_temperature_index",
@@ -49,10 +48,10 @@ def collate_sequences(
     logprob_table: np.ndarray | None = None,
     compact: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Pad sequences (dicts as `kdcache.reader.sequence_dict` makes them; None = a padded row) into batch arrays.
+    """Pad sequences (dicts as `kdcache.read.reader.sequence_dict` makes them; None = a padded row) into batch arrays.
 
-    Every output array is allocated once (the large ones in Arrow's pool, see `kdcache.unitrows.pooled_empty`) and
-    written once: rows are copied (ids widened to int64, codes decoded through `logprob_table`) straight into place
+    Every output array is allocated once (the large ones in Arrow's pool: `kdcache.formats.memory.pooled_empty`)
+    and written once: rows are copied (ids widened to int64, codes decoded through `logprob_table`) straight into place
     and only the padding is filled.
 
     Args:
@@ -61,12 +60,13 @@ def collate_sequences(
             `target_logprobs` [T, k] float32 or `target_codes` [T, k] (unsigned codes, see `logprob_table`),
             `log_normalizers`/`tail_logprobs` [T, nT] and `entropy` [T]. None makes a row with no real position.
         pad_to: length L of every batch (a longer sequence raises ValueError); None pads to the longest (>= 1).
-        logprob_table: [levels] float32, the log-prob of each code (`kdcache.unitrows.logprob_table`); needed when
+        logprob_table: [levels] float32, the log-prob of each code (`kdcache.formats.rows.logprob_table`); needed when
             a sequence carries `target_codes`.
         compact: keep the head as the sequences carry it: `target_gap_planes` [B, L, P * k] uint8 (the stored
             planar gap bytes; P the most planes of the batch's sequences, higher planes 0; 0 at padding) instead of
             `target_ids`, and `target_codes` [B, L, k] (0 at padding) instead of `target_logprobs`, for
-            `expand_targets` to decode where the batch is used (on the GPU); 3-5 instead of 12 bytes per entry.
+            `kdcache.losses.compact.expand_targets` to decode where the batch is used (on the GPU); 3-5 instead of 12
+            bytes per entry.
             Sequences that carry decoded ids or log-probs are collated as usual.
 
     Returns:
@@ -152,32 +152,6 @@ def collate_sequences(
     # after the window), so the KD mask is the attention mask; only the hard-label CE lacks a target there.
     out["loss_mask"] = valid
     out["seq_id"] = np.array([-1 if s is None else int(s["seq_id"]) for s in seqs], dtype=np.int64)
-    return out
-
-
-def expand_targets(batch: dict[str, Any]) -> dict[str, Any]:
-    """Decode a compact batch's head where it lies (GPU or CPU): a new dict with `target_ids` (int64 ascending, 0 at
-    padding; from the planar gap bytes as docs/FORMAT.md decodes them) and `target_logprobs`
-    (`logprob_table[target_codes]`, -inf at padding) in place of the compact keys. A batch without them is returned
-    as it is. Pure torch; `kdcache.losses` call it, so a compact batch can go straight to a loss.
-    """
-    if "target_gap_planes" not in batch and "target_codes" not in batch:
-        return batch
-    out = dict(batch)
-    valid = out["loss_mask"].bool()
-    if "target_gap_planes" in out:
-        raw = out.pop("target_gap_planes")
-        k = (out["target_codes"] if "target_codes" in out else out["target_logprobs"]).shape[-1]
-        planes = raw.reshape(*raw.shape[:-1], raw.shape[-1] // max(k, 1), k).to(torch.int64)
-        shifts = 8 * torch.arange(planes.shape[-2], device=raw.device, dtype=torch.int64)
-        gaps = (planes << shifts[:, None]).sum(-2)
-        ids = gaps.cumsum(-1) + torch.arange(k, device=raw.device, dtype=torch.int64)
-        out["target_ids"] = ids.masked_fill(~valid.to(raw.device)[..., None], 0)
-    if "target_codes" in out:
-        codes = out.pop("target_codes")
-        table = out.pop("logprob_table").to(codes.device)
-        logprobs = table[codes.to(torch.int64)]
-        out["target_logprobs"] = logprobs.masked_fill(~valid.to(codes.device)[..., None], -math.inf)
     return out
 
 

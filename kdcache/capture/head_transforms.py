@@ -1,6 +1,6 @@
 """What each causal-LM class's forward applies to ``lm_head(last_hidden_state)`` before returning ``.logits``.
 
-Pure torch functions of (model, logits) keyed by class name; `kdcache.teacher.Teacher` applies the one of its
+Pure torch functions of (model, logits) keyed by class name; `kdcache.capture.teacher.Teacher` applies the one of its
 model's class to every head chunk, and refuses a class it does not know whose config names a logit transform.
 No ``transformers`` import: the functions read only attributes of the loaded model and its config.
 """

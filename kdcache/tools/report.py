@@ -5,8 +5,8 @@ Reads the manifest (``index.json``) and the footer of one shard, never the token
 - ``entropy.png``: histogram of the teacher's per-token entropy at T = 1 (nats), mean and median marked;
 - ``captured_mass.png``: histogram of the teacher probability held by the stored ids of each token (head plus unique
   sampled ids), i.e. how much of the distribution the cache keeps exactly;
-- ``bytes_per_token.png``: compressed bytes per token of each Parquet column of the largest shard (from the file's
-  column-chunk sizes; the footer is its own bar);
+- ``bytes_per_token.png``: stored bytes per token of each column (Parquet) or array (Zarr) of the largest shard (the
+  format's ``column_bytes``, from the footer or zip directory alone; metadata and framing are their own bar);
 - ``throughput.png``: tokens cached over the job's wall-clock time (from each unit's ``finished_at`` and
   ``num_tokens``) and tokens/s per time bin;
 - ``index.html``: a summary table and the four charts.
@@ -21,17 +21,17 @@ opens a window and no global backend state changes. Usage::
 from __future__ import annotations
 
 import html
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from kdcache.errors import KdcacheError
 
-__all__ = ["CHARTS", "column_bytes", "throughput_series", "write_report"]
+__all__ = ["CHARTS", "shard_column_bytes", "throughput_series", "write_report"]
 
 CHARTS = {  # file stem -> heading in index.html
     "entropy": "Teacher entropy per token",
@@ -45,35 +45,11 @@ FOOTER = "(footer + metadata)"  # pseudo-column: file bytes not in any column ch
 STAGES = ("read", "forward", "encode", "write")  # timing_s keys of a unit, in pipeline order
 
 
-def column_bytes(source: bytes | BinaryIO | str) -> dict[str, int]:
-    """Compressed bytes of each top-level column of a Parquet file, summed over row groups, plus the footer.
-
-    Only the file's footer is read (``pyarrow.parquet.ParquetFile(...).metadata``).
-
-    Args:
-        source: The file's bytes, a seekable binary file, or a local path.
-
-    Returns:
-        ``{column: bytes}`` in schema order (nested leaves such as ``sample_gaps.list.element`` are summed into their
-        top-level column), and ``FOOTER``: the file size minus every column chunk, when the size is known.
-    """
-    import pyarrow.parquet as pq
-
-    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    metadata = pq.ParquetFile(handle).metadata
-    sizes: dict[str, int] = {}
-    for g in range(metadata.num_row_groups):
-        group = metadata.row_group(g)
-        for c in range(group.num_columns):
-            chunk = group.column(c)
-            name = chunk.path_in_schema.split(".")[0]
-            sizes[name] = sizes.get(name, 0) + int(chunk.total_compressed_size)
-    file_size = len(source) if isinstance(source, (bytes, bytearray)) else None
-    if file_size is None and isinstance(source, str):
-        file_size = Path(source).stat().st_size
-    if file_size is not None:
-        sizes[FOOTER] = max(file_size - sum(sizes.values()), 0)
-    return sizes
+def shard_column_bytes(fmt: ModuleType, source: bytes | BinaryIO, total_bytes: int) -> dict[str, int]:
+    """Stored bytes of each column of one shard (the format's ``column_bytes``: only its footer or directory is
+    read), plus ``FOOTER``: the rest of the file's ``total_bytes`` (metadata, framing)."""
+    sizes = fmt.column_bytes(source)
+    return sizes | {FOOTER: max(int(total_bytes) - sum(sizes.values()), 0)}
 
 
 def throughput_series(units: Sequence[dict[str, Any]]) -> dict[str, np.ndarray] | None:
@@ -204,7 +180,9 @@ def _plot_throughput(path: Path, units: Sequence[dict[str, Any]]) -> Path:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _largest_shard_sizes(store: Any, units: Sequence[dict[str, Any]]) -> tuple[dict[str, int], int, str]:
+def _largest_shard_sizes(
+    store: Any, fmt: ModuleType, units: Sequence[dict[str, Any]]
+) -> tuple[dict[str, int], int, str]:
     """Column sizes of the unit with the most tokens (footer read only), its token count and a description."""
     candidates = [u for u in units if u.get("num_tokens")]
     if not candidates:
@@ -212,10 +190,9 @@ def _largest_shard_sizes(store: Any, units: Sequence[dict[str, Any]]) -> tuple[d
     unit = max(candidates, key=lambda u: u["num_tokens"])
     try:
         with store.open(unit["path"]) as handle:
-            sizes = column_bytes(handle)
+            sizes = shard_column_bytes(fmt, handle, unit["bytes"])
     except FileNotFoundError:
         raise KdcacheError(f"{store.url(unit['path'])}: shard of unit {unit['unit_id']} is missing") from None
-    sizes[FOOTER] = max(int(unit["bytes"]) - sum(sizes.values()), 0)
     return sizes, int(unit["num_tokens"]), f"shard of unit {unit['unit_id']} ({unit['num_tokens']:,} tokens)"
 
 
@@ -290,6 +267,7 @@ def write_report(uri: str, out_dir: str | Path, storage_options: dict[str, Any] 
     Raises:
         KdcacheError: No manifest at ``uri`` (the job has not finished), or the largest unit's shard is missing.
     """
+    from kdcache.formats import get_format
     from kdcache.manifest import read_manifest
     from kdcache.store import Store
 
@@ -301,7 +279,7 @@ def write_report(uri: str, out_dir: str | Path, storage_options: dict[str, Any] 
     out.mkdir(parents=True, exist_ok=True)
     telemetry = manifest["stats"].get("telemetry") or {}
     vocab = manifest["fingerprint_inputs"]["teacher"]["padded_vocab_size"]
-    sizes, shard_tokens, where = _largest_shard_sizes(store, manifest["units"])
+    sizes, shard_tokens, where = _largest_shard_sizes(store, get_format(manifest["shard_format"]), manifest["units"])
     charts = {
         "entropy": _plot_histogram(
             out / "entropy.png",

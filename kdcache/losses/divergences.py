@@ -2,10 +2,10 @@
 
 The divergences (`kl`, `forward_kl`, `reverse_kl`, `jsd`, `tvd`) take teacher and student log-probabilities
 ``[..., n]`` and reduce the last axis; entries of ``-inf`` are zero mass and never produce NaN gradients. The row
-functions (`bucket_rows`, `renormalized_rows`, `sampled_rows`, `cross_entropy_rows`) are the `kdcache.chunked.RowLoss`
-callables that `kdcache.losses` evaluates chunk by chunk: each gets ``x``, one chunk of student logits divided by the
-temperature (``[C, V]`` float32 or float64), and that chunk's teacher data ``[C, ...]``, and returns ``[C]``.
-Pure torch functions; the public losses with their batch checks live in `kdcache.losses`.
+functions (`bucket_rows`, `renormalized_rows`, `sampled_rows`, `cross_entropy_rows`) are the
+`kdcache.losses.autograd.RowLoss` callables that `kdcache.losses` evaluates chunk by chunk: each gets ``x``, one chunk
+of student logits divided by the temperature (``[C, V]`` float32 or float64), and that chunk's teacher data ``[C,
+...]``, and returns ``[C]``. Pure torch functions; the public losses with their batch checks live in `kdcache.losses`.
 """
 
 from __future__ import annotations

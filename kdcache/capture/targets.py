@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -52,6 +52,14 @@ class TokenTargets:
         """Number of token positions N."""
         return int(self.ids.shape[0])
 
+    def rows(self, start: int, stop: int) -> TokenTargets:
+        """Positions [start, stop) (views of the same arrays)."""
+        return _map_arrays(self, lambda a: a[start:stop])
+
+    def numpy(self) -> TokenTargets:
+        """The same targets as numpy arrays on the host (what a shard writer encodes)."""
+        return _map_arrays(self, lambda a: a.cpu().numpy())
+
     @staticmethod
     def concat(parts: list[TokenTargets]) -> TokenTargets:
         """Concatenate targets of consecutive position ranges along the token axis.
@@ -79,6 +87,13 @@ class TokenTargets:
         return TokenTargets(
             **{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=0) for f in fields(TokenTargets)}
         )
+
+
+def _map_arrays(targets, fn):
+    """A copy of a targets dataclass with `fn` applied to each of its array fields."""
+    return replace(
+        targets, **{f.name: fn(getattr(targets, f.name)) for f in fields(targets) if f.name != "num_samples"}
+    )
 
 
 def _check_temperatures(temperatures: Sequence[float]) -> list[float]:
@@ -381,6 +396,14 @@ class SampledTargets:
     counts: torch.Tensor
     logprobs: torch.Tensor
     num_samples: int
+
+    def rows(self, start: int, stop: int) -> SampledTargets:
+        """Positions [start, stop) (views of the same arrays)."""
+        return _map_arrays(self, lambda a: a[start:stop])
+
+    def numpy(self) -> SampledTargets:
+        """The same targets as numpy arrays on the host (what a shard writer encodes)."""
+        return _map_arrays(self, lambda a: a.cpu().numpy())
 
     @staticmethod
     def concat(parts: list[SampledTargets]) -> SampledTargets:

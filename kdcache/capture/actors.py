@@ -1,5 +1,5 @@
-"""The Ray actor that runs a teacher replica, and the factory the driver starts it with (one of the two modules that
-import Ray; the other is job.py).
+"""The Ray actor that runs a teacher replica, and the factory the driver starts it with. Ray lives in capture/ (here,
+the scheduler, the job and the submission) and in the Ray Train adapter only (tests/test_layout.py checks).
 
 Each `TeacherActor` loads the teacher once, then processes whole work units on request, writing shards straight to
 the store; only the small commit record (plus who ran it and how fast) travels back to the driver. The actor logs
@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-from kdcache.worker import UnitWorker, WorkerSettings
+from kdcache.capture.worker import UnitWorker, WorkerSettings
 
 __all__ = ["FAULTS_ENV", "TeacherActor", "TeacherActorFactory", "start_actor"]
 
@@ -32,15 +32,19 @@ FAULTS_ENV = "KDCACHE_TEST_FAULTS"
 
 @ray.remote
 class TeacherActor:
-    """A teacher replica. Args: settings as a `WorkerSettings` dict; cpu_threads: torch threads on CPU (0: default)."""
+    """A teacher replica.
 
-    def __init__(self, settings: dict[str, Any], cpu_threads: int):
+    Args:
+        settings: what it computes and writes. cpu_threads: torch threads on CPU (0: torch's default).
+    """
+
+    def __init__(self, settings: WorkerSettings, cpu_threads: int):
         import torch
 
         _log_to_stderr()
         if cpu_threads > 0:
             torch.set_num_threads(cpu_threads)
-        self.worker = UnitWorker(WorkerSettings(**settings))
+        self.worker = UnitWorker(settings)
         self.node = ray.get_runtime_context().get_node_id()
         self.units_done = 0
         self.tokens = 0
@@ -81,15 +85,15 @@ class TeacherActor:
 
 
 class TeacherActorFactory:
-    """Starts and stops teacher actors for the driver's scheduling loop (`job.schedule_units`).
+    """Starts and stops teacher actors for the driver's scheduling loop (`kdcache.capture.scheduler.schedule_units`).
 
     Args:
-        settings: a `WorkerSettings` dict; num_gpus / num_cpus: each actor's resource request.
+        settings: what every actor computes and writes; num_gpus / num_cpus: each actor's resource request.
         options: more Ray actor options (runtime_env, scheduling_strategy, accelerator_type, ...).
     """
 
     def __init__(
-        self, settings: dict[str, Any], *, num_gpus: float, num_cpus: float, options: dict[str, Any] | None = None
+        self, settings: WorkerSettings, *, num_gpus: float, num_cpus: float, options: dict[str, Any] | None = None
     ):
         self.settings = settings
         self.num_gpus = num_gpus
@@ -106,7 +110,7 @@ class TeacherActorFactory:
         ray.kill(handle, no_restart=True)
 
 
-def start_actor(settings: dict[str, Any], *, num_gpus: float, num_cpus: float, **options: Any) -> Any:
+def start_actor(settings: WorkerSettings, *, num_gpus: float, num_cpus: float, **options: Any) -> Any:
     """Create one teacher actor with its resource request (and any other Ray actor `options`)."""
     threads = max(1, int(num_cpus)) if num_gpus == 0 else 0
     return TeacherActor.options(num_gpus=num_gpus, num_cpus=num_cpus, **options).remote(settings, threads)

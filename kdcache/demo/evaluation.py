@@ -8,7 +8,7 @@ teacher's distributions on them, and evaluate a student against the true next to
 Metrics: cross-entropy against the true next token, KL(teacher || student) over the full vocabulary, and the expected
 calibration error of the top-1 prediction. The math (`dense_forward_kl`, `kl_to_teacher`,
 `expected_calibration_error`) is pure functions on tensors; transformers is imported inside `build_student`. The
-training loop is in `kdcache.training`, the comparison of runs in `kdcache.students` (which re-exports these names).
+training loop is in `kdcache.demo.training`, the comparison of runs in `kdcache.demo.students`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from kdcache.demo_teacher import token_stream
+from kdcache.demo.teacher import token_stream
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM

@@ -1,10 +1,10 @@
 """Chunked evaluation of a per-row loss over student logits, with the gradient computed during the forward pass.
 
 `kdcache.losses` hands every loss to `mean_over_rows`: the unmasked positions of ``[B, T, V]`` student logits are
-flattened to rows and a per-row loss (`RowLoss`, see `kdcache.divergences`) runs ``chunk_tokens`` rows at a time, so
-the float32 copy of the student's logits exists for one chunk only. `ChunkedRowLoss`, a custom autograd function,
-computes each chunk's gradient eagerly and keeps a single gradient buffer in the student's dtype; backward only scales
-it (double backward is not supported). Torch only, no I/O.
+flattened to rows and a per-row loss (`RowLoss`, see `kdcache.losses.divergences`) runs ``chunk_tokens`` rows at a
+time, so the float32 copy of the student's logits exists for one chunk only. `ChunkedRowLoss`, a custom autograd
+function, computes each chunk's gradient eagerly and keeps a single gradient buffer in the student's dtype; backward
+only scales it (double backward is not supported). Torch only, no I/O.
 """
 
 from __future__ import annotations

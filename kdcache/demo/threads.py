@@ -1,8 +1,8 @@
 """Torch intra-op thread counts for training loops on a shared CPU machine.
 
 `available_cpus` says how many CPUs this process may use (affinity mask and cgroup quota); `ThreadChooser` picks the
-thread count step by step. Used by the demo teacher's training (`kdcache.demo_teacher.train_teacher`) and by the
-students' (`kdcache.training.train_student`). Standard library only: the caller sets ``torch.set_num_threads``.
+thread count step by step. Used by the demo teacher's training (`kdcache.demo.teacher.train_teacher`) and by the
+students' (`kdcache.demo.training.train_student`). Standard library only: the caller sets ``torch.set_num_threads``.
 """
 
 from __future__ import annotations

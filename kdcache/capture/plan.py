@@ -1,22 +1,20 @@
-"""Work units and the cache fingerprint (driver side, cheap: reads file sizes and Parquet footers only).
+"""Work units (driver side, cheap: reads file sizes and Parquet footers only).
 
 A work unit is one file plus a range in it. Its id is derived from the file's URL, size and the range, so the same
-inputs always give the same units, and a rerun finds the units it already committed. The fingerprint is a hash of
-everything that determines the cached bytes (teacher, tokenizer, targets, codec, windowing, data reading); a cache
-holds exactly one fingerprint.
+inputs always give the same units, and a rerun finds the units it already committed. The cache's fingerprint is
+`kdcache.identity`'s business.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kdcache.sources import parquet_row_groups
+from kdcache.capture.sources import parquet_row_groups
 from kdcache.store import expand_urls
 
-__all__ = ["WorkUnit", "canonical_json", "fingerprint_of", "plan_units"]
+__all__ = ["WorkUnit", "plan_units"]
 
 
 @dataclass(frozen=True)
@@ -73,13 +71,3 @@ def plan_units(
         else:
             raise ValueError(f"data.format: unsupported format {fmt!r}")
     return [WorkUnit(**{**u.to_dict(), "index": i}) for i, u in enumerate(units)]
-
-
-def canonical_json(value: Any) -> str:
-    """Stable JSON text: sorted keys, no whitespace; the input of every hash kdcache computes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def fingerprint_of(inputs: dict[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of the fingerprint inputs."""
-    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()

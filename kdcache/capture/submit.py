@@ -28,21 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.config import load_config
-from kdcache.errors import ConfigError, KdcacheError
+from kdcache.errors import ConfigError, SubmitError
 
 __all__ = ["JOB_SCRIPT", "Submission", "build_submission", "follow_commands", "submit", "wait_for_job"]
 
-log = logging.getLogger("kdcache.submit")
+log = logging.getLogger("kdcache.capture.submit")
 
 JOB_SCRIPT = "jobs/cache_logits.py"  # the thin Ray job entrypoint, relative to the working_dir
 DEFAULT_EXCLUDES = [".git", ".venv", ".kdcache", "**/__pycache__", "*.egg-info"]  # .gitignore'd paths are skipped too
 CREDENTIAL_KEYS = ("key", "secret", "token", "password", "credentials", "access_key", "secret_key", "session_token")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 JOB_CLIENT: Any = None  # the client class; None: ray.job_submission.JobSubmissionClient (tests put a fake here)
-
-
-class SubmitError(KdcacheError):
-    """The job could not be submitted, or (with --wait) did not succeed."""
 
 
 @dataclass

@@ -1,0 +1,159 @@
+"""One unit's token rows, held compactly for batching: what every format's `read_rows` returns, format-neutral.
+
+    rows = get_format(name).read_rows(shard_bytes, k=64, num_temperatures=2, codec=codec, vocab_size=V)
+    seq = rows.sequence(3)          # views, as `kdcache.read.collate.collate_sequences` takes them
+    table = logprob_table(codec)    # codes -> float32 log-probs, for the batch
+
+Compact on purpose. The ids are held as *steps*, `id[0]` then `id[j] - id[j-1]`, assembled from the stored gaps once
+per unit in a few whole-array passes (in the prefetch thread, not per sequence), in the smallest dtype that holds
+them (uint16 when the padded vocabulary has at most 65,536 ids, else int32): `collate_sequences` turns them into
+int64 ids with one fused cumsum straight into the batch. Or, for compact batches, as the planar gap bytes themselves
+(`planar=True`), which the losses decode on the GPU. The log-probs stay as the stored codes (uint8 by default) and
+are decoded straight into the batch through the codec's table. A unit then costs about (2 or 4 + code bytes) * k +
+24 bytes per token (k = 64, V <= 64k: ~216 B) instead of ~12 k bytes for int64 ids and float32 log-probs. Sampled
+targets stay ragged as stored (`RaggedSamples`) and are padded per sequence when it is batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdcache.codec import CodecParams, dequantize_logprobs, planar_to_values
+from kdcache.formats.base import ragged_ids, ragged_to_padded
+from kdcache.formats.memory import pooled_empty
+
+__all__ = [
+    "RaggedSamples",
+    "UnitRows",
+    "logprob_table",
+    "sequence_bounds",
+    "steps_from_gaps",
+    "steps_from_planar",
+]
+
+
+def logprob_table(codec: CodecParams) -> np.ndarray | None:
+    """[levels] float32: the log-prob of every code, from `dequantize_logprobs` itself (so it is the codec's own
+    decoding, whatever that is); None for codecs whose codes are the values (f32)."""
+    if codec.code_dtype.kind != "u":
+        return None
+    return np.ascontiguousarray(dequantize_logprobs(np.arange(codec.levels, dtype=codec.code_dtype), codec))
+
+
+def _step_dtype(vocab_size: int) -> tuple[type, type]:
+    """(unsigned dtype the steps are computed in, dtype they are held as) for ids below `vocab_size`."""
+    if vocab_size > 2**31:
+        raise ValueError(f"padded vocabulary {vocab_size} > 2**31: ids do not fit int32 steps")
+    return (np.uint32, np.int32) if vocab_size > 2**16 else (np.uint16, np.uint16)
+
+
+def _gaps_to_steps(steps: np.ndarray, held: type) -> np.ndarray:
+    """In place: gaps -> steps (`id[0]`, then `gap[j] + 1`). In uint16, `id[0] + 1` may wrap; the -1 wraps it back."""
+    steps += steps.dtype.type(1)
+    steps[:, 0] -= steps.dtype.type(1)
+    return steps.view(held)
+
+
+def steps_from_planar(raw: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
+    """[N, P * k] planar gap bytes -> [N, k] id steps (pooled): uint16 when every id is < vocab_size <= 2**16, else
+    int32 (vocab_size <= 2**31). Raises ValueError if the gaps have more byte planes than that dtype."""
+    work, held = _step_dtype(vocab_size)
+    steps = planar_to_values(raw, k, work, out=pooled_empty(raw.shape[:1] + (k,), work))
+    return _gaps_to_steps(steps, held)
+
+
+def steps_from_gaps(gaps: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[N, k] gaps (any unsigned dtype) -> [N, k] id steps (pooled), dtypes as `steps_from_planar`."""
+    work, held = _step_dtype(vocab_size)
+    if gaps.size and int(gaps.max()) >= np.iinfo(work).max:
+        raise ValueError(f"a gap of {int(gaps.max())} does not fit the ids of a vocabulary of {vocab_size}")
+    steps = pooled_empty(gaps.shape, work)
+    steps[...] = gaps
+    return _gaps_to_steps(steps, held)
+
+
+def sequence_bounds(seq_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, lengths, seq_ids) of the runs of equal seq_id in a per-token column, in row order."""
+    if len(seq_col) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    starts = np.concatenate([[0], np.flatnonzero(seq_col[1:] != seq_col[:-1]) + 1]).astype(np.int64)
+    lengths = np.diff(np.append(starts, len(seq_col)))
+    return starts, lengths, seq_col[starts].astype(np.int64)
+
+
+@dataclass
+class RaggedSamples:
+    """A unit's sampled targets as stored: for each of N tokens a run of unique sampled ids, their draw counts and
+    log-prob codes (M entries in all; token t owns entries [offsets[t], offsets[t + 1]))."""
+
+    offsets: np.ndarray  # [N + 1] int64
+    gaps: np.ndarray  # [M] uint32, gap-coded ids, restarting at every token
+    counts: np.ndarray  # [M] uint8 draws of each id
+    codes: np.ndarray  # [M] log-prob codes (codec dtype)
+    codec: CodecParams
+
+    def padded(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens [start, stop) padded to their widest row: ids [n, m] int64 (padding 0), counts [n, m] int32
+        (padding 0), log-probs [n, m] float32 (padding -inf)."""
+        e0, e1 = int(self.offsets[start]), int(self.offsets[stop])
+        lengths = np.diff(self.offsets[start : stop + 1])
+        ids = ragged_ids(lengths, self.gaps[e0:e1])
+        return (
+            ragged_to_padded(lengths, ids, 0),
+            ragged_to_padded(lengths, self.counts[e0:e1].astype(np.int32), 0),
+            ragged_to_padded(lengths, dequantize_logprobs(self.codes[e0:e1], self.codec), np.float32(-np.inf)),
+        )
+
+
+@dataclass
+class UnitRows:
+    """A unit's N token rows in S sequences (sequence s is rows [starts[s], starts[s] + lengths[s])).
+
+    `ids_key` names what `target_ids` holds, and is the key a sequence carries them under: "target_steps" (ids =
+    cumsum along the row) or "target_gap_planes" (the planar gap bytes [N, P * k] uint8, which compact batches
+    decode on the GPU). `target_values` are log-prob codes (decode with `logprob_table`) when `values_are_codes`,
+    else float32 log-probs.
+    """
+
+    starts: np.ndarray  # [S] int64
+    lengths: np.ndarray  # [S] int64
+    seq_ids: np.ndarray  # [S] int64
+    input_ids: np.ndarray  # [N] int32
+    target_ids: np.ndarray  # [N, k] steps (uint16 | int32) or [N, P * k] planar gap bytes
+    ids_key: str  # "target_steps" | "target_gap_planes"
+    target_values: np.ndarray  # [N, k] codes (uint8 / uint16) or float32 log-probs
+    values_are_codes: bool
+    log_normalizers: np.ndarray  # [N, nT] float32
+    tail_logprobs: np.ndarray  # [N, nT] float32
+    entropy: np.ndarray  # [N] float32
+    samples: RaggedSamples | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.starts)
+
+    def sequence(self, index: int) -> dict[str, Any]:
+        """Sequence `index` (file order) as views: `seq_id`, `input_ids` [T], `target_steps` [T, k] (or
+        `target_gap_planes` [T, P * k]), `target_codes` or `target_logprobs` [T, k], `log_normalizers` /
+        `tail_logprobs` [T, nT], `entropy` [T], and for sampled caches `sample_ids` / `sample_counts` /
+        `sample_logprobs` [T, m] (decoded here)."""
+        start = int(self.starts[index])
+        rows = slice(start, start + int(self.lengths[index]))
+        seq = {
+            "seq_id": self.seq_ids[index],
+            "input_ids": self.input_ids[rows],
+            self.ids_key: self.target_ids[rows],
+            "target_codes" if self.values_are_codes else "target_logprobs": self.target_values[rows],
+            "log_normalizers": self.log_normalizers[rows],
+            "tail_logprobs": self.tail_logprobs[rows],
+            "entropy": self.entropy[rows],
+        }
+        if self.samples is not None:
+            seq["sample_ids"], seq["sample_counts"], seq["sample_logprobs"] = self.samples.padded(
+                rows.start, rows.stop
+            )
+        return seq
