@@ -391,8 +391,8 @@ class Teacher:
         per_row: dict[int, torch.Tensor] = {}
         for rows in self._groups(lengths, batching):
             width = max(lengths[row] for row in rows)
-            padded = any(lengths[row] < width for row in rows)
-            hidden = self._hidden_states(input_ids[rows, :width], mask[rows, :width] if padded else None)
+            # grouped rows have no padding: no mask, as the forward of one sequence alone gets none
+            hidden = self._hidden_states(input_ids[rows, :width], mask[rows, :width] if batching == "padded" else None)
             per_row.update((row, h[: lengths[row]]) for row, h in zip(rows, hidden))
         if not per_row:
             return self._hidden_states(input_ids[:1, :1], None)[0, :0]
