@@ -392,8 +392,11 @@ def reference_logits(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float64, "float32_own": torch.float32}.get(dtype) or getattr(torch, dtype)
-    # eager experts: the grouped-matmul MoE kernels have no float64 version
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, experts_implementation="eager").eval()
+    # float64: eager experts, as the grouped-matmul MoE kernels have no float64 version; otherwise the default
+    # kernels, which the teacher runs too (in half precision eager and grouped experts round differently, and a
+    # router can then pick other experts)
+    extra = {"experts_implementation": "eager"} if torch_dtype == torch.float64 else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra).eval()
     rows = []
     with torch.inference_mode():
         for ids, mask in zip(input_ids, attention_mask):

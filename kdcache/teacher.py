@@ -35,6 +35,7 @@ from kdcache.head_transforms import HEAD_TRANSFORMS, BodyCall, ForwardHead, find
 from kdcache.targets import SampledTargets, TokenTargets, sample_targets, select_topk
 
 __all__ = [
+    "BATCHING_MODES",
     "HEAD_TRANSFORMS",
     "Teacher",
     "default_chunk_bytes",
@@ -209,7 +210,9 @@ class Teacher:
         chunk_bytes: Upper bound in bytes on the float32 logits of one head chunk.
         head_kind: "linear": the class's known linear head and final-logit transform (`HEAD_TRANSFORMS`), with the
             head's product written into one reused buffer; "forward": the model's own forward from the body on
-            (`kdcache.head_transforms.ForwardHead`), for every other class.
+            (`kdcache.head_transforms.ForwardHead`), for every other class; "whole": a model whose head cannot run on
+            its body's hidden states alone (ProphetNet reads its n-gram streams): its whole forward, one row at a
+            time, so the logits of one row ``[L, V]`` exist at once.
         batching: One of `BATCHING_MODES`, decided by the load-time probe: "padded" (one forward per right-padded
             batch), "equal_length" (the model's logits change with padding: one forward per group of equal-length
             rows, so a batch of B rows of k distinct lengths costs k forwards) or "one_row" (even an unpadded batch
@@ -394,8 +397,8 @@ class Teacher:
             # grouped rows have no padding: no mask, as the forward of one sequence alone gets none
             hidden = self._hidden_states(input_ids[rows, :width], mask[rows, :width] if batching == "padded" else None)
             per_row.update((row, h[: lengths[row]]) for row, h in zip(rows, hidden))
-        if not per_row:
-            return self._hidden_states(input_ids[:1, :1], None)[0, :0]
+        if not per_row:  # no valid position: no chunk
+            return torch.empty((0, 0), device=input_ids.device)
         return torch.cat([per_row[row] for row in sorted(per_row)])
 
     def _probe(self, unseparable: str | None) -> tuple[str, str]:
@@ -551,7 +554,8 @@ class Teacher:
         """Run the body (once per batch, or per group of rows as ``batching`` says), then `fn(logits [n, V])` on
         chunks of valid positions in row-major order.
 
-        Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole.
+        Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole (with
+        ``head_kind`` "whole", the logits of one row at a time are).
         ``fn`` gets float32 logits, or with ``as_float32=False`` logits in the model's dtype. With
         ``reuse_buffer=True`` every chunk's logits may be written into one buffer allocated per call, so ``fn`` must
         not keep a reference to its argument (its results must be new tensors). ``batching``: one of
@@ -591,8 +595,9 @@ class Teacher:
         per_row = {}
         for rows in self._groups(lengths, self.batching):
             width = max(lengths[row] for row in rows)
-            logits = self.model(input_ids=input_ids[rows, :width], attention_mask=mask[rows, :width], use_cache=False)
-            per_row.update((row, z[: lengths[row]]) for row, z in zip(rows, logits.logits))
+            group_mask = mask[rows, :width] if self.batching == "padded" else None
+            logits = self.model(input_ids=input_ids[rows, :width], attention_mask=group_mask, use_cache=False).logits
+            per_row.update((row, z[: lengths[row]]) for row, z in zip(rows, logits))
         if not per_row:
             return torch.empty(0, self.padded_vocab_size, device=self.device)
         return torch.log_softmax(torch.cat([per_row[row] for row in sorted(per_row)]).float(), dim=-1)
