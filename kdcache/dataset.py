@@ -238,6 +238,8 @@ class KDCacheDataset(IterableDataset):
         self.sources: list[Source] = self.mixture.sources if self.mixture is not None else [Source(uri)]
         self._local_cache = {"local_cache_dir": local_cache_dir, "local_cache_bytes": local_cache_bytes}
         self._readers: list[CacheReader] | None = [self._open(s) for s in self.sources]
+        self._readers_pid = os.getpid()  # async fsspec filesystems (http, s3, gcs) do not survive a fork
+        self._inherited_readers: list[CacheReader] | None = None
         self.manifest = self._readers[0].manifest
         if len(self._readers) > 1:
             check_compatible([r.manifest for r in self._readers], [s.uri for s in self.sources])
@@ -298,19 +300,25 @@ class KDCacheDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         self._resolve_topology()  # pickled in the main process for spawned workers: fix the rank there
-        return {**self.__dict__, "_readers": None}  # readers hold modules; reopened from the manifests' URLs
+        return {**self.__dict__, "_readers": None, "_inherited_readers": None}  # reopened from the manifests' URLs
 
     @property
     def readers(self) -> list[CacheReader]:
-        """The opened caches, one per source (reopened lazily in a process that received a pickled dataset)."""
-        if self._readers is None:
+        """The opened caches, one per source (reopened lazily in a process that received a pickled dataset or was
+        forked, e.g. a DataLoader worker)."""
+        if self._readers is None or self._readers_pid != os.getpid():
             readers = [self._open(s) for s in self.sources]
             for source, reader, fingerprint in zip(self.sources, readers, self._source_fingerprints):
                 if reader.manifest["fingerprint"] != fingerprint:
                     raise CacheMismatchError(
                         f"{source.uri}: the cache changed while it was being read (new fingerprint)"
                     )
-            self._readers = readers
+            if self._readers is not None:
+                # A forked copy of the parent's readers is kept, never closed or collected: closing its async
+                # filesystem would unregister the parent's pooled sockets from the epoll instance both processes
+                # share, and the parent's next request on them would hang.
+                self._inherited_readers = self._readers
+            self._readers, self._readers_pid = readers, os.getpid()
         return self._readers
 
     @property
@@ -522,6 +530,7 @@ class KDCacheDataset(IterableDataset):
         One thread collates (this one): numpy's copies and look-ups release the GIL, but a second collating thread
         measured 1.6x slower in all, not faster (the many short operations of a batch hand the GIL back and forth);
         the unit loads, which hold it little, are what runs in parallel."""
+        self.readers  # noqa: B018 (reopened here, before the load threads start, in a forked or spawned worker)
         units, order = self.epoch_order(plan.epoch, plan.world_size, plan.num_partitions)
 
         def load_piece(piece: int) -> UnitRows:
