@@ -20,6 +20,21 @@ all of them alike) and reports the best and the median round:
 Tokens/s counts real (unpadded) token positions. "tok/cpu-s" divides by the process CPU time of the measurement
 (all its threads; worker processes are not counted): tokens per second per core, comparable however busy the
 machine is. `--breakdown` also times each step of the reader alone, one thread, in CPU ns per token.
+
+Reading at cluster scale (`--cluster`, instead of the table above):
+
+    .venv/bin/python bench/reader.py --cluster --tokens 2097152 --units 512 --seq-len 256 --world-sizes 1,8,64
+
+serves the cache over HTTP from a byte-counting server on 127.0.0.1 (`bench/counting_server.py`, read by fsspec's
+http filesystem) and simulates the ranks of each world size W one after the other in this process, each a
+`KDCacheDataset(rank=r, world_size=W)` read to the end of the epoch. For each W it reports the shard bytes all
+ranks fetched / the cache's shard bytes, and tokens/s of one rank (median over ranks: the tokens the rank trains on
+/ its wall time; ranks of a real cluster run at once on their own cores), partitioned (`num_partitions=W`, the
+default) against the order before partitioned reading, which every rank read whole (reproduced by
+`num_partitions=1`: the W ranks share one partition; at large W only `--baseline-ranks` ranks are run and the
+bytes scaled by W / ranks, exact since every rank fetches the whole cache). It also states the shuffle's quality
+from the order alone (index arithmetic): how far apart two consecutive sequences of a unit land in the epoch
+(mean distance / epoch length; a uniform shuffle gives 1/3) and how many distinct units a global batch draws from.
 """
 
 from __future__ import annotations
@@ -29,10 +44,12 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -46,6 +63,9 @@ from kdcache.manifest import FORMAT_VERSION, INDEX_KEY, build_manifest, dumps, s
 from kdcache.reader import open_cache
 from kdcache.store import Store
 from kdcache.unitrows import UnitRows, logprob_table, read_parquet_table, read_pooled
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from counting_server import CountingServer  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0)
 
@@ -177,6 +197,65 @@ def breakdown(uri: str, *, batch_size: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def order_quality(ds: KDCacheDataset, world_size: int, num_partitions: int) -> dict[str, float]:
+    """Shuffle quality of epoch 0's order, from index arithmetic alone: where consecutive sequences of a unit land
+    (mean |distance| / epoch length: 1/3 for a uniform shuffle; the share that land in the same global batch) and the
+    distinct units per global batch (mean), for `world_size` ranks and `num_partitions` partitions."""
+    units, order = ds.epoch_order(0, world_size=world_size, num_partitions=num_partitions)
+    n = order.num_sequences
+    pieces, rows, _ = order.lookup(np.arange(n))
+    unit = units.unit[order.piece_unit[pieces]]  # the source's manifest unit (one source here)
+    key = np.lexsort((rows, unit))  # positions sorted by (unit, row)
+    pos = np.arange(n)[key]
+    same_unit = (unit[key][1:] == unit[key][:-1]) & (rows[key][1:] == rows[key][:-1] + 1)
+    distance = np.abs(pos[1:] - pos[:-1])[same_unit]
+    g = ds.batch_size * world_size
+    per_batch = [len(np.unique(unit[b : b + g])) for b in range(0, n, g)]
+    return {
+        "neighbour_distance": round(float(distance.mean() / n), 4),
+        "neighbours_in_same_global_batch": round(float((pos[1:] // g == pos[:-1] // g)[same_unit].mean()), 4),
+        "units_per_global_batch": round(float(np.mean(per_batch)), 1),
+    }
+
+
+def cluster(uri: str, root: str, *, world_sizes: list[int], batch_size: int, baseline_ranks: int) -> dict:
+    """Fetched bytes / cache bytes and per-rank tokens/s at each world size, partitioned vs every rank reading the
+    whole cache, over a byte-counting HTTP server (see the module docstring)."""
+    cache = open_cache(uri)
+    cache_bytes = sum(int(u["bytes"]) for u in cache.units)
+    prefix = os.path.relpath(uri, root) + "/shards/"
+    out: dict[str, dict] = {}
+    with CountingServer(root) as server:
+        url = f"{server.url}/{os.path.relpath(uri, root)}"
+        for world in world_sizes:
+            for name, partitions in (("partitioned", world), ("every_rank_reads_all", 1)):
+                if name == "every_rank_reads_all" and world == 1:
+                    continue  # the same reading as partitioned at one rank
+                ranks = list(range(world)) if name == "partitioned" else list(range(min(world, baseline_ranks)))
+                server.reset()
+                rates, tokens = [], 0
+                for rank in ranks:
+                    start = time.perf_counter()
+                    ds = KDCacheDataset(
+                        url, batch_size=batch_size, rank=rank, world_size=world, seed=0, num_partitions=partitions
+                    )
+                    n = sum(int(b["attention_mask"].sum()) for b in ds)
+                    rates.append(n / (time.perf_counter() - start))
+                    tokens += n
+                fetched = server.sent_bytes(prefix) * world / len(ranks)
+                ds = KDCacheDataset(uri, batch_size=batch_size, seed=0)
+                out[f"W={world} {name}"] = {
+                    "world_size": world,
+                    "num_partitions": partitions,
+                    "ranks_run": len(ranks),
+                    "fetched_over_cache": round(fetched / cache_bytes, 3),
+                    "rank_tokens_per_s_median": round(statistics.median(rates)),
+                    "cluster_tokens_per_s": round(statistics.median(rates) * world),
+                    **order_quality(ds, world, partitions),
+                }
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=204_800, help="token positions in the cache")
@@ -189,6 +268,9 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where to build the cache (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--breakdown", action="store_true", help="also time each step of the reader alone (ns/token)")
+    p.add_argument("--cluster", action="store_true", help="measure fetched bytes at --world-sizes instead")
+    p.add_argument("--world-sizes", default="1,8,64", help="simulated world sizes for --cluster (comma-separated)")
+    p.add_argument("--baseline-ranks", type=int, default=8, help="ranks run for the read-everything baseline")
     args = p.parse_args()
 
     load_before = os.getloadavg()
@@ -199,6 +281,25 @@ def main() -> None:
             uri, tokens=args.tokens, vocab=args.vocab, k=args.k, seq_len=args.seq_len, units=args.units
         )
         build_s = time.perf_counter() - start
+        if args.cluster:
+            sizes = [int(w) for w in args.world_sizes.split(",")]
+            results = cluster(
+                uri, tmp, world_sizes=sizes, batch_size=args.batch_size, baseline_ranks=args.baseline_ranks
+            )
+            stats = manifest["stats"]
+            info = {"tokens": stats["num_tokens"], "sequences": stats["num_sequences"], "units": stats["num_units"]}
+            info |= {"shard_bytes": sum(u["bytes"] for u in manifest["units"]), "build_s": round(build_s, 1)}
+            info |= {"cpus": os.cpu_count(), "load_avg_before": [round(x, 2) for x in load_before]}
+            info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+            if args.json:
+                print(json.dumps({"cache": info, "cluster": results}, indent=1))
+                return
+            print("cache:", ", ".join(f"{k}={v}" for k, v in info.items()))
+            keys = list(next(iter(results.values())))
+            print(f"{'run':<28}" + "".join(f"{k[:22]:>24}" for k in keys))
+            for name, r in results.items():
+                print(f"{name:<28}" + "".join(f"{r[k]:>24}" for k in keys))
+            return
         cache = open_cache(uri)
         paths = [os.path.join(uri, u["path"]) for u in cache.units]
 
