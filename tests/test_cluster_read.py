@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,35 @@ def test_a_resumed_rank_finds_its_open_windows_on_the_node(served, tmp_path):
         ds.load_state_dict(states[rank])
         list(DataLoader(ds, batch_size=None))
     assert server.sent_bytes(SHARDS) / cache_bytes <= 1.15
+
+
+@pytest.mark.parametrize("world, partitions", [(1, 1), (2, 4)])
+def test_memory_is_bounded_by_the_window_not_the_cache(served, world, partitions):
+    """Decoded units alive at once stay within two windows of each partition the rank reads plus the prefetch depth,
+    however many units the epoch reads."""
+    _server, uri, _ = served
+    ds = KDCacheDataset(uri, batch_size=4, rank=0, world_size=world, seed=7, num_partitions=partitions)
+    ds.shuffle_window_units, ds.prefetch_units = 2, 2
+    lock, counts = threading.Lock(), {"alive": 0, "peak": 0, "loads": 0}
+    original = ds._load_unit
+
+    def dropped() -> None:
+        with lock:
+            counts["alive"] -= 1
+
+    def load(source: int, index: int):
+        rows = original(source, index)
+        with lock:
+            counts["alive"] += 1
+            counts["loads"] += 1
+            counts["peak"] = max(counts["peak"], counts["alive"])
+        weakref.finalize(rows, dropped)
+        return rows
+
+    ds._load_unit = load
+    assert len(list(ds)) == len(ds)
+    bound = 2 * 2 * (partitions // world) + 2  # two windows of 2 pieces per partition of the rank, 2 ahead
+    assert counts["peak"] <= bound and counts["loads"] >= 3 * bound, counts
 
 
 def _rank_process(uri: str, rank: int, world: int, out: str) -> None:
