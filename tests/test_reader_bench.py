@@ -37,11 +37,11 @@ def test_tiny_cluster_bench():
     proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(proc.stdout)["cluster"]
-    assert set(runs) == {"W=1 partitioned", "W=4 partitioned", "W=4 every_rank_reads_all"}
+    assert set(runs) == {"W=1 partitioned", "W=4 partitioned", "W=4 one_partition"}
     assert runs["W=1 partitioned"]["fetched_over_cache"] == 1.0
     assert 1.0 <= runs["W=4 partitioned"]["fetched_over_cache"] <= 1.15
-    assert runs["W=4 every_rank_reads_all"]["fetched_over_cache"] >= 3.0
-    spread, window = runs["W=4 partitioned"], runs["W=4 every_rank_reads_all"]
+    assert runs["W=4 one_partition"]["fetched_over_cache"] >= 3.0
+    spread, window = runs["W=4 partitioned"], runs["W=4 one_partition"]
     assert spread["neighbour_distance"] > window["neighbour_distance"]
     assert spread["units_per_global_batch"] > window["units_per_global_batch"]
     assert all(r["rank_tokens_per_s_median"] > 0 for r in runs.values())
