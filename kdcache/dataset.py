@@ -19,10 +19,12 @@ Contract:
 - **Partitioned reading**: rank r takes the rows of every global batch that fall in its partitions: with a world
   size W that divides P, ranks read disjoint units (P / W partitions each); when P divides W, the W / P consecutive
   ranks of a partition share it (one fetch per node with a shared `local_cache_dir`). Other W are correct but
-  fetch more (`kdcache.partition`). All ranks together fetch about 1 + (C * P - 1) / U times the cache per epoch
-  (U units: a unit straddling two partitions is fetched by both; a cache of few units and many partitions pays
-  here, never in balance). DataLoader worker w of n takes the rank's batches w, w + n, ...: when n divides
-  `batch_phases`, the workers read disjoint units too; otherwise each worker reads every unit of its rank.
+  fetch more (`kdcache.partition`). All ranks together fetch at most about 1 + (C * P - 1) / U times the cache per
+  epoch (U units of similar size: a unit straddling two partitions is fetched by both; with U < C * P a unit spans
+  several partitions and each of their ranks fetches it whole). Few units and many partitions cost fetches, never
+  balance: partitions always hold equal sequence counts. DataLoader worker w of n takes the rank's batches w,
+  w + n, ...: when n divides `batch_phases`, the workers read disjoint units too; otherwise each worker reads every
+  unit of its rank.
 - **Exactly once, equal steps**: the order is cut into global batches of `batch_size * world_size`; every rank yields
   `batch_size` rows of each, so every rank yields the same number of batches; partitions are exactly balanced
   (sizes differ by at most one sequence), so nothing is padded but the incomplete last global batch, which is
@@ -153,7 +155,8 @@ class KDCacheDataset(IterableDataset):
         uri: cache root URL, or a `kdcache.mixture.Mixture` (or a list of (uri, weight) pairs or `Source`s) of caches
             that share the tokenizer; storage_options: fsspec options. Only `index.json` and the shards it names
             are read.
-        batch_size: sequences per batch on each rank; seed, epoch, shuffle: the order (a function of seed and epoch).
+        batch_size: sequences per batch on each rank; seed, epoch, shuffle: the order (a function of seed and epoch;
+            shuffle=False keeps the units in manifest order, which is the epoch's order with one partition).
         rank, world_size: default to torch.distributed's when initialized (at construction or iteration), else 0/1.
         drop_last: drop the incomplete last global batch instead of padding it with masked rows.
         shuffle_window_units: units of a partition whose sequences are shuffled together (memory: about this many
