@@ -71,8 +71,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kdcache.collate import apply_temperature, collate_sequences, keep_top_k, sample_weights, stored_temperature_index
 from kdcache.errors import CacheMismatchError
 from kdcache.mixture import EpochUnits, Mixture, Source, as_mixture, check_compatible, epoch_units, sequences_per_epoch
-from kdcache.order import EpochOrder, num_global_batches
-from kdcache.partition import rank_positions
+from kdcache.order import EpochOrder, batch_rows, num_global_batches
 from kdcache.prefetch import UnitPrefetcher, in_background
 from kdcache.reader import CacheReader
 from kdcache.unitrows import UnitRows, logprob_table
@@ -548,29 +547,11 @@ class KDCacheDataset(IterableDataset):
             chunk = [b for _, b in zip(range(_PLAN_BATCHES), batch_ids)]
             if not chunk:
                 return False
-            pos = np.stack(
-                [
-                    rank_positions(
-                        b,
-                        rank=plan.rank,
-                        batch_size=self.batch_size,
-                        world_size=plan.world_size,
-                        num_partitions=plan.num_partitions,
-                    )
-                    for b in chunk
-                ]
-            )
-            real = pos < order.num_sequences
-            piece, row, window = np.full(pos.shape, -1), np.full(pos.shape, -1), np.full(pos.shape, -1)
-            piece[real], row[real], window[real] = order.lookup(pos[real])
-            for i, b in enumerate(chunk):
-                # The first window each partition of the batch is in: its earlier windows are done with.
-                firsts: dict[int, int] = {}
-                for w in window[i][real[i]].tolist():
-                    part = int(order.window_part[w])
-                    firsts[part] = min(firsts.get(part, w), w)
-                planned.append((b, piece[i], row[i], firsts))
-                pieces.announce(piece[i][real[i]])
+            layout = {"batch_size": self.batch_size, "world_size": plan.world_size}
+            rows = batch_rows(order, chunk, rank=plan.rank, num_partitions=plan.num_partitions, **layout)
+            for b, (piece, row, firsts) in zip(chunk, rows):
+                planned.append((b, piece, row, firsts))
+                pieces.announce(piece[piece >= 0])
             return True
 
         try:

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kdcache.partition import cut_pieces, partition_sizes, stream_positions
+from kdcache.partition import cut_pieces, partition_sizes, rank_positions, stream_positions
 
-__all__ = ["EpochOrder", "num_global_batches"]
+__all__ = ["EpochOrder", "batch_rows", "num_global_batches"]
 
 
 def _rng(seed: int, *tags: int) -> np.random.Generator:
@@ -150,3 +150,28 @@ class EpochOrder:
             offsets = flat[sel] - self.window_starts[w]
             pieces[sel], rows[sel] = piece_col[offsets], row_col[offsets]
         return pieces, rows, windows
+
+
+def batch_rows(
+    order: EpochOrder, batches: Sequence[int], *, rank: int, batch_size: int, world_size: int, num_partitions: int
+) -> list[tuple[np.ndarray, np.ndarray, dict[int, int]]]:
+    """Rank `rank`'s rows of each global batch in `batches`: (piece [batch_size], row inside the piece's unit
+    [batch_size], both -1 at padding rows, {partition: the first window of it the batch reads}); a partition's
+    windows before that one are done with, since each partition's positions only move forward."""
+    pos = np.stack(
+        [
+            rank_positions(b, rank=rank, batch_size=batch_size, world_size=world_size, num_partitions=num_partitions)
+            for b in batches
+        ]
+    )
+    real = pos < order.num_sequences
+    piece, row, window = np.full(pos.shape, -1), np.full(pos.shape, -1), np.full(pos.shape, -1)
+    piece[real], row[real], window[real] = order.lookup(pos[real])
+    out = []
+    for i in range(len(batches)):
+        firsts: dict[int, int] = {}
+        for w in window[i][real[i]].tolist():
+            part = int(order.window_part[w])
+            firsts[part] = min(firsts.get(part, w), w)
+        out.append((piece[i], row[i], firsts))
+    return out
