@@ -42,7 +42,7 @@ Contract:
   compactly (`kdcache.unitrows`) `prefetch_units` ahead, in first-use order, by a pool of one thread per core; one
   background thread collates the next batches, off the training thread, also with num_workers=0 (which is why 0
   is the default to prefer). Memory per rank: about (C * P / W) * shuffle_window_units + prefetch_units compact
-  units (at W >= P: one window), ~(3 * k + 24) bytes per token with the u8 codec and a vocabulary of at most
+  units (one window at W >= P and C = 1), ~(3 * k + 24) bytes per token with the u8 codec and a vocabulary of at most
   65,536; bounded by the window, not the cache. Remote caches can keep fetched shards on local disk
   (`local_cache_dir`, `local_cache_bytes`; `kdcache.localcache`): ranks of a node share them, and a rank resumed
   on the same node at the same world size reads the same partitions, so the windows open when it stopped are there.
