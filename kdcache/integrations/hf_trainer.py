@@ -7,8 +7,10 @@
 
 - Batches come from a `KDDataLoader` (batch_size=None): the dataset already batches, shuffles and splits by rank
   (rank and world size from torch.distributed, which the Trainer initializes), so the loader is not passed through
-  `accelerator.prepare`, which would split the batches again.
-- `per_device_train_batch_size` is ignored: the dataset's `batch_size` is the per-device batch.
+  `accelerator.prepare`, which would split the batches again. The same holds for a KDCacheDataset given as
+  `eval_dataset` (or a dict of them) or to `predict`: `evaluate()` reports the distillation loss on it.
+- `per_device_train_batch_size` / `per_device_eval_batch_size` are ignored: the dataset's `batch_size` is the
+  per-device batch.
 - The loss is `kdcache.losses.distillation_loss` on the student's logits; `labels` are not passed to the model
   (they are already shifted: position t holds token t + 1).
 - Each checkpoint folder gets `kdcache_dataset_state.json` (the dataset state after the last batch trained on, from
@@ -74,8 +76,27 @@ class KDTrainer(Trainer):
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if not isinstance(self.train_dataset, KDCacheDataset):
             return super().get_train_dataloader()
+        return self._kd_loader(self.train_dataset)
+
+    def get_eval_dataloader(self, eval_dataset: str | Any = None) -> torch.utils.data.DataLoader:
+        """As `Trainer.get_eval_dataloader`; a KDCacheDataset's batches pass through as they are."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict):
+            dataset = self.eval_dataset[eval_dataset]
+        if not isinstance(dataset, KDCacheDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        return self._kd_loader(dataset)
+
+    def get_test_dataloader(self, test_dataset: Any) -> torch.utils.data.DataLoader:
+        """As `Trainer.get_test_dataloader`; a KDCacheDataset's batches pass through as they are."""
+        if not isinstance(test_dataset, KDCacheDataset):
+            return super().get_test_dataloader(test_dataset)
+        return self._kd_loader(test_dataset)
+
+    def _kd_loader(self, dataset: KDCacheDataset) -> KDDataLoader:
+        # the Trainer's own loader would batch the dataset's batches again (a list of dicts per step)
         return KDDataLoader(
-            self.train_dataset,
+            dataset,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
             collate_fn=self.data_collator,
