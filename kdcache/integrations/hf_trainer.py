@@ -2,7 +2,7 @@
 
     ds = KDCacheDataset(uri, batch_size=8, student_vocab_size=model.config.vocab_size)
     trainer = KDTrainer(model=model, args=TrainingArguments("out", max_steps=1000), train_dataset=ds,
-                        kd_kind="forward_kl", kd_alpha=0.9, kd_temperature=2.0)
+                        kd_alpha=0.9, kd_temperature=2.0)   # kd_kind: the estimator that fits the cache
     trainer.train()                                   # or trainer.train(resume_from_checkpoint="out/checkpoint-500")
 
 - Batches come from a `KDDataLoader` (batch_size=None): the dataset already batches, shuffles and splits by rank
@@ -53,7 +53,8 @@ class KDTrainer(Trainer):
     """A Trainer whose `train_dataset` is a KDCacheDataset and whose loss is a distillation loss.
 
     Args:
-        kd_kind: a key of `kdcache.losses.LOSSES` ("forward_kl", "reverse_kl", "jsd", ...).
+        kd_kind: a key of `kdcache.losses.LOSSES` ("forward_kl", "sampled_kl", "reverse_kl", "jsd", ...); None
+            (the default): the estimator that fits the cache (`kdcache.losses.default_kind`).
         kd_alpha: weight of the KD term; 1 - kd_alpha weighs the hard-label cross-entropy.
         kd_temperature: KD temperature (exact when cached; the KD term is scaled by T**2).
         *args, **kwargs: as for `transformers.Trainer` (`data_collator` defaults to a passthrough).
@@ -62,7 +63,7 @@ class KDTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        kd_kind: str = "forward_kl",
+        kd_kind: str | None = None,
         kd_alpha: float = 1.0,
         kd_temperature: float = 1.0,
         **kwargs: Any,

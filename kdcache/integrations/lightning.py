@@ -94,7 +94,8 @@ class KDLightningModule(L.LightningModule):
     """Distils `student` (a Hugging Face causal LM or any module returning `.logits` [B, L, V]) on cache batches.
 
     Args:
-        kd_kind, kd_alpha, kd_temperature: as `kdcache.losses.distillation_loss` (kind, alpha, temperature).
+        kd_kind, kd_alpha, kd_temperature: as `kdcache.losses.distillation_loss` (kind, alpha, temperature); kind
+            None (the default) is the estimator that fits the cache.
         lr: AdamW learning rate.
     """
 
@@ -102,7 +103,7 @@ class KDLightningModule(L.LightningModule):
         self,
         student: torch.nn.Module,
         *,
-        kd_kind: str = "forward_kl",
+        kd_kind: str | None = None,
         kd_alpha: float = 1.0,
         kd_temperature: float = 1.0,
         lr: float = 1e-4,
