@@ -25,8 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +65,7 @@ IDENTITY_SUFFIXES = (*WEIGHT_SUFFIXES, ".py")
 HASH_CACHE_ENV = "KDCACHE_HASH_CACHE"  # the file-hash cache's path (default: $XDG_CACHE_HOME/kdcache/file-hashes.json)
 HASH_CACHE_MAX_BYTES = 8 * 2**20  # a larger cache file is not read (it is rebuilt)
 HASH_CACHE_MAX_ENTRIES = 2048  # newest entries kept
+_HASH_CACHE_LOCK = threading.Lock()
 
 
 def canonical_json(value: Any) -> str:
@@ -151,9 +154,10 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if _file_signature(path.stat()) == signature:  # not rewritten while we read it: safe to remember
-        cache = _read_hash_cache(cache_file)  # another process may have added entries meanwhile
-        cache[str(path)] = {"stat": signature, "sha256": digest, "used": time.time()}
-        _write_hash_cache(cache_file, cache)
+        with _HASH_CACHE_LOCK:  # threads of this process (weights_fingerprint hashes files in parallel)
+            cache = _read_hash_cache(cache_file)  # another process may have added entries meanwhile
+            cache[str(path)] = {"stat": signature, "sha256": digest, "used": time.time()}
+            _write_hash_cache(cache_file, cache)
     return digest
 
 
@@ -171,10 +175,14 @@ def weights_fingerprint(name_or_path: str, config: Any) -> str | None:
     """
     local = Path(name_or_path)
     if local.is_dir():
+        files = [local / "config.json"]
+        files += sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(IDENTITY_SUFFIXES))
+        # one thread per file (hashlib releases the GIL): a sharded checkpoint hashes on several cores
+        with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
+            hashes = list(pool.map(file_sha256, files))
         digest = hashlib.sha256(b"kdcache-weights-v2\n")
-        digest.update(f"config.json\t{file_sha256(local / 'config.json')}\n".encode())
-        for path in sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(IDENTITY_SUFFIXES)):
-            digest.update(f"{path.name}\t{file_sha256(path)}\n".encode())
+        for path, file_hash in zip(files, hashes):
+            digest.update(f"{path.name}\t{file_hash}\n".encode())
         return digest.hexdigest()
     return getattr(config, "_commit_hash", None)  # None: the hub commit could not be resolved
 

@@ -1,7 +1,7 @@
 """Bad input fails before work, or at the record, with a message naming the file and line or the config key
 (issue 12, items 9 and 10): ids past the teacher's vocabulary or beyond 2**32, windows longer than the teacher's
 positions, out-of-range temperatures, a lone surrogate in a jsonl record; an empty input file gives a cache that
-`kdcache cache` and `kdcache info` summarise."""
+`kdcache cache`, `info` and `report` summarise."""
 
 from __future__ import annotations
 
@@ -118,3 +118,5 @@ def test_an_empty_input_file_gives_a_cache_cache_and_info_summarise(ray_session,
     assert main(["info", "--json", str(tmp_path / "out")]) == 0
     assert json.loads(capsys.readouterr().out)["num_tokens"] == 0
     assert main(["verify", "--deep", str(tmp_path / "out")]) == 0
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
+    assert "no tokens: an empty input" in (tmp_path / "report" / "index.html").read_text()
