@@ -120,3 +120,14 @@ def test_an_empty_input_file_gives_a_cache_cache_and_info_summarise(ray_session,
     assert main(["verify", "--deep", str(tmp_path / "out")]) == 0
     assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
     assert "no tokens: an empty input" in (tmp_path / "report" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_read_time_temperature_is_checked_when_the_dataset_is_made(tmp_path, temperature):
+    from fake_cache import write_fake_cache
+
+    from kdcache.read.dataset import KDCacheDataset
+
+    write_fake_cache(str(tmp_path / "c"), num_units=1)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        KDCacheDataset(str(tmp_path / "c"), batch_size=2, temperature=temperature)

@@ -560,7 +560,7 @@ def test_losses_registry() -> None:
 def test_default_kind_is_the_estimator_that_fits_the_batch(monkeypatch) -> None:
     import kdcache.losses as losses
 
-    monkeypatch.setattr(losses, "_warned_ignored", set())
+    monkeypatch.setattr(losses, "_warned_ignored", set(), raising=False)
     z, s = teacher_logits(), student_logits()
     topk = make_batch(z, k=8)
     hybrid = sampled_batch(
@@ -577,7 +577,7 @@ def test_default_kind_is_the_estimator_that_fits_the_batch(monkeypatch) -> None:
 def test_an_explicit_head_only_loss_on_sampled_targets_warns_once(monkeypatch) -> None:
     import kdcache.losses as losses
 
-    monkeypatch.setattr(losses, "_warned_ignored", set())
+    monkeypatch.setattr(losses, "_warned_ignored", set(), raising=False)
     z, s = teacher_logits(), student_logits()
     hybrid = sampled_batch(z.log_softmax(-1), torch.Generator().manual_seed(3), head_k=6)
     hybrid["tail_logprob"] = (1 - hybrid["target_logprobs"].exp().sum(-1)).log()

@@ -42,6 +42,7 @@ Contract:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections import deque
@@ -173,6 +174,8 @@ class KDCacheDataset(IterableDataset):
         self._local_cache = {"local_cache_dir": local_cache_dir, "local_cache_bytes": local_cache_bytes}
         self._reader: CacheReader | None = CacheReader(uri, storage_options, **self._local_cache)
         self.manifest = self._reader.manifest
+        if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")  # before any read
         targets = self.manifest["fingerprint_inputs"]["targets"]
         self.mode = targets.get("mode", "topk")
         self.num_samples = int(targets.get("samples", 0)) if self.mode != "topk" else 0
