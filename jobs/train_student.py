@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in total (resumed runs included)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step per rank")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--kind", default="forward_kl", choices=sorted(LOSSES), help="KD divergence")
+    p.add_argument(
+        "--kind", default=None, choices=sorted(LOSSES), help="KD divergence (default: the estimator fitting the cache)"
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term (1 - alpha: hard-label CE)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (exact when cached)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most probable cached entries")

@@ -10,6 +10,8 @@ wrong type or an impossible value raises `ConfigError` naming the key, e.g. ``ta
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +149,13 @@ OUTPUT_FORMATS = ("parquet", "zarr")
 LOGPROB_CODECS = ("u8", "u16", "f32")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Keys whose values are never shown (errors) nor written (manifest): they hold credentials by design.
+SECRET_HOLDERS = ("storage_options", "runtime_env", "env_vars")
+SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "credentials", "auth", "session")
+_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+# Temperatures a cache may store: 1/T and z/T stay finite in float32 for any logit |z| < 1e35, and beyond either
+# end the distribution is one-hot (1e-3) or uniform (1e3) to many digits anyway.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 @dataclass
@@ -178,8 +187,22 @@ class KDCacheConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested data, safe to dump as YAML/JSON."""
+        """Plain nested data, safe to dump as YAML/JSON (with every secret: see `to_record` for what to write)."""
         return dataclasses.asdict(self)
+
+    def to_record(self) -> dict[str, Any]:
+        """The config as kdcache writes it (manifest) or shows it: `to_dict` with no secret in it.
+
+        `output.storage_options` and `cluster.runtime_env.env_vars` keep their keys only; in the rest of the
+        runtime_env a credential-named key's value is replaced and so is the user:password part of every URL.
+        """
+        raw = self.to_dict()
+        raw["output"]["storage_options"] = sorted(raw["output"]["storage_options"])  # keys only
+        env = raw["cluster"]["runtime_env"]
+        if isinstance(env.get("env_vars"), dict):
+            env["env_vars"] = sorted(env["env_vars"])  # keys only
+        raw["cluster"]["runtime_env"] = redact_secrets(env)
+        return redact_urls(raw)
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the key."""
@@ -192,6 +215,9 @@ class KDCacheConfig:
                 f"teacher.device_map: must be null or one of {', '.join(DEVICE_MAPS)}, got {self.teacher.device_map!r}"
             )
         gpus = self.cluster.gpus_per_actor
+        for key, value in (("gpus_per_actor", gpus), ("cpus_per_actor", self.cluster.cpus_per_actor)):
+            if not math.isfinite(value):
+                raise ConfigError(f"cluster.{key}: must be a finite number, got {value}")
         if gpus > 1 and gpus != int(gpus):
             raise ConfigError(f"cluster.gpus_per_actor: above 1 it must be a whole number of GPUs, got {gpus}")
         _require(self.data.source, "data.source", "is required (an fsspec URL or glob)")
@@ -211,8 +237,14 @@ class KDCacheConfig:
             )
         _positive(self.targets.head, "targets.head")
         temps = self.targets.temperatures
-        if not temps or any((not isinstance(t, (int, float))) or isinstance(t, bool) or t <= 0 for t in temps):
-            raise ConfigError(f"targets.temperatures: must be a non-empty list of numbers > 0, got {temps!r}")
+        low, high = TEMPERATURE_RANGE
+        if not temps or any(
+            (not isinstance(t, (int, float))) or isinstance(t, bool) or not low <= t <= high for t in temps
+        ):  # NaN fails the range test too
+            raise ConfigError(
+                f"targets.temperatures: must be a non-empty list of finite numbers in [{low:g}, {high:g}] (outside "
+                f"it the stored float32 normalizers overflow or the targets are one-hot/uniform), got {temps!r}"
+            )
         self.targets.temperatures = normalize_temperatures(temps)
         _one_of(self.targets.logprob_codec, LOGPROB_CODECS, "targets.logprob_codec")
         _require(self.output.uri, "output.uri", "is required (an fsspec URL)")
@@ -244,6 +276,29 @@ class KDCacheConfig:
             raise ConfigError(
                 f"{key}: must be <= the teacher's vocab size ({padded_vocab_size}), got {self.targets.stored_k}"
             )
+
+
+def redact_urls(value: Any) -> Any:
+    """`value` (nested dicts, lists, strings) with the user:password of every URL replaced by ``***``."""
+    if isinstance(value, dict):
+        return {k: redact_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_urls(v) for v in value]
+    return _URL_USERINFO.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
+def redact_secrets(value: Any) -> Any:
+    """`redact_urls(value)`, and every value of a credential-named dict key (token, secret, password, ...) hidden."""
+    if isinstance(value, dict):
+        return {k: "(hidden)" if _is_secret_key(k) else redact_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return redact_urls(value)
+
+
+def _is_secret_key(key: Any) -> bool:
+    words = re.split(r"[^a-z0-9]+", str(key).lower())
+    return any(w in SECRET_WORDS for w in words) or str(key).lower().endswith(SECRET_WORDS)
 
 
 def normalize_temperatures(temps: list[float]) -> list[float]:
@@ -287,7 +342,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 return _coerce(key, option, value)
             except ConfigError as exc:
                 errors.append(exc)
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {_shown(key, value)} ({type(value).__name__})")
     if hint is type(None):
         if value is None:
             return None
@@ -305,14 +360,26 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value):
+                raise ConfigError(f"{key}: expected a number, got .nan")
             return float(value)
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)  # "1e-3": a float in YAML 1.2 and JSON, a string to PyYAML's YAML 1.1 resolver
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {_shown(key, value)} ({type(value).__name__})")
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value as an error message may show it: never one of a key that holds secrets."""
+    return "(hidden)" if key.split(".")[-1] in SECRET_HOLDERS else repr(value)
+
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(hint: Any) -> str:

@@ -2,15 +2,19 @@
 
 A cache holds exactly one fingerprint: the sha256 of the canonical JSON of everything that determines its bytes
 (`fingerprint_inputs`: teacher and weights, tokenizer content, targets, codec, windowing, data reading, shard
-format). The driver claims it before any work by creating `fingerprint.json` exclusively (`claim_fingerprint`); a
-job with a different fingerprint is refused at the same URI, naming what differs. Readers refuse a student whose
-vocabulary or tokenizer does not match (`check_student`).
+format). Identity is content, never the spelling of a path: the teacher's weights by the sha256 of their bytes
+(`weights_fingerprint`; hashed once per file version, the hashes kept in a small cache outside the model folder,
+`file_sha256`) or the resolved hub commit, the tokenizer by its content hash, the input files by their absolute
+URLs and sizes (`files_identity`). The driver claims the fingerprint once its plan is made, by creating
+`fingerprint.json` exclusively (`claim_fingerprint`); a job with a different fingerprint is refused at the same URI,
+naming what differs, unless the claim's job committed nothing (then the new job takes the URI over). Readers refuse
+a student whose vocabulary or tokenizer does not match (`check_student`).
 
 Pure functions and duck-typed objects: nothing here imports transformers, torch or Ray. The capture stage reads the
 teacher's config and tokenizer (`kdcache.capture.teacher.read_model_info`, `load_tokenizer`) and passes what it
 read in.
 
-    inputs = fingerprint_inputs(cfg, model_info, tokenizer_identity(tokenizer, name))
+    inputs = fingerprint_inputs(cfg, model_info, tokenizer_fingerprint(tokenizer), files)
     fingerprint = fingerprint_of(inputs)
     claim_fingerprint(store, fingerprint, inputs)      # CacheMismatchError if the URI holds another cache
 """
@@ -19,12 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcache.codec import CodecParams
 from kdcache.errors import CacheMismatchError
-from kdcache.manifest import FINGERPRINT_KEY, FORMAT_NAME, FORMAT_VERSION, dumps
+from kdcache.manifest import COMMITS_DIR, FINGERPRINT_KEY, FORMAT_NAME, FORMAT_VERSION, INDEX_KEY, dumps
 
 if TYPE_CHECKING:
     from kdcache.config import KDCacheConfig, TargetsConfig
@@ -32,17 +42,30 @@ if TYPE_CHECKING:
 
 __all__ = [
     "canonical_json",
+    "check_claim",
     "check_student",
     "claim_fingerprint",
     "describe_difference",
+    "file_sha256",
+    "files_identity",
     "fingerprint_inputs",
     "fingerprint_of",
+    "hash_cache_path",
+    "read_claim",
     "targets_identity",
     "tokenizer_fingerprint",
     "weights_fingerprint",
 ]
 
+log = logging.getLogger("kdcache.identity")
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+# Files of a local teacher folder whose bytes are its identity: config, weights and custom code (trust_remote_code).
+IDENTITY_SUFFIXES = (*WEIGHT_SUFFIXES, ".py")
+HASH_CACHE_ENV = "KDCACHE_HASH_CACHE"  # the file-hash cache's path (default: $XDG_CACHE_HOME/kdcache/file-hashes.json)
+HASH_CACHE_MAX_BYTES = 8 * 2**20  # a larger cache file is not read (it is rebuilt)
+HASH_CACHE_MAX_ENTRIES = 2048  # newest entries kept
+_HASH_CACHE_LOCK = threading.Lock()
 
 
 def canonical_json(value: Any) -> str:
@@ -81,8 +104,70 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def hash_cache_path() -> Path:
+    """Where `file_sha256` keeps its hashes: $KDCACHE_HASH_CACHE, else $XDG_CACHE_HOME (~/.cache)/kdcache/."""
+    if os.environ.get(HASH_CACHE_ENV):
+        return Path(os.environ[HASH_CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kdcache" / "file-hashes.json"
+
+
+def _file_signature(st: os.stat_result) -> list[int]:
+    # ctime and inode too: a file rewritten in place with its old size and mtime (cp -p, rsync -t) still misses
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_hash_cache(path: Path) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > HASH_CACHE_MAX_BYTES:
+            return {}
+        cache = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}  # missing, unreadable or torn: it is only a cache
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_hash_cache(path: Path, cache: dict[str, Any]) -> None:
+    newest = sorted(cache.items(), key=lambda kv: -float(kv[1].get("used", 0)))[:HASH_CACHE_MAX_ENTRIES]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(newest), sort_keys=True))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file; the last writer wins
+    except OSError as exc:
+        log.info("file-hash cache %s not written (%s); weights will be hashed again next time", path, exc)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, remembered per (absolute path, size, mtime, ctime, inode) in `hash_cache_path`.
+
+    The first call on a file version reads it whole (bench/identity.py measures the rate); later calls cost one
+    `stat`. The cache lives outside the hashed folder: a teacher's folder is never written to.
+    """
+    path = Path(path).resolve()
+    signature = _file_signature(path.stat())
+    cache_file = hash_cache_path()
+    cache = _read_hash_cache(cache_file)
+    hit = cache.get(str(path))
+    if isinstance(hit, dict) and hit.get("stat") == signature and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if _file_signature(path.stat()) == signature:  # not rewritten while we read it: safe to remember
+        with _HASH_CACHE_LOCK:  # threads of this process (weights_fingerprint hashes files in parallel)
+            cache = _read_hash_cache(cache_file)  # another process may have added entries meanwhile
+            cache[str(path)] = {"stat": signature, "sha256": digest, "used": time.time()}
+            _write_hash_cache(cache_file, cache)
+    return digest
+
+
 def weights_fingerprint(name_or_path: str, config: Any) -> str | None:
-    """sha256 of config.json plus sorted (weight file, size) for a local directory; else the resolved hub commit.
+    """The teacher's identity by content: never by how its path is spelled.
+
+    A local directory: sha256 over the sha256 of the bytes of `config.json` and of every top-level weight file and
+    Python file (custom code), with their names (`file_sha256`, so each file version is read once). The same
+    folder given as a relative or absolute path, or copied elsewhere, has the same fingerprint; new weights saved
+    into it have another. A hub id: the resolved commit hash (``config._commit_hash``), None when unresolved.
 
     Args:
         name_or_path: the teacher's local directory or hub id.
@@ -90,11 +175,31 @@ def weights_fingerprint(name_or_path: str, config: Any) -> str | None:
     """
     local = Path(name_or_path)
     if local.is_dir():
-        digest = hashlib.sha256((local / "config.json").read_bytes())
-        for path in sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
-            digest.update(f"\n{path.name}\t{path.stat().st_size}".encode())
+        files = [local / "config.json"]
+        files += sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(IDENTITY_SUFFIXES))
+        # one thread per file (hashlib releases the GIL): a sharded checkpoint hashes on several cores
+        with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
+            hashes = list(pool.map(file_sha256, files))
+        digest = hashlib.sha256(b"kdcache-weights-v2\n")
+        for path, file_hash in zip(files, hashes):
+            digest.update(f"{path.name}\t{file_hash}\n".encode())
         return digest.hexdigest()
     return getattr(config, "_commit_hash", None)  # None: the hub commit could not be resolved
+
+
+def files_identity(files: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """The input files' identity: their count, total size and the sha256 of the sorted (absolute URL, size) list.
+
+    `kdcache.store.expand_urls` gives absolute URLs, so a relative and an absolute spelling of the same files (or a
+    glob and a list naming them) are the same input. Content is not hashed (terabytes): a copy at another URL is
+    another input, and an edit that keeps a file's size is not noticed (the cache stores the tokens it read).
+    """
+    listing = sorted([str(url), int(size)] for url, size in files)
+    return {
+        "files": len(listing),
+        "bytes": sum(size for _, size in listing),
+        "files_sha256": hashlib.sha256(canonical_json(listing).encode()).hexdigest(),
+    }
 
 
 def targets_identity(targets: TargetsConfig) -> dict[str, Any]:
@@ -111,20 +216,28 @@ def targets_identity(targets: TargetsConfig) -> dict[str, Any]:
 
 
 def fingerprint_inputs(
-    cfg: KDCacheConfig, model_info: dict[str, Any], tokenizer_info: dict[str, Any]
+    cfg: KDCacheConfig,
+    model_info: dict[str, Any],
+    tokenizer_info: dict[str, Any],
+    files: Sequence[tuple[str, int]],
 ) -> dict[str, Any]:
-    """Everything that determines a job's cached bytes.
+    """Everything that determines a job's cached bytes, by content: no path as the user spelled it.
 
     Args:
         cfg: the job configuration.
-        model_info: `kdcache.capture.teacher.read_model_info` of the teacher (config only, no weights).
-        tokenizer_info: `tokenizer_fingerprint` of the tokenizer the job uses, plus its ``name``.
+        model_info: `kdcache.capture.teacher.read_model_info` of the teacher (config only; its
+            ``weights_fingerprint`` identifies the weights).
+        tokenizer_info: `tokenizer_fingerprint` of the tokenizer the job uses.
+        files: the input files as (absolute URL, size), `kdcache.store.expand_urls` of ``data.source``.
     """
     t = cfg.teacher
+    teacher = {"dtype": t.dtype, **model_info}
+    if model_info.get("weights_fingerprint") is None:  # a hub id whose commit is unknown: its name is all there is
+        teacher.update(model=t.model, revision=t.revision)
     return {
         "format_version": FORMAT_VERSION,
-        "teacher": {"model": t.model, "revision": t.revision, "dtype": t.dtype, **model_info},
-        "tokenizer": tokenizer_info,
+        "teacher": teacher,
+        "tokenizer": {key: value for key, value in tokenizer_info.items() if key != "name"},
         "targets": targets_identity(cfg.targets),
         "codec": CodecParams.for_logprobs(cfg.targets.logprob_codec).to_dict(),
         "windowing": {
@@ -134,7 +247,7 @@ def fingerprint_inputs(
             "add_special_tokens": True,
         },
         "data": {
-            "source": cfg.data.source,
+            **files_identity(files),
             "format": cfg.data.format,
             "text_field": cfg.data.text_field,
             "ids_field": cfg.data.ids_field,
@@ -156,24 +269,62 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = 
     return diffs
 
 
-def claim_fingerprint(store: Store, fingerprint: str, inputs: dict[str, Any]) -> None:
+def read_claim(store: Store) -> dict[str, Any] | None:
+    """The record in `fingerprint.json`, or None when there is none."""
+    try:
+        return json.loads(store.read_bytes(FINGERPRINT_KEY))
+    except FileNotFoundError:
+        return None
+
+
+def claim_fingerprint(
+    store: Store, fingerprint: str, inputs: dict[str, Any], names: dict[str, Any] | None = None
+) -> None:
     """Create `fingerprint.json` exclusively, or check that the one there is ours.
+
+    A claim whose job committed no unit (no `commits/` record, no `index.json`: it failed before any work was
+    kept) locks nothing: a job with another fingerprint replaces it. Jobs racing for one URI stay safe: every
+    commit record carries its job's fingerprint, a worker that finds another fingerprint's record for its unit
+    fails the job (`CacheMismatchError`), and a driver writes `index.json` only from records of its own
+    fingerprint while `fingerprint.json` still holds it (`check_claim`).
+
+    Args:
+        names: informational, not part of the identity: how the job named its teacher, revision and tokenizer.
 
     Raises:
         CacheMismatchError: the store already holds a cache with another fingerprint (the message names what
             differs).
     """
-    record = {"format": FORMAT_NAME, "fingerprint": fingerprint, "fingerprint_inputs": inputs}
+    record = {"format": FORMAT_NAME, "fingerprint": fingerprint, "fingerprint_inputs": inputs, "names": names or {}}
     if store.create_exclusive(FINGERPRINT_KEY, dumps(record)):
         return
-    existing = json.loads(store.read_bytes(FINGERPRINT_KEY))
-    if existing.get("fingerprint") != fingerprint:
-        diffs = describe_difference(existing.get("fingerprint_inputs", {}), inputs)
+    existing = read_claim(store) or {}
+    if existing.get("fingerprint") == fingerprint:
+        return
+    diffs = describe_difference(existing.get("fingerprint_inputs", {}), inputs)
+    committed = [n for n in store.list_names(COMMITS_DIR) if n.endswith(".json")]
+    if not committed and not store.exists(INDEX_KEY):
+        log.warning(
+            "%s: taking over the claim of a job that committed nothing (fingerprint %s; differences: %s)",
+            store.uri, str(existing.get("fingerprint", "?"))[:12], "; ".join(diffs[:6]) or "unknown",
+        )  # fmt: skip
+        store.write_bytes(FINGERPRINT_KEY, dumps(record))
+        return
+    raise CacheMismatchError(
+        f"{store.uri} already holds a cache with a different fingerprint "
+        f"({str(existing.get('fingerprint', '?'))[:12]} vs {fingerprint[:12]}, {len(committed)} units committed): "
+        + "; ".join(diffs[:6])
+        + ". Use a new output.uri (a cache is immutable)."
+    )
+
+
+def check_claim(store: Store, fingerprint: str) -> None:
+    """Raise `CacheMismatchError` unless `fingerprint.json` still holds `fingerprint` (another job took it over)."""
+    found = (read_claim(store) or {}).get("fingerprint")
+    if found != fingerprint:
         raise CacheMismatchError(
-            f"{store.uri} already holds a cache with a different fingerprint "
-            f"({existing.get('fingerprint', '?')[:12]} vs {fingerprint[:12]}): "
-            + "; ".join(diffs[:6])
-            + ". Use a new output.uri (a cache is immutable)."
+            f"{store.uri}: another job (fingerprint {str(found)[:12]}) took over this output while this one "
+            f"(fingerprint {fingerprint[:12]}) ran; run one job per output.uri"
         )
 
 

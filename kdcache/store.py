@@ -331,7 +331,8 @@ def expand_urls(urls: str | list[str], storage_options: dict[str, Any] | None = 
         if not files:
             raise FileNotFoundError(f"data.source: {pattern!r} matches no files")
         for p in files:
-            url = p if protocol in ("file", "local") else fs.unstrip_protocol(p)
+            # local: absolute and normalised ("../data/a.jsonl" from any directory is one URL: the file's identity)
+            url = os.path.abspath(p) if protocol in ("file", "local") else fs.unstrip_protocol(p)
             out[url] = int(fs.size(p))
     return sorted(out.items())
 

@@ -183,3 +183,107 @@ def test_ray_data_reads_the_shards(cache, ray_session):
     assert "target_gaps" in ds.schema().names
     rows = ds.select_columns(["seq_id"]).take_all()
     assert len({r["seq_id"] for r in rows}) == manifest["stats"]["num_sequences"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation and resume after max_steps (issue 12, item 4)
+
+
+def _mean_batch_loss(model: torch.nn.Module, ds: KDCacheDataset, **loss_kwargs) -> float:
+    from kdcache.losses import distillation_loss
+
+    model.eval()
+    with torch.no_grad():
+        losses = [
+            float(distillation_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b,
+                                    **loss_kwargs))
+            for b in ds
+        ]  # fmt: skip
+    return sum(losses) / len(losses)
+
+
+def test_hf_kd_trainer_evaluates_on_a_cache_while_training_and_after_resume(cache, tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import TrainingArguments
+
+    from kdcache.integrations.hf_trainer import KDTrainer
+
+    def trainer(model, max_steps: int) -> KDTrainer:
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=max_steps,
+            learning_rate=1e-2,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_steps=2,
+            per_device_eval_batch_size=3,  # ignored: the eval dataset batches itself
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        return KDTrainer(
+            model=model,
+            args=args,
+            train_dataset=KDCacheDataset(cache, batch_size=2, seed=1),
+            eval_dataset={"held": KDCacheDataset(cache, batch_size=4, shuffle=False)},
+            kd_alpha=0.8,
+        )
+
+    first = trainer(tiny_student(), 4)
+    first.train()
+    evals = [row for row in first.state.log_history if "eval_held_loss" in row]
+    assert [row["step"] for row in evals] == [2, 4] and all(math.isfinite(r["eval_held_loss"]) for r in evals)
+    expected = _mean_batch_loss(first.model, KDCacheDataset(cache, batch_size=4, shuffle=False), alpha=0.8)
+    assert evals[-1]["eval_held_loss"] == pytest.approx(expected, rel=1e-5)
+
+    resumed = trainer(tiny_student(seed=5), 4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed.kd_state["global_batches_done"] == 4
+    metrics = resumed.evaluate()
+    assert metrics["eval_held_loss"] == pytest.approx(evals[-1]["eval_held_loss"], rel=1e-4)  # same weights again
+    single = resumed.evaluate(KDCacheDataset(cache, batch_size=4, shuffle=False))  # a dataset passed directly
+    assert single["eval_loss"] == pytest.approx(metrics["eval_held_loss"], rel=1e-6)
+    predictions = resumed.predict(KDCacheDataset(cache, batch_size=4, shuffle=False))
+    assert predictions.metrics["test_loss"] == pytest.approx(metrics["eval_held_loss"], rel=1e-6)
+
+
+def test_lightning_resumes_from_a_checkpoint_saved_after_max_steps(cache, tmp_path):
+    L = pytest.importorskip("lightning")
+    from kdcache.integrations.lightning import KDCacheDataModule, KDLightningModule
+
+    seen: list[tuple[int, int, int]] = []  # (lightning epoch, dataset epoch, batch_index)
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            dataset = trainer.datamodule.dataset
+            seen.append((trainer.current_epoch, dataset.epoch, int(batch["batch_index"])))
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> L.Trainer:
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Record()],
+        )
+        dm = KDCacheDataModule(cache, batch_size=2, seed=2, student_vocab_size=VOCAB)
+        trainer.fit(KDLightningModule(tiny_student(), lr=1e-2), datamodule=dm, ckpt_path=ckpt_path)
+        return trainer
+
+    first = fit(4)
+    assert seen == [(0, 0, b) for b in range(4)]
+    first.save_checkpoint(str(tmp_path / "stopped.ckpt"))  # Lightning now counts epoch 0 as done
+    assert first.current_epoch == 1
+    seen.clear()
+    batches = 10  # ceil(19 / 2)
+    second = fit(4 + 6 + 3, ckpt_path=str(tmp_path / "stopped.ckpt"))
+    # the rest of dataset epoch 0 (batches 4-9), then dataset epoch 1 from its start
+    assert [(d, b) for _, d, b in seen] == [(0, b) for b in range(4, batches)] + [(1, b) for b in range(3)]
+    assert [e for e, _, _ in seen] == [1] * 6 + [2] * 3
+
+    second.save_checkpoint(str(tmp_path / "again.ckpt"))  # and once more, from a mapped epoch
+    seen.clear()
+    fit(13 + 2, ckpt_path=str(tmp_path / "again.ckpt"))
+    assert [(d, b) for _, d, b in seen] == [(1, 3), (1, 4)]

@@ -551,3 +551,41 @@ def test_distillation_loss_options() -> None:
 def test_losses_registry() -> None:
     assert LOSSES["forward_kl"] is forward_kl_tail
     assert {"reverse_kl", "jsd", "tvd", "renormalized_topk_kl", "sampled_kl"} <= set(LOSSES)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The default estimator (issue 12, item 18)
+
+
+def test_default_kind_is_the_estimator_that_fits_the_batch(monkeypatch) -> None:
+    import kdcache.losses as losses
+
+    monkeypatch.setattr(losses, "_warned_ignored", set(), raising=False)
+    z, s = teacher_logits(), student_logits()
+    topk = make_batch(z, k=8)
+    hybrid = sampled_batch(
+        z.log_softmax(-1), torch.Generator().manual_seed(3), head_k=6, extra={"labels": topk["labels"]}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults never warn
+        assert losses.default_kind(topk) == "forward_kl" and losses.default_kind(hybrid) == "sampled_kl"
+        torch.testing.assert_close(distillation_loss(s, topk, alpha=1.0), forward_kl_tail(s, topk))
+        torch.testing.assert_close(distillation_loss(s, hybrid, alpha=1.0), sampled_kl(s, hybrid))
+        distillation_loss(s, hybrid, kind="sampled_kl", alpha=1.0)
+
+
+def test_an_explicit_head_only_loss_on_sampled_targets_warns_once(monkeypatch) -> None:
+    import kdcache.losses as losses
+
+    monkeypatch.setattr(losses, "_warned_ignored", set(), raising=False)
+    z, s = teacher_logits(), student_logits()
+    hybrid = sampled_batch(z.log_softmax(-1), torch.Generator().manual_seed(3), head_k=6)
+    hybrid["tail_logprob"] = (1 - hybrid["target_logprobs"].exp().sum(-1)).log()
+    with pytest.warns(losses.IgnoredSamplesWarning, match="kind='forward_kl' .* ignores its sampled targets"):
+        distillation_loss(s, hybrid, kind="forward_kl", alpha=1.0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        distillation_loss(s, hybrid, kind="forward_kl", alpha=1.0)  # once per kind
+        assert not [w for w in record if w.category is losses.IgnoredSamplesWarning]
+    with pytest.warns(losses.IgnoredSamplesWarning, match="kind='reverse_kl'"):
+        distillation_loss(s, hybrid, kind="reverse_kl", alpha=1.0)

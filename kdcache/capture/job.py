@@ -2,12 +2,14 @@
 
     manifest = run_cache_job(load_config("configs/quickstart.yaml"))
 
-Steps: (1) read the teacher's config and tokenizer (no weights) and compute the cache fingerprint; refuse a cache
-made with a different one; (2) plan work units; skip those already committed (a rerun of a complete cache does no
-work and starts no Ray); (3) `schedule_units` runs `cluster.num_actors` actors that pull units, write shards and
-return commit records (see its docstring for retries, lost actors and nodes, and backup copies of stragglers);
-(4) delete shards no commit names (attempts that lost or died) and write `index.json` last, with the run's
-statistics in `stats.last_run`.
+Steps: (1) list the input files, read the teacher's config and tokenizer (no weights; the weight files are hashed,
+once per file version) and check the job against them; compute the cache fingerprint; (2) plan work units, then
+claim the output (refused when it holds a cache with a different fingerprint, unless that job committed nothing);
+skip the units already committed (a rerun of a complete cache does no work and starts no Ray); (3)
+`schedule_units` runs `cluster.num_actors` actors that pull units, write shards and return commit records (see its
+docstring for retries, lost actors and nodes, and backup copies of stragglers); (4) check that every record and the
+claim are still this job's, delete shards no commit names (attempts that lost or died) and write `index.json` last,
+with the run's statistics in `stats.last_run`.
 
 The scheduling loop takes its actors from a factory (`start()` / `stop(handle)`), so `bench/driver.py` measures the
 real loop with fake actors that compute nothing.
@@ -15,6 +17,7 @@ real loop with fake actors that compute nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,8 +28,14 @@ from typing import Any
 from kdcache.capture.plan import WorkUnit, plan_units
 from kdcache.capture.scheduler import ActorFactory, RunStats, schedule_units
 from kdcache.config import KDCacheConfig
-from kdcache.errors import ConfigError
-from kdcache.identity import claim_fingerprint, fingerprint_inputs, fingerprint_of, tokenizer_fingerprint
+from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.identity import (
+    check_claim,
+    claim_fingerprint,
+    fingerprint_inputs,
+    fingerprint_of,
+    tokenizer_fingerprint,
+)
 from kdcache.manifest import (
     COMMITS_DIR,
     INDEX_KEY,
@@ -36,18 +45,20 @@ from kdcache.manifest import (
     dumps,
     read_manifest,
 )
-from kdcache.store import Store
+from kdcache.store import Store, expand_urls
 
 __all__ = ["compute_fingerprint", "run_cache_job", "shutdown_ray"]
 
 log = logging.getLogger("kdcache.capture.job")
 
 
-def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
+def compute_fingerprint(cfg: KDCacheConfig, files: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """The job's fingerprint inputs (`kdcache.identity.fingerprint_inputs`), from the teacher's config and tokenizer
-    (no weights are loaded); checks the targets against the vocabulary first."""
+    (no weights are loaded; the weight files are hashed) and the input files (`files`, default
+    `expand_urls(data.source)`); checks the job against the teacher first (`check_against_teacher`)."""
     from kdcache.capture.teacher import load_tokenizer, read_model_info
 
+    files = expand_urls(cfg.data.source) if files is None else files
     t = cfg.teacher
     info = read_model_info(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
     tok = load_tokenizer(
@@ -56,14 +67,31 @@ def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
         trust_remote_code=t.trust_remote_code,
     )
     cfg.validate_against_vocab(info["padded_vocab_size"])
-    return fingerprint_inputs(cfg, info, {"name": cfg.data.tokenizer or t.model, **tokenizer_fingerprint(tok)})
+    check_against_teacher(cfg, info, len(tok))
+    return fingerprint_inputs(cfg, info, tokenizer_fingerprint(tok), files)
+
+
+def check_against_teacher(cfg: KDCacheConfig, model_info: dict[str, Any], tokenizer_size: int) -> None:
+    """Refuse, before any work, what the teacher cannot run: windows longer than its positions, a tokenizer with
+    ids past its vocabulary. (Pre-tokenized ids are checked per record by the workers, naming the file and line.)"""
+    positions = model_info.get("max_position_embeddings")
+    if positions is not None and cfg.data.max_length > int(positions):
+        raise ConfigError(
+            f"data.max_length: {cfg.data.max_length} tokens is more than the teacher's max_position_embeddings "
+            f"({positions}); set data.max_length <= {positions}"
+        )
+    vocab = int(model_info["padded_vocab_size"])
+    if tokenizer_size > vocab:
+        key = "data.tokenizer" if cfg.data.tokenizer else "teacher.model"
+        raise ConfigError(
+            f"{key}: the tokenizer has {tokenizer_size} tokens, more than the teacher's vocabulary ({vocab} logits); "
+            "its ids past the vocabulary would index no embedding. Use the teacher's own tokenizer"
+        )
 
 
 def _sanitized_config(cfg: KDCacheConfig) -> dict[str, Any]:
-    """The config as recorded in the manifest: storage options (credentials) are never written."""
-    raw = cfg.to_dict()
-    raw["output"]["storage_options"] = sorted(raw["output"]["storage_options"])  # keys only
-    return raw
+    """The config as recorded in the manifest: no storage option, env var value or URL password (`to_record`)."""
+    return cfg.to_record()
 
 
 def _init_ray(cfg: KDCacheConfig):
@@ -127,14 +155,18 @@ def run_cache_job(
     if not atomic:
         log.warning("%s: exclusive create is not atomic on %s; run one job per cache", store.uri, store.protocol)
     started = time.time()
-    inputs = compute_fingerprint(cfg)
+    files = expand_urls(cfg.data.source)
+    inputs = compute_fingerprint(cfg, files)
     fingerprint = fingerprint_of(inputs)
-    claim_fingerprint(store, fingerprint, inputs)
+    # Claim only once the plan stands: a job that fails before (no input file, a bad Parquet footer) claims nothing.
+    units = plan_units(cfg.data.source, cfg.data.format, unit_bytes=cfg.data.unit_bytes, files=files)
+    t = cfg.teacher
+    names = {"teacher": t.model, "revision": t.revision, "tokenizer": cfg.data.tokenizer or t.model}
+    claim_fingerprint(store, fingerprint, inputs, names)
     existing = read_manifest(store)
     if existing is not None and existing["complete"] and existing["fingerprint"] == fingerprint:
         log.info("%s: cache is complete; nothing to do", store.uri)
         return existing
-    units = plan_units(cfg.data.source, cfg.data.format, unit_bytes=cfg.data.unit_bytes)
     committed = {name[: -len(".json")] for name in store.list_names(COMMITS_DIR) if name.endswith(".json")}
     pending = [u for u in units if u.unit_id not in committed]
     log.info(
@@ -151,6 +183,12 @@ def run_cache_job(
     for data in store.read_many(missing).values():
         record = json.loads(data)
         by_id[record["unit_id"]] = record
+    foreign = [r["unit_id"] for r in by_id.values() if r.get("fingerprint", fingerprint) != fingerprint]
+    if foreign:
+        raise CacheMismatchError(
+            f"{store.uri}: {len(foreign)} unit(s) (e.g. {foreign[0]}) were committed by a job with another "
+            "fingerprint that ran at the same time; run one job per output.uri"
+        )
     manifest_units = []
     for unit in units:
         record = by_id[unit.unit_id]
@@ -160,6 +198,7 @@ def run_cache_job(
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
             | {k: record[k] for k in ("crc32", "telemetry", "timing_s", "finished_at") if k in record}
         )
+    check_claim(store, fingerprint)  # still ours: no other job took the output over while this one ran
     orphans = _delete_orphan_shards(store, manifest_units)
     manifest = _build_manifest(cfg, fingerprint, inputs, manifest_units, stats.last_run(orphans), started)
     store.write_bytes(INDEX_KEY, dumps(manifest))
@@ -181,7 +220,7 @@ def _run_units(
         from kdcache.capture.actors import TeacherActorFactory
         from kdcache.capture.worker import WorkerSettings
 
-        settings = WorkerSettings.from_config(cfg, fingerprint)
+        settings = WorkerSettings.from_config(_absolute_local_paths(cfg), fingerprint)
         factory = TeacherActorFactory(
             settings, num_gpus=c.gpus_per_actor, num_cpus=c.cpus_per_actor, options=actor_options
         )
@@ -194,6 +233,24 @@ def _run_units(
         progress=c.progress,
         progress_total=total,
         progress_done=total - len(pending),
+    )
+
+
+def _absolute_local_paths(cfg: KDCacheConfig) -> KDCacheConfig:
+    """The config the actors get: they run in another working directory (Ray's), so a relative local teacher,
+    tokenizer or output path becomes absolute here; hub ids and URLs stay as they are."""
+
+    def absolute(path: str | None, must_exist: bool) -> str | None:
+        if path is None or "://" in path or (must_exist and not os.path.exists(path)):
+            return path  # a hub id (no such local path) or a URL
+        return os.path.abspath(path)
+
+    t, d, o = cfg.teacher, cfg.data, cfg.output
+    return dataclasses.replace(
+        cfg,
+        teacher=dataclasses.replace(t, model=absolute(t.model, True)),
+        data=dataclasses.replace(d, tokenizer=absolute(d.tokenizer, True)),
+        output=dataclasses.replace(o, uri=absolute(o.uri, False)),
     )
 
 

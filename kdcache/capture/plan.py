@@ -1,7 +1,8 @@
 """Work units (driver side, cheap: reads file sizes and Parquet footers only).
 
-A work unit is one file plus a range in it. Its id is derived from the file's URL, size and the range, so the same
-inputs always give the same units, and a rerun finds the units it already committed. The cache's fingerprint is
+A work unit is one file plus a range in it. Its id is derived from the file's absolute URL (`expand_urls` makes
+relative paths absolute), size and the range, so the same inputs always give the same units, and a rerun (from any
+working directory, however the paths are spelled) finds the units it already committed. The cache's fingerprint is
 `kdcache.identity`'s business.
 """
 
@@ -39,7 +40,12 @@ def _unit_id(url: str, file_size: int, kind: str, start: int, stop: int) -> str:
 
 
 def plan_units(
-    source: str | list[str], fmt: str, *, unit_bytes: int, storage_options: dict[str, Any] | None = None
+    source: str | list[str],
+    fmt: str,
+    *,
+    unit_bytes: int,
+    storage_options: dict[str, Any] | None = None,
+    files: list[tuple[str, int]] | None = None,
 ) -> list[WorkUnit]:
     """Split the input files into work units, in a deterministic order.
 
@@ -47,9 +53,10 @@ def plan_units(
         source: URL, glob, or list of them.
         fmt: "jsonl" | "parquet" | "text".
         unit_bytes: target input bytes per jsonl unit.
+        files: `expand_urls(source)` when the caller has it already (the job's fingerprint names these files).
     """
     units: list[WorkUnit] = []
-    for url, size in expand_urls(source, storage_options):
+    for url, size in expand_urls(source, storage_options) if files is None else files:
         if fmt == "jsonl":
             starts = list(range(0, max(size, 1), unit_bytes))
             for start in starts:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kdcache.capture.plan import WorkUnit
-from kdcache.errors import ConfigError, JobFailed, SourceError
+from kdcache.errors import CacheMismatchError, ConfigError, JobFailed, SourceError
 
 __all__ = ["ActorFactory", "RunStats", "schedule_units"]
 
@@ -288,7 +288,7 @@ class _Scheduler:
             return
         except self.RayTaskError as exc:
             cause = exc.cause
-            if isinstance(cause, (SourceError, ConfigError)):
+            if isinstance(cause, (SourceError, ConfigError, CacheMismatchError)):  # retrying cannot help
                 raise JobFailed(f"unit {unit.unit_id} ({unit.url}): {cause}") from None
             self._failed(attempt, "task_error", exc)
             return

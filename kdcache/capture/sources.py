@@ -39,6 +39,7 @@ class Document:
     locator: str  # "b<byte offset>" (jsonl), "r<row>" (parquet), "f" (text file)
     text: str | None = None
     ids: Sequence[int] | None = None
+    where: str = ""  # "<url>: line N" / "<url>: row N" / "<url>": what an error about this record names
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def iter_documents(
         with open_url(unit["url"], "rb", storage_options) as f:
             raw = f.read()
         try:
-            yield Document("f", text=raw.decode("utf-8"))
+            yield Document("f", text=raw.decode("utf-8"), where=unit["url"])
         except UnicodeDecodeError as exc:
             raise SourceError(f"{unit['url']}: not valid UTF-8 at byte {exc.start}") from None
     else:
@@ -131,9 +132,9 @@ def _iter_jsonl(url, start, stop, text_field, ids_field, storage_options) -> Ite
                 raise SourceError(f"{where}: malformed JSON ({exc})") from None
             doc = _record_value(record, where, text_field, ids_field)
             if doc is None:
-                yield Document(f"b{this_offset}")
+                yield Document(f"b{this_offset}", where=where)
             else:
-                yield Document(f"b{this_offset}", doc.text, doc.ids)
+                yield Document(f"b{this_offset}", doc.text, doc.ids, where)
 
 
 def parquet_row_groups(url: str, storage_options: dict[str, Any] | None = None) -> list[int]:
@@ -163,9 +164,9 @@ def _iter_parquet(url, row_group, text_field, ids_field, storage_options) -> Ite
         row = first_row + i
         doc = _record_value({column: value}, f"{url}: row {row}", text_field, ids_field)
         if doc is None:
-            yield Document(f"r{row}")
+            yield Document(f"r{row}", where=f"{url}: row {row}")
         else:
-            yield Document(f"r{row}", doc.text, doc.ids)
+            yield Document(f"r{row}", doc.text, doc.ids, f"{url}: row {row}")
 
 
 def tokenize_documents(
@@ -176,7 +177,11 @@ def tokenize_documents(
 
     def flush() -> Iterator[tuple[Document, list[int]]]:
         texts = [d.text for d in pending if d.text is not None]
-        encoded = iter(encode(texts) if texts else [])
+        try:
+            encoded = iter(encode(texts) if texts else [])
+        except Exception:
+            _raise_unencodable(pending)  # name the record that the tokenizer refused, if it is not valid Unicode
+            raise
         for d in pending:
             yield d, (list(d.ids) if d.ids is not None else (next(encoded) if d.text is not None else []))
         pending.clear()
@@ -186,6 +191,20 @@ def tokenize_documents(
         if len(pending) >= batch_size:
             yield from flush()
     yield from flush()
+
+
+def _raise_unencodable(docs: list[Document]) -> None:
+    """SourceError naming the first document whose text is not valid Unicode (JSON lets a lone surrogate through)."""
+    for doc in docs:
+        if doc.text is None:
+            continue
+        try:
+            doc.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SourceError(
+                f"{doc.where or doc.locator}: the text holds {doc.text[exc.start]!r} at character {exc.start}, a lone "
+                "UTF-16 surrogate (not valid Unicode, so no tokenizer takes it); fix or drop this record"
+            ) from None
 
 
 def cut_windows(ids: Sequence[int], max_length: int, min_length: int) -> list[np.ndarray]:

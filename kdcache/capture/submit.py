@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcache.config import load_config
+from kdcache.config import SECRET_HOLDERS, load_config, redact_secrets, redact_urls
 from kdcache.errors import ConfigError, SubmitError
 
 __all__ = ["JOB_SCRIPT", "Submission", "build_submission", "follow_commands", "submit", "wait_for_job"]
@@ -52,6 +52,20 @@ class Submission:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """`to_dict` as it may be printed or logged: env var values, credential-named keys, URL passwords and
+        overrides of secret-holding keys hidden (what is sent keeps them: the job needs them)."""
+        out = self.to_dict()
+        env = dict(out["runtime_env"])
+        if isinstance(env.get("env_vars"), dict):
+            env["env_vars"] = {key: "(hidden)" for key in env["env_vars"]}
+        out["runtime_env"] = redact_secrets(env)
+        words = shlex.split(out["entrypoint"])
+        hidden = [_hide_override(w) for w in words]
+        out["entrypoint"] = redact_urls(shlex.join(hidden))
+        out["metadata"] = redact_urls(out["metadata"])
+        return out
 
 
 def build_submission(
@@ -92,9 +106,18 @@ def build_submission(
     return Submission(
         entrypoint=shlex.join([*command, config_arg, *overrides]),
         runtime_env=env,
-        metadata={"kdcache_config": Path(config).name, "output_uri": cfg.output.uri, "teacher": cfg.teacher.model},
+        metadata=redact_urls(  # the job server shows metadata to anyone who can list jobs
+            {"kdcache_config": Path(config).name, "output_uri": cfg.output.uri, "teacher": cfg.teacher.model}
+        ),
         submission_id=submission_id,
     )
+
+
+def _hide_override(word: str) -> str:
+    key, sep, _ = word.partition("=")
+    if sep and key.rsplit(".", 1)[-1] in SECRET_HOLDERS:
+        return f"{key}=(hidden)"
+    return word
 
 
 def _merge_runtime_env(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +247,7 @@ def run_submit(args: Any, out=None) -> int:
         submission_id=args.submission_id,
     )
     if args.dry_run:
-        print(json.dumps({"address": address, **submission.to_dict()}, indent=1), file=out)
+        print(json.dumps({"address": address, **submission.redacted()}, indent=1), file=out)
         return 0
     client, job_id = submit(submission, address)
     print(f"Submitted kdcache job {job_id} to {address}\n{follow_commands(job_id, address)}", file=out, flush=True)

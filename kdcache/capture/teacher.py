@@ -123,9 +123,9 @@ def read_model_info(
     Returns:
         JSON-serialisable dict: ``model_type``, ``architectures``, ``padded_vocab_size`` (rows of the output head,
         from the text config for multimodal models), ``final_logit_softcapping``, ``logit_scale``,
-        ``logits_scaling`` (None when absent), ``config_dtype`` (str or None) and ``weights_fingerprint`` (sha256 hex
-        of config.json plus weight file names and sizes for a local directory, the resolved commit for a hub id, None
-        when that is unknown).
+        ``logits_scaling`` (None when absent), ``config_dtype`` (str or None), ``max_position_embeddings`` (None when
+        the config has none) and ``weights_fingerprint`` (`kdcache.identity.weights_fingerprint`: a hash of the
+        weight files' bytes for a local directory, the resolved commit for a hub id, None when that is unknown).
     """
     from transformers import AutoConfig
 
@@ -140,6 +140,7 @@ def read_model_info(
         "logit_scale": getattr(text, "logit_scale", None),
         "logits_scaling": getattr(text, "logits_scaling", None),
         "config_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        "max_position_embeddings": getattr(text, "max_position_embeddings", None),
         "weights_fingerprint": weights_fingerprint(name_or_path, config),
     }
 

@@ -36,6 +36,7 @@ import numpy as np
 from kdcache.capture.sources import cut_windows, iter_documents, make_seq_id, tokenize_documents
 from kdcache.codec import CodecParams
 from kdcache.config import DataConfig, KDCacheConfig, OutputConfig, TargetsConfig, TeacherConfig
+from kdcache.errors import CacheMismatchError, SourceError
 from kdcache.formats import get_format
 from kdcache.formats.base import BufferedShardWriter
 from kdcache.manifest import FORMAT_VERSION, commit_key, dumps, shard_key
@@ -128,6 +129,9 @@ class UnitWorker:
         )
         self.store = Store(settings.output.uri, settings.output.storage_options)
         self.format = get_format(settings.output.format)
+        # Every input id must index the teacher's embedding: checked per document, before the int32 windows (an
+        # id >= 2**32 would wrap) and before the forward (where it would be an IndexError, retried as if transient).
+        self.vocab_limit = int(self.teacher.model.get_input_embeddings().weight.shape[0])
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # verbose=False: whole documents exceed model_max_length by design (they are cut into windows next)
@@ -143,6 +147,8 @@ class UnitWorker:
         non_empty = (d for d in docs if not _is_empty(d, counts))
         for doc, ids in tokenize_documents(non_empty, self._encode):
             counts["documents"] += 1
+            if ids and max(ids) >= self.vocab_limit:
+                raise SourceError(_id_error(doc, max(ids), self.vocab_limit, data))
             if data.add_eos and eos is not None and doc.ids is None:
                 ids = [*ids, eos]
             cut = cut_windows(ids, data.max_length, data.min_length)
@@ -235,6 +241,7 @@ class UnitWorker:
         data = writer.finish()
         record = {
             "unit_id": unit["unit_id"],
+            "fingerprint": self.settings.fingerprint,  # a driver keeps only records of its own fingerprint
             "index": unit["index"],
             "path": shard_key(unit["unit_id"], uuid.uuid4().hex[:12], self.format.SUFFIX),
             "bytes": len(data),
@@ -259,7 +266,13 @@ class UnitWorker:
         self.store.write_bytes(record["path"], data)
         if not self.store.create_exclusive(commit_key(unit["unit_id"]), dumps(record)):
             self.store.delete(record["path"])  # another attempt won; ours is a duplicate
-            return {**json.loads(self.store.read_bytes(commit_key(unit["unit_id"]))), "duplicate": True}
+            winner = json.loads(self.store.read_bytes(commit_key(unit["unit_id"])))
+            if winner.get("fingerprint", self.settings.fingerprint) != self.settings.fingerprint:
+                raise CacheMismatchError(
+                    f"{self.store.uri}: unit {unit['unit_id']} was committed by a job with another fingerprint "
+                    f"({str(winner['fingerprint'])[:12]}) running on this output; run one job per output.uri"
+                )
+            return {**winner, "duplicate": True}
         record["timing_s"] |= {"write": time.perf_counter() - w0, "total": time.perf_counter() - t0}
         record["finished_at"] = time.time()
         return record
@@ -341,6 +354,20 @@ def pad_batch(token_windows: list[np.ndarray]) -> tuple[Any, Any]:
 def _draw_seed(seed: int, unit_id: str, batch_index: int) -> int:
     digest = hashlib.blake2b(f"{seed}\0{unit_id}\0{batch_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _id_error(doc: Any, largest: int, limit: int, data: DataConfig) -> str:
+    """What to say about an input id the teacher has no embedding for."""
+    if doc.ids is not None:
+        return (
+            f"{doc.where}: token id {largest} in field {data.ids_field!r} (data.ids_field) is >= the teacher's "
+            f"vocabulary ({limit} embedding rows); were these ids made with another tokenizer?"
+        )
+    tokenizer = data.tokenizer or "the teacher's"
+    return (
+        f"{doc.where}: the tokenizer ({tokenizer}) produced id {largest}, >= the "
+        f"teacher's vocabulary ({limit} embedding rows); set data.tokenizer to one that fits the teacher"
+    )
 
 
 def _is_empty(doc, counts: dict[str, int]) -> bool:

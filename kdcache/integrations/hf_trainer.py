@@ -2,13 +2,15 @@
 
     ds = KDCacheDataset(uri, batch_size=8, student_vocab_size=model.config.vocab_size)
     trainer = KDTrainer(model=model, args=TrainingArguments("out", max_steps=1000), train_dataset=ds,
-                        kd_kind="forward_kl", kd_alpha=0.9, kd_temperature=2.0)
+                        kd_alpha=0.9, kd_temperature=2.0)   # kd_kind: the estimator that fits the cache
     trainer.train()                                   # or trainer.train(resume_from_checkpoint="out/checkpoint-500")
 
 - Batches come from a `KDDataLoader` (batch_size=None): the dataset already batches, shuffles and splits by rank
   (rank and world size from torch.distributed, which the Trainer initializes), so the loader is not passed through
-  `accelerator.prepare`, which would split the batches again.
-- `per_device_train_batch_size` is ignored: the dataset's `batch_size` is the per-device batch.
+  `accelerator.prepare`, which would split the batches again. The same holds for a KDCacheDataset given as
+  `eval_dataset` (or a dict of them) or to `predict`: `evaluate()` reports the distillation loss on it.
+- `per_device_train_batch_size` / `per_device_eval_batch_size` are ignored: the dataset's `batch_size` is the
+  per-device batch.
 - The loss is `kdcache.losses.distillation_loss` on the student's logits; `labels` are not passed to the model
   (they are already shifted: position t holds token t + 1).
 - Each checkpoint folder gets `kdcache_dataset_state.json` (the dataset state after the last batch trained on, from
@@ -51,7 +53,8 @@ class KDTrainer(Trainer):
     """A Trainer whose `train_dataset` is a KDCacheDataset and whose loss is a distillation loss.
 
     Args:
-        kd_kind: a key of `kdcache.losses.LOSSES` ("forward_kl", "reverse_kl", "jsd", ...).
+        kd_kind: a key of `kdcache.losses.LOSSES` ("forward_kl", "sampled_kl", "reverse_kl", "jsd", ...); None
+            (the default): the estimator that fits the cache (`kdcache.losses.default_kind`).
         kd_alpha: weight of the KD term; 1 - kd_alpha weighs the hard-label cross-entropy.
         kd_temperature: KD temperature (exact when cached; the KD term is scaled by T**2).
         *args, **kwargs: as for `transformers.Trainer` (`data_collator` defaults to a passthrough).
@@ -60,7 +63,7 @@ class KDTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        kd_kind: str = "forward_kl",
+        kd_kind: str | None = None,
         kd_alpha: float = 1.0,
         kd_temperature: float = 1.0,
         **kwargs: Any,
@@ -74,8 +77,27 @@ class KDTrainer(Trainer):
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if not isinstance(self.train_dataset, KDCacheDataset):
             return super().get_train_dataloader()
+        return self._kd_loader(self.train_dataset)
+
+    def get_eval_dataloader(self, eval_dataset: str | Any = None) -> torch.utils.data.DataLoader:
+        """As `Trainer.get_eval_dataloader`; a KDCacheDataset's batches pass through as they are."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict):
+            dataset = self.eval_dataset[eval_dataset]
+        if not isinstance(dataset, KDCacheDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        return self._kd_loader(dataset)
+
+    def get_test_dataloader(self, test_dataset: Any) -> torch.utils.data.DataLoader:
+        """As `Trainer.get_test_dataloader`; a KDCacheDataset's batches pass through as they are."""
+        if not isinstance(test_dataset, KDCacheDataset):
+            return super().get_test_dataloader(test_dataset)
+        return self._kd_loader(test_dataset)
+
+    def _kd_loader(self, dataset: KDCacheDataset) -> KDDataLoader:
+        # the Trainer's own loader would batch the dataset's batches again (a list of dicts per step)
         return KDDataLoader(
-            self.train_dataset,
+            dataset,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
             collate_fn=self.data_collator,

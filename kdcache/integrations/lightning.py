@@ -8,7 +8,10 @@
   to `trainer.current_epoch` at each epoch (Lightning does not call `set_epoch` on iterable datasets).
 - Checkpoints hold the data module's `state_dict()`: the dataset state after the last batch the trainer consumed
   (recorded from `batch_index` in `on_before_batch_transfer`, i.e. at the consumer, not where workers prefetch).
-  Restoring a checkpoint resumes mid-epoch without reading skipped data.
+  Restoring a checkpoint resumes mid-epoch without reading skipped data, also from `trainer.save_checkpoint()`
+  after `fit` stopped at `max_steps`: Lightning counts that epoch as finished (`current_epoch` + 1), the dataset
+  does not, so the module maps Lightning's epochs onto the dataset's from then on (the rest of the interrupted
+  epoch first, then the next ones in order).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class KDCacheDataModule(L.LightningDataModule):
         self.dataset: KDCacheDataset | None = None
         self._pending: dict[str, Any] | None = None
         self._consumed: tuple[int, int] | None = None  # (epoch, global batches done) at the consumer
+        self._restored_epoch: int | None = None  # the dataset epoch of a loaded state, until its first iteration
+        self._epoch_offset = 0  # dataset epoch = trainer.current_epoch + this
 
     def setup(self, stage: str) -> None:
         if self.dataset is None:
@@ -51,8 +56,17 @@ class KDCacheDataModule(L.LightningDataModule):
             self._pending = None
 
     def train_dataloader(self) -> KDDataLoader:
-        epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        epoch_fn = self._dataset_epoch if self.trainer is not None else None
         return KDDataLoader(self.dataset, num_workers=self.num_workers, epoch_fn=epoch_fn)
+
+    def _dataset_epoch(self) -> int:
+        """The dataset epoch of the trainer's current epoch. After a restore the first iteration continues the
+        restored epoch, whatever Lightning calls it (its loops are restored after the data module's state)."""
+        current = self.trainer.current_epoch
+        if self._restored_epoch is not None:
+            self._epoch_offset = self._restored_epoch - current
+            self._restored_epoch = None
+        return current + self._epoch_offset
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and "batch_index" in batch:
@@ -73,13 +87,15 @@ class KDCacheDataModule(L.LightningDataModule):
         else:
             self.dataset.load_state_dict(state_dict)
         self._consumed = (state_dict["epoch"], state_dict["global_batches_done"])
+        self._restored_epoch = int(state_dict["epoch"])
 
 
 class KDLightningModule(L.LightningModule):
     """Distils `student` (a Hugging Face causal LM or any module returning `.logits` [B, L, V]) on cache batches.
 
     Args:
-        kd_kind, kd_alpha, kd_temperature: as `kdcache.losses.distillation_loss` (kind, alpha, temperature).
+        kd_kind, kd_alpha, kd_temperature: as `kdcache.losses.distillation_loss` (kind, alpha, temperature); kind
+            None (the default) is the estimator that fits the cache.
         lr: AdamW learning rate.
     """
 
@@ -87,7 +103,7 @@ class KDLightningModule(L.LightningModule):
         self,
         student: torch.nn.Module,
         *,
-        kd_kind: str = "forward_kl",
+        kd_kind: str | None = None,
         kd_alpha: float = 1.0,
         kd_temperature: float = 1.0,
         lr: float = 1e-4,

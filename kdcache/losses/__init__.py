@@ -47,8 +47,12 @@ machinery is in `kdcache.losses.autograd`, the divergences and per-row student c
 
 Usage::
 
-    loss = distillation_loss(logits, batch, kind="forward_kl", alpha=0.5, temperature=2.0)
+    loss = distillation_loss(logits, batch, alpha=0.5, temperature=2.0)  # the estimator that fits the cache
     loss.backward()
+
+`distillation_loss(kind=None)` (the default) picks the estimator that fits the batch: `sampled_kl` when it holds
+sampled targets (`sample`/`hybrid` caches), else `forward_kl_tail`. An explicit `kind` that reads only the head of
+a batch with sampled targets warns once (:class:`IgnoredSamplesWarning`): the draws are ignored.
 """
 
 from __future__ import annotations
@@ -77,8 +81,10 @@ from kdcache.losses.divergences import (
 __all__ = [
     "IGNORE_INDEX",
     "LOSSES",
+    "IgnoredSamplesWarning",
     "TemperatureFallbackWarning",
     "cross_entropy",
+    "default_kind",
     "distillation_loss",
     "forward_kl_tail",
     "jsd",
@@ -94,6 +100,10 @@ _NEG_INF = float("-inf")
 
 class TemperatureFallbackWarning(UserWarning):
     """The requested temperature is not stored in the cache, so the teacher head is renormalised (approximate)."""
+
+
+class IgnoredSamplesWarning(UserWarning):
+    """The chosen loss reads only the exact head of a batch that also holds sampled targets (a hybrid cache)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -407,11 +417,20 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 
 
+SAMPLE_LOSSES = ("sampled_kl",)  # the kinds that read a batch's sampled targets
+_warned_ignored: set[str] = set()  # kinds already warned about (once per process and kind)
+
+
+def default_kind(batch: Mapping[str, Any]) -> str:
+    """The estimator that fits a batch: ``"sampled_kl"`` when it holds sampled targets, else ``"forward_kl"``."""
+    return "sampled_kl" if batch.get("sample_ids") is not None else "forward_kl"
+
+
 def distillation_loss(
     student_logits: Tensor,
     batch: Mapping[str, Any],
     *,
-    kind: str = "forward_kl",
+    kind: str | None = None,
     alpha: float = 0.5,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
@@ -422,7 +441,8 @@ def distillation_loss(
     Args:
         student_logits: ``[B, T, V]`` any float dtype.
         batch: As the chosen loss reads it, plus ``labels`` ``[B, T]`` int64 for the CE term (unless ``alpha == 1``).
-        kind: A key of :data:`LOSSES`.
+        kind: A key of :data:`LOSSES`; None (the default): :func:`default_kind` of the batch. A kind that reads
+            only the head of a batch with sampled targets warns once (:class:`IgnoredSamplesWarning`).
         alpha: Weight of the KD term in [0, 1]; the term left out at 0 or 1 is not computed.
         temperature: KD temperature; the KD term is multiplied by ``temperature**2`` so its gradient scale does not
             depend on T. CE is always at temperature 1.
@@ -435,8 +455,19 @@ def distillation_loss(
     Raises:
         ValueError: Unknown ``kind``, ``alpha`` outside [0, 1], or missing ``labels`` when CE is needed.
     """
-    if kind not in LOSSES:
+    if kind is None:
+        kind = default_kind(batch)
+    elif kind not in LOSSES:
         raise ValueError(f"distillation_loss: unknown kind {kind!r}; choose one of {sorted(LOSSES)}")
+    elif kind not in SAMPLE_LOSSES and batch.get("sample_ids") is not None and kind not in _warned_ignored:
+        _warned_ignored.add(kind)
+        warnings.warn(
+            f"distillation_loss: kind={kind!r} reads only the exact head of this batch and ignores its sampled "
+            "targets (a hybrid cache): the tail is one bucket, its shape unused. kind=None or 'sampled_kl' uses "
+            "the draws (unbiased). Warned once.",
+            IgnoredSamplesWarning,
+            stacklevel=2,
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"distillation_loss: alpha must lie in [0, 1], got {alpha}")
     total = student_logits.new_zeros((), dtype=compute_dtype(student_logits))

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections import deque
@@ -222,6 +223,8 @@ class KDCacheDataset(IterableDataset):
         self.manifest = self._readers[0].manifest
         if len(self._readers) > 1:
             check_compatible([r.manifest for r in self._readers], [s.uri for s in self.sources])
+        if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")  # before any read
         targets = self.manifest["fingerprint_inputs"]["targets"]
         self.mode = targets.get("mode", "topk")
         self.num_samples = int(targets.get("samples", 0)) if self.mode != "topk" else 0

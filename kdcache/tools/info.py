@@ -32,7 +32,7 @@ def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> di
             "uri": uri,
             "complete": False,
             "fingerprint": claimed["fingerprint"],
-            "teacher": inputs["teacher"]["model"],
+            "teacher": (claimed.get("names") or {}).get("teacher") or inputs["teacher"].get("model"),
             "k": inputs["targets"]["k"],
             "format": inputs["shard_format"],
             "committed_units": len(commits),
@@ -41,14 +41,17 @@ def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> di
             "total_bytes": None,
         }
     inputs, stats = manifest["fingerprint_inputs"], manifest["stats"]
+    # how the job named its teacher (the recorded config); the identity itself is content (weights_fingerprint)
+    named = (manifest.get("config") or {}).get("teacher") or inputs["teacher"]
     return {
         "uri": uri,
         "complete": bool(manifest["complete"]),
         "fingerprint": manifest["fingerprint"],
         "format": manifest["shard_format"],
         "format_version": manifest["format_version"],
-        "teacher": inputs["teacher"]["model"],
-        "teacher_revision": inputs["teacher"]["revision"],
+        "teacher": named.get("model"),
+        "teacher_revision": named.get("revision"),
+        "weights_fingerprint": inputs["teacher"].get("weights_fingerprint"),
         "model_type": inputs["teacher"].get("model_type"),
         "vocab_size": inputs["tokenizer"]["vocab_size"],
         "padded_vocab_size": inputs["teacher"]["padded_vocab_size"],
@@ -64,7 +67,7 @@ def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> di
         "bytes_per_token": stats["bytes_per_token"],
         # per stored top-k entry: meaningful for topk caches only (hybrid/sample also store samples, sample has k=0)
         "bytes_per_entry": stats["bytes_per_token"] / inputs["targets"]["k"]
-        if inputs["targets"]["mode"] == "topk"
+        if inputs["targets"]["mode"] == "topk" and stats["num_tokens"]
         else None,
         "real_token_fraction": stats["real_token_fraction"],
         "empty_documents": stats["empty_documents"],
@@ -94,7 +97,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"tokenizer sha256 {s['tokenizer_hash'][:12]}",
             f"  targets      {s['mode']} k={s['k']}, temperatures {s['temperatures']}, windows of {s['max_length']}",
             f"  contents     {s['num_sequences']:,} sequences, {s['num_tokens']:,} tokens in {s['num_units']} units",
-            f"  size         {s['total_bytes']:,} bytes = {s['bytes_per_token']:.1f} bytes/token"
+            f"  size         {s['total_bytes']:,} bytes"
+            + (f" = {s['bytes_per_token']:.1f} bytes/token" if s["num_tokens"] else " (no tokens: an empty input)")
             + (f" ({s['bytes_per_entry']:.2f} bytes per top-k entry)" if s["bytes_per_entry"] is not None else ""),
             f"  last run     {lr['units']} units, {lr['tokens']:,} tokens in {lr['wall_time_s']:.1f}s "
             f"({lr['tokens_per_s']:,.0f} tok/s), {lr['failures']} failures; real-token fraction "
@@ -105,7 +109,7 @@ def format_summary(s: dict[str, Any]) -> str:
                     ("entropy", s["telemetry"].get("entropy")),
                     ("captured", s["telemetry"].get("captured_mass")),
                 )
-                if t
+                if t and t["p50"] is not None  # None: no token to describe (an empty input)
             ],
             f"  fingerprint  {s['fingerprint']}",
         ]

@@ -205,16 +205,23 @@ def _summary_rows(manifest: dict[str, Any], uri: str) -> list[tuple[str, str]]:
         "hybrid": f"hybrid, exact head of {targets['k']} + {targets.get('samples')} draws/token from the tail",
         "sample": f"sample, {targets.get('samples')} draws/token",
     }.get(mode, f"{mode}, k={targets['k']}")
+    # as the job named it (the recorded config); the fingerprint identifies the teacher by content
+    teacher = ((manifest.get("config") or {}).get("teacher") or inputs["teacher"]).get("model", "?")
     rows = [
         ("cache", uri),
         ("complete", str(bool(manifest["complete"]))),
-        ("teacher", f"{inputs['teacher']['model']} (padded vocab {inputs['teacher']['padded_vocab_size']:,})"),
+        ("teacher", f"{teacher} (padded vocab {inputs['teacher']['padded_vocab_size']:,})"),
         ("targets", f"{stored}; temperatures {targets['temperatures']}"),
         (
             "contents",
             f"{stats['num_sequences']:,} sequences, {stats['num_tokens']:,} tokens, {stats['num_units']} units",
         ),
-        ("size", f"{stats['total_bytes']:,} bytes = {stats['bytes_per_token']:.1f} bytes/token"),
+        (
+            "size",
+            f"{stats['total_bytes']:,} bytes = {stats['bytes_per_token']:.1f} bytes/token"
+            if stats["num_tokens"]
+            else f"{stats['total_bytes']:,} bytes (no tokens: an empty input)",
+        ),
     ]
     for name, label in (("entropy", "entropy (nats)"), ("captured_mass", "captured mass")):
         t = (stats.get("telemetry") or {}).get(name)
