@@ -24,7 +24,7 @@ from typing import Any
 
 from kdcache.capture.plan import WorkUnit, plan_units
 from kdcache.capture.scheduler import ActorFactory, RunStats, schedule_units
-from kdcache.config import KDCacheConfig
+from kdcache.config import CHAT_FORMATS, KDCacheConfig
 from kdcache.errors import ConfigError
 from kdcache.identity import claim_fingerprint, fingerprint_inputs, fingerprint_of, tokenizer_fingerprint
 from kdcache.manifest import (
@@ -45,7 +45,9 @@ log = logging.getLogger("kdcache.capture.job")
 
 def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
     """The job's fingerprint inputs (`kdcache.identity.fingerprint_inputs`), from the teacher's config and tokenizer
-    (no weights are loaded); checks the targets against the vocabulary first."""
+    (no weights are loaded); checks the targets against the vocabulary, and that conversations have a chat template,
+    first."""
+    from kdcache.capture.chat import effective_chat_template, read_chat_template
     from kdcache.capture.teacher import load_tokenizer, read_model_info
 
     t = cfg.teacher
@@ -56,7 +58,13 @@ def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
         trust_remote_code=t.trust_remote_code,
     )
     cfg.validate_against_vocab(info["padded_vocab_size"])
-    return fingerprint_inputs(cfg, info, {"name": cfg.data.tokenizer or t.model, **tokenizer_fingerprint(tok)})
+    name = cfg.data.tokenizer or t.model
+    template = None
+    if cfg.data.format in CHAT_FORMATS:
+        template = effective_chat_template(tok, read_chat_template(cfg.data.chat_template))
+        if template is None and cfg.data.format == "chat":
+            raise ConfigError(f"data.format=chat: tokenizer {name} has no chat template; set data.chat_template")
+    return fingerprint_inputs(cfg, info, {"name": name, **tokenizer_fingerprint(tok)}, template)
 
 
 def _sanitized_config(cfg: KDCacheConfig) -> dict[str, Any]:
@@ -158,6 +166,7 @@ def run_cache_job(
             {key: record[key] for key in ("unit_id", "path", "bytes", "sha256", "num_sequences", "num_tokens")}
             | {"source": unit.url, "range": [unit.start, unit.stop], "padded_tokens": record.get("padded_tokens", 0)}
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
+            | {k: record[k] for k in ("no_assistant_tokens", "windows_without_targets") if k in record}
             | {k: record[k] for k in ("crc32", "telemetry", "timing_s", "finished_at") if k in record}
         )
     orphans = _delete_orphan_shards(store, manifest_units)

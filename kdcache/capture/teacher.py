@@ -298,7 +298,13 @@ class Teacher:
 
     @torch.inference_mode()
     def compute_targets(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int, temperatures: Sequence[float]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        k: int,
+        temperatures: Sequence[float],
+        target_mask: torch.Tensor | None = None,
     ) -> TokenTargets:
         """Top-k soft targets of every valid position of a right-padded batch.
 
@@ -307,21 +313,31 @@ class Teacher:
             attention_mask: ``[B, L]`` 0/1, 1 on valid tokens, all 1s before all 0s in each row.
             k: Ids kept per position, ``1 <= k <= padded_vocab_size``.
             temperatures: Temperatures for normalizers and tail masses; ``temperatures[0]`` must be 1.0.
+            target_mask: ``[B, L]`` bool, a subset of ``attention_mask``: only these positions get targets (the head
+                runs on them alone); None: every valid position.
 
         Returns:
-            TokenTargets for the ``N = attention_mask.sum()`` valid positions in row-major order (row 0's valid
-            tokens, then row 1's, ...), on ``self.device``. Targets at position t describe the next token after t.
+            TokenTargets for the ``N = attention_mask.sum()`` valid positions (``target_mask.sum()`` with a target
+            mask) in row-major order (row 0's, then row 1's, ...), on ``self.device``. Targets at position t describe
+            the next token after t.
 
         Raises:
-            ValueError: malformed batch (shapes, non-binary or left-padded mask), bad k or temperatures.
+            ValueError: malformed batch (shapes, non-binary or left-padded mask, a target mask outside it), bad k or
+                temperatures.
         """
-        if self.padded_vocab_size == 0 or input_ids.numel() == 0 or int(attention_mask.sum()) == 0:
+        selected = attention_mask if target_mask is None else target_mask
+        if self.padded_vocab_size == 0 or input_ids.numel() == 0 or int(selected.sum()) == 0:
             empty = torch.empty(0, self.padded_vocab_size, device=self.device)
             return select_topk(empty, k, temperatures)
         # select_topk ranks bfloat16/float16 logits as they are and converts them per cache-sized block: no float32
         # copy of the chunk.
         parts = self.map_logit_chunks(
-            input_ids, attention_mask, lambda z: select_topk(z, k, temperatures), as_float32=False, reuse_buffer=True
+            input_ids,
+            attention_mask,
+            lambda z: select_topk(z, k, temperatures),
+            as_float32=False,
+            reuse_buffer=True,
+            target_mask=target_mask,
         )
         return TokenTargets.concat(parts)
 
@@ -335,8 +351,10 @@ class Teacher:
         head: int,
         temperatures: Sequence[float],
         generator: torch.Generator | None = None,
+        target_mask: torch.Tensor | None = None,
     ) -> tuple[TokenTargets, SampledTargets]:
-        """Sampled (head = 0) or hybrid (head > 0) targets of every valid position; see `targets.sample_targets`.
+        """Sampled (head = 0) or hybrid (head > 0) targets of every valid position (or of ``target_mask``'s, as in
+        :meth:`compute_targets`); see `targets.sample_targets`.
 
         Returns:
             (TokenTargets with ids ``[N, head]``, SampledTargets ``[N, m]``), positions as in :meth:`compute_targets`.
@@ -348,6 +366,7 @@ class Teacher:
                 z, num_samples=num_samples, head=head, temperatures=temperatures, generator=generator
             ),
             reuse_buffer=True,
+            target_mask=target_mask,
         )
         return TokenTargets.concat([p[0] for p in parts]), SampledTargets.concat([p[1] for p in parts])
 
@@ -359,18 +378,25 @@ class Teacher:
         *,
         as_float32: bool = True,
         reuse_buffer: bool = False,
+        target_mask: torch.Tensor | None = None,
     ) -> list:
         """Run the body once, then `fn(logits [n, V])` on chunks of valid positions in row-major order.
 
         Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole.
         ``fn`` gets float32 logits, or with ``as_float32=False`` logits in the model's dtype. With
         ``reuse_buffer=True`` every chunk's logits may be written into one buffer allocated per call, so ``fn`` must
-        not keep a reference to its argument (its results must be new tensors).
+        not keep a reference to its argument (its results must be new tensors). With ``target_mask`` (``[B, L]``
+        bool, a subset of the valid positions) only its positions reach the head: the body still sees every token.
         """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
+        selected = mask.bool()
+        if target_mask is not None:
+            selected = target_mask.to(mask.device).bool()
+            if selected.shape != mask.shape or bool((selected & ~mask.bool()).any()):
+                raise ValueError(f"target_mask must be [B, L] = {tuple(mask.shape)} and inside attention_mask")
         hidden = self._hidden_states(input_ids, mask)
         # [N, H], row-major, on the head's device (a sharded model's last layer may sit elsewhere)
-        hidden = hidden[mask.to(hidden.device).bool()].to(self._head_device)
+        hidden = hidden[selected.to(hidden.device)].to(self._head_device)
         rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
         out = None
         if reuse_buffer and self._plain_head and hidden.shape[0] > rows:  # one chunk: nothing to reuse
