@@ -222,12 +222,8 @@ def test_fingerprint_covers_the_template_and_the_positions():
     chat = chat_config("data.format=chat")
     base = fingerprint_of(fingerprint_inputs(chat, info, tok, CHAT_TEMPLATE))
     assert fingerprint_of(fingerprint_inputs(chat, info, tok, CHAT_TEMPLATE_PLAIN)) != base
-    assert (
-        fingerprint_of(
-            fingerprint_inputs(chat_config("data.format=chat", "targets.positions=all"), info, tok, CHAT_TEMPLATE)
-        )
-        != base
-    )  # noqa: E501
+    every_position = chat_config("data.format=chat", "targets.positions=all")
+    assert fingerprint_of(fingerprint_inputs(every_position, info, tok, CHAT_TEMPLATE)) != base
     assert fingerprint_of(fingerprint_inputs(chat, info, tok, CHAT_TEMPLATE)) == base
     inputs = fingerprint_inputs(chat, info, tok, CHAT_TEMPLATE)
     assert inputs["targets"]["positions"] == "assistant" and len(inputs["data"]["chat_template_sha256"]) == 64
