@@ -431,7 +431,7 @@ def _draw_seed(seed: int, unit_id: str, batch_index: int) -> int:
 
 def _is_empty(doc, counts: dict[str, int]) -> bool:
     empty = (
-        (doc.text is None and doc.ids is None)
+        (doc.text is None and doc.ids is None and doc.chat is None)
         or (doc.text is not None and not doc.text.strip())
         or (doc.ids is not None and len(doc.ids) == 0)
     )
