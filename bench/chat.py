@@ -1,0 +1,311 @@
+"""Chat benchmark: a cache of conversations with targets at every position vs only where the student learns (the
+assistants' tokens), and students trained on the assistant-only cache vs hard labels on the same responses.
+
+    python bench/chat.py                 # the demo teacher and chat set: ~6 min on 2 CPU cores
+    python bench/chat.py --quick         # a tiny teacher, 60 conversations, a few steps: well under a minute
+    python bench/chat.py --out DIR       # results.json and table.md go to DIR
+
+Setup (full run): the teacher is the demo's 2-layer Llama trained on the Python standard library, its tokenizer's
+chat template marks assistant turns with ``{% generation %}`` (`kdcache.demo.assets.prepare_demo`, built once into
+``.kdcache/demo/assets``); the corpus is the demo chat set (`kdcache.demo.chat`: questions about standard-library
+functions answered with their docstrings; train and valid split by function name). The train split is cached twice
+with `run_cache_job` on a local Ray with 2 teacher actors, top-k with the same k, once with ``targets.positions: all``
+and once with ``assistant``. Reported per cache: tokens, stored target positions, bytes, bytes per token and per
+stored position, and the teacher pass's wall time (the head runs only at the stored positions).
+
+Then students (Llama h64/1 layer, the teacher's tokenizer and padded vocabulary) are trained for the same steps:
+
+- KD from the assistant-only cache (forward KL with the tail, at the stored positions);
+- hard labels: cross-entropy against the true next token at the same positions, on the same batches, no teacher;
+- KD from the every-position cache (the prompt positions trained too), for reference.
+
+Measured on the held-out conversations at the positions whose next token is an assistant's
+(`kdcache.demo.evaluation.make_chat_validation`): cross-entropy against the true next token and KL(teacher || student)
+over the full vocabulary, plus the expected calibration error of the top-1 prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import torch  # noqa: E402
+
+from kdcache.demo import evaluation as ev  # noqa: E402
+from kdcache.demo import students as st  # noqa: E402
+from kdcache.demo import training as tr  # noqa: E402
+
+FULL: dict[str, Any] = {
+    "demo": None,  # prepare_demo's defaults (the assets `kdcache demo` uses)
+    "conversations": None,  # every conversation of the train split
+    "k": 32,
+    "max_length": 256,
+    "unit_bytes": 65536,
+    "student": ev.StudentSpec("h64-L1", 64, 1, 2),
+    "steps": 300,
+    "batch": 8,
+    "eval_every": 50,
+    "valid_windows": None,  # every held-out window with an assistant token
+    "curve_windows": 32,
+    "seeds": 2,
+}
+QUICK: dict[str, Any] = {
+    "demo": {"max_files": 24, "train_steps": 40, "corpus_files": 2},
+    "conversations": 60,
+    "k": 8,
+    "max_length": 128,
+    "unit_bytes": 8192,
+    "student": ev.StudentSpec("h32-L1", 32, 1, 2),
+    "steps": 8,
+    "batch": 4,
+    "eval_every": 4,
+    "valid_windows": 8,
+    "curve_windows": 4,
+    "seeds": 1,
+}
+POSITIONS = ("all", "assistant")
+# (row label, targets of the run, cache the batches come from)
+ROWS = [
+    ("KD, assistant-only cache", "cache", "assistant"),
+    ("hard labels on the same responses (CE)", "hard", "assistant"),
+    ("KD, every-position cache", "cache", "all"),
+]
+
+
+def write_train(chat_train_dir: Path, out: Path, limit: int | None) -> dict[str, Any]:
+    """The chat train split (its first ``limit`` conversations) as one jsonl file."""
+    lines = (chat_train_dir / "part-00000.jsonl").read_text(encoding="utf-8").splitlines()[:limit]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return {"path": str(out), "conversations": len(lines), "bytes": out.stat().st_size}
+
+
+def stored_positions(uri: str) -> tuple[int, int]:
+    """(tokens, positions with a stored target) of a cache, counted from what it reads back (``loss_mask``)."""
+    from kdcache.read.reader import open_cache
+
+    tokens = stored = 0
+    for seq in open_cache(uri).iter_sequences():
+        tokens += len(seq["input_ids"])
+        stored += int(seq["loss_mask"].sum())
+    return tokens, stored
+
+
+def build_caches(teacher_dir: Path, source: Path, out: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One fresh cache per positions mode (local Ray, 2 actors): bytes, tokens, stored positions, seconds."""
+    import ray
+
+    from kdcache.capture.job import run_cache_job
+    from kdcache.config import load_config
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(
+            address="local",
+            num_cpus=max(2, os.cpu_count() or 1),
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+    caches = {}
+    try:
+        for positions in POSITIONS:
+            uri = out / positions
+            shutil.rmtree(uri, ignore_errors=True)  # fresh: the teacher pass is what is timed
+            overrides = [
+                f"teacher.model={teacher_dir}",
+                f"data.source={source}",
+                f"data.max_length={settings['max_length']}",
+                f"data.unit_bytes={settings['unit_bytes']}",
+                f"output.uri={uri}",
+                f"targets.k={settings['k']}",
+                f"targets.positions={positions}",
+                "targets.temperatures=[1.0]",
+                "cluster.num_actors=2",
+                "cluster.progress=false",
+            ]
+            cfg = load_config(REPO / "configs" / "chat-quickstart.yaml", overrides)
+            t0 = time.perf_counter()
+            manifest = run_cache_job(cfg)
+            seconds = time.perf_counter() - t0
+            tokens, stored = stored_positions(str(uri))
+            total = manifest["stats"]["total_bytes"]
+            caches[positions] = {
+                "uri": str(uri),
+                "seconds": seconds,
+                "sequences": manifest["stats"]["num_sequences"],
+                "tokens": tokens,
+                "stored_positions": stored,
+                "bytes": total,
+                "bytes_per_token": total / tokens,
+                "bytes_per_stored_position": total / stored,
+                "forward_seconds": sum((u.get("timing_s") or {}).get("forward", 0.0) for u in manifest["units"]),
+            }
+            print(
+                f"[bench] positions={positions}: {tokens:,} tokens, {stored:,} targets, {total:,} B in {seconds:.1f} s"
+            )
+    finally:
+        if started_ray:
+            ray.shutdown()  # frees the cores for the students
+    return caches
+
+
+def _agg(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    mean = sum(values) / len(values)
+    text = f"{scale * mean:.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {scale * (max(values) - min(values)) / 2:.{digits}f}"
+    return text
+
+
+def format_tables(caches: dict[str, dict[str, Any]], rows: list[dict[str, Any]], teacher: dict[str, float]) -> str:
+    """The cache table and the student table (markdown)."""
+    lines = [
+        "| cache | sequences | tokens | stored targets | MB | B/token | B/stored target | teacher pass s "
+        "| forward s (summed over actors) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for positions, c in caches.items():
+        lines.append(
+            f"| positions: {positions} | {c['sequences']:,} | {c['tokens']:,} | {c['stored_positions']:,} "
+            f"| {c['bytes'] / 1e6:.3f} | {c['bytes_per_token']:.1f} | {c['bytes_per_stored_position']:.1f} "
+            f"| {c['seconds']:.1f} | {c['forward_seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        "| student (params) | targets | valid CE (assistant tokens) | KL(teacher‖student) | ECE (%) | train s |",
+        "|---|---|---:|---:|---:|---:|",
+        f"| teacher (reference, {teacher['params']:,}) | — | {teacher['ce']:.3f} | 0 "
+        f"| {100 * teacher['ece']:.2f} | — |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['student']} ({r['params']:,}) | {r['row']} | {_agg(r['ce'])} | {_agg(r['kl'])} "
+            f"| {_agg(r['ece'], 100, 2)} | {sum(r['train_seconds']) / len(r['train_seconds']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Everything: assets, caches, students; returns the JSON-able results (also written to ``out``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from kdcache.demo.assets import prepare_demo
+
+    started = time.perf_counter()
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        assets = prepare_demo(assets_dir, progress=False, **(settings["demo"] or {}))
+        train = write_train(assets.chat_train_dir, out / "data" / "train.jsonl", settings["conversations"])
+        print(f"[bench] {train['conversations']} train conversations, {train['bytes']:,} B")
+        caches = build_caches(assets.teacher_dir, Path(train["path"]), out / "caches", settings)
+
+        teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
+        torch.set_num_threads(1)
+        valid = ev.make_chat_validation(
+            teacher,
+            tokenizer,
+            ev.read_conversations(assets.chat_valid_dir),
+            length=settings["max_length"],
+            windows=settings["valid_windows"],
+            curve_windows=settings["curve_windows"],
+        )
+        print(f"[bench] validation: {valid.input_ids.shape[0]} held-out windows, {valid.tokens:,} assistant tokens")
+        train_settings = tr.TrainSettings(
+            steps=settings["steps"], batch_size=settings["batch"], eval_every=settings["eval_every"], data_seed=seed
+        )
+        spec = settings["student"]
+        runs = [
+            st.StudentRun(f"{spec.name} | {label}", spec, targets, caches[positions]["uri"], seed=seed + s)
+            for s in range(settings["seeds"])
+            for label, targets, positions in ROWS
+        ]
+        results = st.train_runs(
+            runs,
+            teacher=teacher,
+            valid=valid,
+            settings=train_settings,
+            tokenizer=tokenizer,
+            log=lambda line: print(f"[bench] {line}"),
+        )
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
+    rows: dict[str, dict[str, Any]] = {}
+    for r in results:
+        label = r.label.split(" | ")[1]
+        row = rows.setdefault(label, {"student": spec.name, "row": label, "params": r.params, "runs": []})
+        row["runs"].append(r)
+    for row in rows.values():
+        runs_ = row.pop("runs")
+        for key in ("ce", "kl", "ece", "accuracy"):
+            row[key] = [r.final[key] for r in runs_]
+        row["train_seconds"] = [r.train_seconds for r in runs_]
+        row["tokens"] = [r.tokens for r in runs_]
+    table = format_tables(caches, list(rows.values()), valid.teacher)
+    report = {
+        "settings": {k: v for k, v in settings.items() if k != "student"} | {"student": vars(spec)},
+        "train": train,
+        "caches": caches,
+        "valid_windows": int(valid.input_ids.shape[0]),
+        "valid_tokens": valid.tokens,
+        "teacher": valid.teacher,
+        "rows": list(rows.values()),
+        "runs": [r.to_dict() for r in results],
+        "table": table,
+        "seconds": time.perf_counter() - started,
+        "cpus": os.cpu_count(),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "table.md").write_text(table + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Chat caches (all vs assistant positions) and their students.")
+    parser.add_argument("--quick", action="store_true", help="tiny teacher, 60 conversations, a few steps")
+    parser.add_argument("--out", type=Path, help="output folder (default .kdcache/bench-chat[-quick])")
+    parser.add_argument(
+        "--assets", type=Path, help="demo assets folder (default .kdcache/demo/assets; quick: in --out)"
+    )
+    parser.add_argument("--steps", type=int, help="optimizer steps per student")
+    parser.add_argument("--seeds", type=int, help="seeds per row")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (student init and batch order)")
+    args = parser.parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    for key in ("steps", "seeds"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    out = args.out or REPO / ".kdcache" / ("bench-chat-quick" if args.quick else "bench-chat")
+    assets_dir = args.assets or (out / "assets" if args.quick else REPO / ".kdcache" / "demo" / "assets")
+    report = run(settings, out, assets_dir=assets_dir, seed=args.seed)
+    print()
+    print(report["table"])
+    print(
+        f"\nvalid: {report['valid_tokens']:,} assistant tokens in {report['valid_windows']} held-out windows. "
+        f"Total {report['seconds']:.0f} s on {report['cpus']} CPUs, load average {' '.join(report['loadavg'] or [])}."
+    )
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
