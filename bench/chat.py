@@ -13,6 +13,10 @@ with `run_cache_job` on a local Ray with 2 teacher actors, top-k with the same k
 and once with ``assistant``. Reported per cache: tokens, stored target positions, bytes, bytes per token and per
 stored position, and the teacher pass's wall time (the head runs only at the stored positions).
 
+Reading cost: `UnitWorker.read_windows` (read, render, tokenize, window) over the same train conversations, best of
+3 on one thread: pre-rendered as text, as chat with the demo template (``{% generation %}`` markers), and with the
+same template stripped of its markers (the checked turn-by-turn prefix diff).
+
 Then students (Llama h64/1 layer, the teacher's tokenizer and padded vocabulary) are trained for the same steps:
 
 - KD from the assistant-only cache (forward KL with the tail, at the stored positions);
@@ -102,6 +106,53 @@ def stored_positions(uri: str) -> tuple[int, int]:
     return tokens, stored
 
 
+def bench_rendering(teacher_dir: Path, source: Path, out: Path, max_length: int) -> list[dict[str, Any]]:
+    """Tokens per second of `UnitWorker.read_windows` on ``source``: as pre-rendered text, as chat with the template's
+    markers, as chat with the template without markers (prefix diff). Best of 3."""
+    from transformers import AutoTokenizer
+
+    from kdcache.capture.plan import plan_units
+    from kdcache.capture.worker import UnitWorker, WorkerSettings
+    from kdcache.config import load_config
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    lines = source.read_text(encoding="utf-8").splitlines()
+    text = out / "rendered.jsonl"
+    rendered = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in lines]
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in rendered), encoding="utf-8")
+    plain = out / "template-without-markers.jinja"
+    plain.write_text(tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    cases = {
+        "text (pre-rendered)": [f"data.source={text}", "data.format=jsonl", "data.add_eos=false"],
+        "chat, template with {% generation %} markers": [f"data.source={source}", "data.format=chat"],
+        "chat, same template without markers (prefix diff)": [
+            f"data.source={source}",
+            "data.format=chat",
+            f"data.chat_template={plain}",
+        ],
+    }
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, extra in cases.items():
+            base = [f"teacher.model={teacher_dir}", f"output.uri={out / 'unused'}", f"data.max_length={max_length}"]
+            cfg = load_config(None, [*base, "data.unit_bytes=1000000000", *extra])
+            worker = UnitWorker(WorkerSettings.from_config(cfg, "0" * 64), device="cpu")
+            (unit,) = plan_units(cfg.data.source, cfg.data.format, unit_bytes=cfg.data.unit_bytes)
+            seconds = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                windows, _ = worker.read_windows(unit.to_dict())
+                seconds.append(time.perf_counter() - t0)
+            tokens = sum(len(w.input_ids) for w in windows)
+            targets = sum(len(w.input_ids) if w.target_mask is None else int(w.target_mask.sum()) for w in windows)
+            rows.append({"input": name, "tokens": tokens, "targets": targets, "seconds": min(seconds)})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def build_caches(teacher_dir: Path, source: Path, out: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One fresh cache per positions mode (local Ray, 2 actors): bytes, tokens, stored positions, seconds."""
     import ray
@@ -170,8 +221,13 @@ def _agg(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return text
 
 
-def format_tables(caches: dict[str, dict[str, Any]], rows: list[dict[str, Any]], teacher: dict[str, float]) -> str:
-    """The cache table and the student table (markdown)."""
+def format_tables(
+    caches: dict[str, dict[str, Any]],
+    rows: list[dict[str, Any]],
+    teacher: dict[str, float],
+    rendering: list[dict[str, Any]],
+) -> str:
+    """The cache table, the reading-cost table and the student table (markdown)."""
     lines = [
         "| cache | sequences | tokens | stored targets | MB | B/token | B/stored target | teacher pass s "
         "| forward s (summed over actors) |",
@@ -182,6 +238,16 @@ def format_tables(caches: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
             f"| positions: {positions} | {c['sequences']:,} | {c['tokens']:,} | {c['stored_positions']:,} "
             f"| {c['bytes'] / 1e6:.3f} | {c['bytes_per_token']:.1f} | {c['bytes_per_stored_position']:.1f} "
             f"| {c['seconds']:.1f} | {c['forward_seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        "| input (read_windows, 1 thread) | tokens | positions with a target | s | tokens/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rendering:
+        lines.append(
+            f"| {r['input']} | {r['tokens']:,} | {r['targets']:,} | {r['seconds']:.3f} "
+            f"| {r['tokens'] / r['seconds']:,.0f} |"
         )
     lines += [
         "",
@@ -213,6 +279,7 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
         assets = prepare_demo(assets_dir, progress=False, **(settings["demo"] or {}))
         train = write_train(assets.chat_train_dir, out / "data" / "train.jsonl", settings["conversations"])
         print(f"[bench] {train['conversations']} train conversations, {train['bytes']:,} B")
+        rendering = bench_rendering(assets.teacher_dir, Path(train["path"]), out / "data", settings["max_length"])
         caches = build_caches(assets.teacher_dir, Path(train["path"]), out / "caches", settings)
 
         teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
@@ -259,11 +326,12 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
             row[key] = [r.final[key] for r in runs_]
         row["train_seconds"] = [r.train_seconds for r in runs_]
         row["tokens"] = [r.tokens for r in runs_]
-    table = format_tables(caches, list(rows.values()), valid.teacher)
+    table = format_tables(caches, list(rows.values()), valid.teacher, rendering)
     report = {
         "settings": {k: v for k, v in settings.items() if k != "student"} | {"student": vars(spec)},
         "train": train,
         "caches": caches,
+        "rendering": rendering,
         "valid_windows": int(valid.input_ids.shape[0]),
         "valid_tokens": valid.tokens,
         "teacher": valid.teacher,
