@@ -42,6 +42,9 @@ __all__ = ["compute_fingerprint", "run_cache_job", "shutdown_ray"]
 
 log = logging.getLogger("kdcache.capture.job")
 
+# counts a commit record may carry past the text ones: positions with a target, records and windows without one
+CHAT_COUNTS = ("num_target_tokens", "no_assistant_tokens", "windows_without_targets")
+
 
 def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
     """The job's fingerprint inputs (`kdcache.identity.fingerprint_inputs`), from the teacher's config and tokenizer
@@ -166,7 +169,7 @@ def run_cache_job(
             {key: record[key] for key in ("unit_id", "path", "bytes", "sha256", "num_sequences", "num_tokens")}
             | {"source": unit.url, "range": [unit.start, unit.stop], "padded_tokens": record.get("padded_tokens", 0)}
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
-            | {k: record[k] for k in ("no_assistant_tokens", "windows_without_targets") if k in record}
+            | {k: record[k] for k in CHAT_COUNTS if k in record}
             | {k: record[k] for k in ("crc32", "telemetry", "timing_s", "finished_at") if k in record}
         )
     orphans = _delete_orphan_shards(store, manifest_units)
