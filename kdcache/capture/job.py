@@ -42,8 +42,8 @@ __all__ = ["compute_fingerprint", "run_cache_job", "shutdown_ray"]
 
 log = logging.getLogger("kdcache.capture.job")
 
-# counts a commit record may carry past the text ones: positions with a target, records and windows without one
-CHAT_COUNTS = ("num_target_tokens", "no_assistant_tokens", "windows_without_targets")
+# counts a commit record of a cache of conversations carries: records and windows without a target, skipped
+CHAT_COUNTS = ("no_assistant_tokens", "windows_without_targets")
 
 
 def compute_fingerprint(cfg: KDCacheConfig) -> dict[str, Any]:
