@@ -20,19 +20,43 @@ all of them alike) and reports the best and the median round:
 Tokens/s counts real (unpadded) token positions. "tok/cpu-s" divides by the process CPU time of the measurement
 (all its threads; worker processes are not counted): tokens per second per core, comparable however busy the
 machine is. `--breakdown` also times each step of the reader alone, one thread, in CPU ns per token.
+
+Reading at cluster scale (`--cluster`, instead of the table above):
+
+    .venv/bin/python bench/reader.py --cluster --tokens 2000000 --units 512 --seq-len 256 --world-sizes 1,8,64 \
+        --before 859eb54
+
+serves the cache over HTTP from a byte-counting server on 127.0.0.1 (`bench/counting_server.py`, read by fsspec's
+http filesystem) and simulates the ranks of each world size W one after the other in this process, each a
+`KDCacheDataset(rank=r, world_size=W)` read to the end of the epoch. For each W it reports the shard bytes all
+ranks fetched / the cache's shard bytes, and tokens/s of one rank (median over ranks: the tokens the rank trains on
+/ its wall time; ranks of a real cluster run at once on their own cores) for: partitioned (`num_partitions=W`, the
+default); one partition shared by all ranks (`num_partitions=1`); and, with `--before COMMIT`, the reader of that
+commit (imported from a renamed copy of its package). The baselines run `--baseline-ranks` ranks only and scale
+their bytes by W / ranks (their ranks are symmetric: each reads from every window). It also states the shuffle's
+quality from the order alone (index arithmetic): how far apart two consecutive sequences of a unit land in the
+epoch (mean distance / epoch length; a uniform shuffle gives 1/3), the share of them in the same global batch, and
+how many distinct units a global batch draws from.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import io
 import json
 import os
+import re
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -49,6 +73,9 @@ from kdcache.read.collate import collate_sequences, cumsum_rows
 from kdcache.read.dataset import KDCacheDataset
 from kdcache.read.reader import open_cache
 from kdcache.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from counting_server import CountingServer  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0)
 
@@ -180,6 +207,81 @@ def breakdown(uri: str, *, batch_size: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def order_quality(ds: KDCacheDataset, world_size: int, num_partitions: int) -> dict[str, float]:
+    """Shuffle quality of epoch 0's order, from index arithmetic alone: where consecutive sequences of a unit land
+    (mean |distance| / epoch length: 1/3 for a uniform shuffle; the share that land in the same global batch) and the
+    distinct units per global batch (mean), for `world_size` ranks and `num_partitions` partitions."""
+    units, order = ds.epoch_order(0, world_size=world_size, num_partitions=num_partitions)
+    n = order.num_sequences
+    pieces, rows, _ = order.lookup(np.arange(n))
+    unit = units.unit[order.piece_unit[pieces]]  # the source's manifest unit (one source here)
+    key = np.lexsort((rows, unit))  # positions sorted by (unit, row)
+    pos = np.arange(n)[key]
+    same_unit = (unit[key][1:] == unit[key][:-1]) & (rows[key][1:] == rows[key][:-1] + 1)
+    distance = np.abs(pos[1:] - pos[:-1])[same_unit]
+    g = ds.batch_size * world_size
+    per_batch = [len(np.unique(unit[b : b + g])) for b in range(0, n, g)]
+    return {
+        "neighbour_distance": round(float(distance.mean() / n), 4),
+        "neighbours_in_same_global_batch": round(float((pos[1:] // g == pos[:-1] // g)[same_unit].mean()), 4),
+        "units_per_global_batch": round(float(np.mean(per_batch)), 1),
+    }
+
+
+def import_before(commit: str, into: str) -> type:
+    """`KDCacheDataset` of the package at `commit` (the reader before partitioned reading), imported from a renamed
+    copy (`kdcache_before`) so that both run in this process on the same cache."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "kdcache"], capture_output=True, check=True)
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(into, filter="data")
+    os.rename(os.path.join(into, "kdcache"), os.path.join(into, "kdcache_before"))
+    for path in Path(into, "kdcache_before").rglob("*.py"):
+        path.write_text(re.sub(r"\bkdcache(?=\.|\s+import)", "kdcache_before", path.read_text()))
+    sys.path.insert(0, into)
+    return importlib.import_module("kdcache_before.dataset").KDCacheDataset
+
+
+def cluster(
+    uri: str, root: str, *, world_sizes: list[int], batch_size: int, baseline_ranks: int, before: type | None
+) -> dict:
+    """Fetched bytes / cache bytes and per-rank tokens/s at each world size: partitioned (num_partitions = W), one
+    partition shared by all ranks, and the reader before partitioned reading (`before`, if given), over a
+    byte-counting HTTP server (see the module docstring)."""
+    cache = open_cache(uri)
+    cache_bytes = sum(int(u["bytes"]) for u in cache.units)
+    prefix = os.path.relpath(uri, root) + "/shards/"
+    out: dict[str, dict] = {}
+    with CountingServer(root) as server:
+        url = f"{server.url}/{os.path.relpath(uri, root)}"
+        for world in world_sizes:
+            variants = {"partitioned": world, "one_partition": 1, "before": None}
+            for name, partitions in variants.items():
+                if (name != "partitioned" and world == 1) or (name == "before" and before is None):
+                    continue  # at one rank all read the same; no baseline package
+                ranks = list(range(world)) if name == "partitioned" else list(range(min(world, baseline_ranks)))
+                server.reset()
+                rates = []
+                for rank in ranks:
+                    start = time.perf_counter()
+                    kw = {"batch_size": batch_size, "rank": rank, "world_size": world, "seed": 0}
+                    ds = (
+                        before(url, **kw)
+                        if partitions is None
+                        else KDCacheDataset(url, num_partitions=partitions, **kw)
+                    )
+                    n = sum(int(b["attention_mask"].sum()) for b in ds)
+                    rates.append(n / (time.perf_counter() - start))
+                fetched = server.sent_bytes(prefix) * world / len(ranks)  # ranks not run fetch alike (symmetric)
+                row = {"world_size": world, "num_partitions": partitions, "ranks_run": len(ranks)}
+                row |= {"fetched_over_cache": round(fetched / cache_bytes, 3)}
+                row |= {"rank_tokens_per_s_median": round(statistics.median(rates))}
+                row |= {"cluster_tokens_per_s": round(statistics.median(rates) * world)}
+                if partitions is not None:
+                    row |= order_quality(KDCacheDataset(uri, batch_size=batch_size, seed=0), world, partitions)
+                out[f"W={world} {name}"] = row
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=204_800, help="token positions in the cache")
@@ -192,6 +294,10 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where to build the cache (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--breakdown", action="store_true", help="also time each step of the reader alone (ns/token)")
+    p.add_argument("--cluster", action="store_true", help="measure fetched bytes at --world-sizes instead")
+    p.add_argument("--world-sizes", default="1,8,64", help="simulated world sizes for --cluster (comma-separated)")
+    p.add_argument("--baseline-ranks", type=int, default=8, help="ranks run for the baselines (symmetric ranks)")
+    p.add_argument("--before", default=None, help="git commit of the reader to compare with (--cluster)")
     args = p.parse_args()
 
     load_before = os.getloadavg()
@@ -202,6 +308,31 @@ def main() -> None:
             uri, tokens=args.tokens, vocab=args.vocab, k=args.k, seq_len=args.seq_len, units=args.units
         )
         build_s = time.perf_counter() - start
+        if args.cluster:
+            sizes = [int(w) for w in args.world_sizes.split(",")]
+            before = import_before(args.before, os.path.join(tmp, "before")) if args.before else None
+            results = cluster(
+                uri,
+                tmp,
+                world_sizes=sizes,
+                batch_size=args.batch_size,
+                baseline_ranks=args.baseline_ranks,
+                before=before,
+            )
+            stats = manifest["stats"]
+            info = {"tokens": stats["num_tokens"], "sequences": stats["num_sequences"], "units": stats["num_units"]}
+            info |= {"shard_bytes": sum(u["bytes"] for u in manifest["units"]), "build_s": round(build_s, 1)}
+            info |= {"cpus": os.cpu_count(), "load_avg_before": [round(x, 2) for x in load_before]}
+            info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+            if args.json:
+                print(json.dumps({"cache": info, "cluster": results}, indent=1))
+                return
+            print("cache:", ", ".join(f"{k}={v}" for k, v in info.items()))
+            keys = list(next(iter(results.values())))
+            print(f"{'run':<22}" + "".join(f"{k[:24]:>26}" for k in keys))
+            for name, r in results.items():
+                print(f"{name:<22}" + "".join(f"{str(r.get(k, '-')):>26}" for k in keys))
+            return
         cache = open_cache(uri)
         paths = [os.path.join(uri, u["path"]) for u in cache.units]
 

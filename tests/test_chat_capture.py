@@ -161,6 +161,10 @@ def test_teacher_head_runs_only_at_the_target_positions(chat_teacher):
     assert sampled[0].num_tokens == sampled[1].ids.shape[0] == int(selected.sum())
     with pytest.raises(ValueError, match="inside attention_mask"):
         teacher.compute_targets(ids, mask, k=K, temperatures=[1.0], target_mask=torch.ones_like(selected))
+    teacher.head_kind = "whole"  # the path of models whose head cannot be split from the body: one row's forward
+    whole = teacher.compute_targets(ids, mask, k=K, temperatures=[1.0, 2.0], target_mask=selected)
+    assert torch.equal(whole.ids, part.ids)
+    torch.testing.assert_close(whole.logprobs, part.logprobs, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ worker

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from kdcache.errors import CacheMismatchError, CorruptShardError
 from kdcache.read.dataset import KDCacheDataset
 from kdcache.read.order import EpochOrder
+from kdcache.read.partition import rank_positions
 from kdcache.read.reader import open_cache
 
 UNIT_SEQS = [4, 3, 5, 0, 7]  # 19 sequences: divides by none of the global batch sizes used below; one empty unit
@@ -41,9 +42,20 @@ def run(ds: KDCacheDataset, num_workers: int = 0) -> list[dict]:
     return list(DataLoader(ds, batch_size=None, num_workers=num_workers))
 
 
-def interleave(per_rank: list[list[list[int]]]) -> list[int]:
-    """The global order seen by all ranks: global batch b = rank 0's batch b, rank 1's batch b, ..."""
-    return [i for batches in zip(*per_rank) for part in batches for i in part]
+def interleave(per_rank: list[list[list[int]]], num_partitions: int | None = None) -> list[int]:
+    """The global order seen by all ranks: each rank's rows put back at their positions of each global batch
+    (`kdcache.read.partition.rank_positions`; num_partitions defaults to the world size, as in the dataset)."""
+    world = len(per_rank)
+    out = []
+    for b, batches in enumerate(zip(*per_rank)):
+        bs = len(batches[0])
+        rows = [0] * (bs * world)
+        for rank, part in enumerate(batches):
+            kw = {"batch_size": bs, "world_size": world, "num_partitions": num_partitions or world}
+            for pos, i in zip(rank_positions(b, rank=rank, **kw).tolist(), part):
+                rows[pos - b * bs * world] = i
+        out += rows
+    return out
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
@@ -75,14 +87,13 @@ def test_exactly_once_and_equal_steps(cache, sequences, world_size, num_workers,
 
 
 def test_order_ignores_ranks_and_workers(cache):
-    """The same global batch size over 1, 2 or 3 ranks (any worker count) covers the same sequences in order."""
+    """With num_partitions fixed, the same global batch size over 1, 2 or 3 ranks (any worker count) covers the same
+    sequences in order (by default num_partitions is the world size, so the order is a function of it)."""
     orders = []
     for world_size, bs, workers in [(1, 6, 0), (2, 3, 2), (3, 2, 0), (3, 2, 2)]:
-        per_rank = [
-            seq_ids(run(KDCacheDataset(cache, batch_size=bs, rank=r, world_size=world_size, seed=5), workers))
-            for r in range(world_size)
-        ]
-        orders.append(interleave(per_rank))
+        kw = {"batch_size": bs, "world_size": world_size, "seed": 5, "num_partitions": 6}
+        per_rank = [seq_ids(run(KDCacheDataset(cache, rank=r, **kw), workers)) for r in range(world_size)]
+        orders.append(interleave(per_rank, num_partitions=6))
     assert all(order == orders[0] for order in orders)
 
 
@@ -102,14 +113,27 @@ def test_no_shuffle_is_manifest_order(cache, sequences):
     assert [i for i in sum(seq_ids(run(ds)), []) if i >= 0] == list(sequences)
 
 
-def test_windows_mix_only_their_units():
-    counts = [3, 4, 5, 6, 7]
-    order = EpochOrder(counts, seed=1, epoch=0, shuffle=True, window_units=2)
-    units, local = order.lookup(np.arange(order.num_sequences))
+@pytest.mark.parametrize("partitions, phases", [(1, 1), (2, 1), (3, 2)])
+def test_windows_mix_only_their_pieces(partitions, phases):
+    counts = [3, 4, 5, 6, 7, 0, 2]
+    order = EpochOrder(
+        counts,
+        seed=1,
+        epoch=0,
+        shuffle=True,
+        window_units=2,
+        num_partitions=partitions,
+        batch_phases=phases,
+        global_batch_size=4,
+    )
+    pieces, rows, windows = order.lookup(np.arange(order.num_sequences))
     for w in range(order.num_windows):
-        lo, hi = order.window_starts[w], order.window_starts[w + 1]
-        assert set(units[lo:hi].tolist()) == set(order.window_units_of(w).tolist())
-    pairs = set(zip(units.tolist(), local.tolist()))
+        mine = np.arange(order.window_first_piece[w], order.window_first_piece[w + 1])
+        assert set(pieces[windows == w].tolist()) == set(mine.tolist())  # every piece of the window, nothing else
+        assert len(mine) <= 2 and set(order.piece_part[mine].tolist()) == {order.window_part[w]}
+    units = order.piece_unit[pieces]
+    assert ((rows >= order.piece_start[pieces]) & (rows < order.piece_stop[pieces])).all()
+    pairs = set(zip(units.tolist(), rows.tolist()))
     assert pairs == {(u, i) for u, c in enumerate(counts) for i in range(c)}  # a permutation of all sequences
 
 
@@ -176,8 +200,10 @@ def test_state_dict_counts_in_process(cache):
 
 
 def test_resume_with_another_world_size(cache):
-    """2 ranks x batch 2 for three steps, then 1 rank x batch 4: the global order continues exactly."""
-    whole = [i for i in sum(seq_ids(run(KDCacheDataset(cache, batch_size=4, seed=9))), []) if i >= 0]
+    """2 ranks x batch 2 for three steps, then 1 rank x batch 4: the global order continues exactly (the resumed
+    epoch keeps the 2 partitions it started with)."""
+    uninterrupted = KDCacheDataset(cache, batch_size=4, seed=9, num_partitions=2)
+    whole = [i for i in sum(seq_ids(run(uninterrupted)), []) if i >= 0]
     per_rank, states = [], []
     for rank in range(2):
         ds = KDCacheDataset(cache, batch_size=2, rank=rank, world_size=2, seed=9)
@@ -189,10 +215,22 @@ def test_resume_with_another_world_size(cache):
     resumed.load_state_dict(states[0])
     rest = sum(seq_ids(run(resumed)), [])
     assert [i for i in interleave(per_rank) + rest if i >= 0] == whole
+    assert states[0]["num_partitions"] == 2 and resumed.num_partitions == 2
+    resumed.set_epoch(1)  # the next epoch: the world size of now
+    assert resumed.num_partitions == 1
+    with pytest.raises(ValueError, match="num_partitions=2"):
+        KDCacheDataset(cache, batch_size=4, seed=9, num_partitions=4).load_state_dict(states[0])
     with pytest.raises(ValueError, match="global_batch_size"):
         KDCacheDataset(cache, batch_size=3, seed=9).load_state_dict(states[0])
     with pytest.raises(ValueError, match="seed"):
         KDCacheDataset(cache, batch_size=4, seed=8).load_state_dict(states[0])
+
+
+def test_state_of_the_order_before_partitions_is_refused(cache):
+    ds = KDCacheDataset(cache, batch_size=2, seed=4)
+    old = {**ds.state_after(3), "version": 1}
+    with pytest.raises(ValueError, match=r"version 1: it was saved by the order before partitioned .*set_epoch\(0\)"):
+        ds.load_state_dict(old)
 
 
 def test_resume_reads_no_skipped_unit(cache):
@@ -200,7 +238,7 @@ def test_resume_reads_no_skipped_unit(cache):
     ds = KDCacheDataset(cache, batch_size=2, shuffle=False, shuffle_window_units=1, prefetch_units=0)
     loaded = []
     original = ds._load_unit
-    ds._load_unit = lambda index: loaded.append(index) or original(index)
+    ds._load_unit = lambda source, index: loaded.append(index) or original(source, index)
     ds.load_state_dict(ds.state_after(len(ds) - 1))
     (last,) = run(ds)
     assert loaded == [4] and last["seq_id"].tolist() == [last["seq_id"][0].item(), -1]

@@ -3,11 +3,16 @@
 The capture stage's only module that imports ``transformers`` (lazily, inside functions); elsewhere only the Hugging
 Face Trainer adapter and the demo do (tests/test_layout.py checks).
 
-The teacher runs the base model once per batch, gathers the hidden states of the valid (unpadded) positions and
-applies the output head to a few positions at a time, with every final-logit transform the architecture's own
-``forward`` applies (Gemma 2/3 soft-capping, Cohere ``logit_scale``, Granite ``logits_scaling``, ...). The full
-``[tokens, vocab]`` float32 logits tensor is never built. An architecture whose output transform kdcache does not
-know is refused with a clear error, and every model is checked once at load time against its own ``forward``.
+The teacher runs the model's body once per batch, gathers the hidden states of the valid (unpadded) positions and
+turns a few positions at a time into logits exactly as the architecture's own ``forward`` does (see
+`kdcache.capture.head_transforms`: a known linear head plus its final-logit transform, or the model's own forward from
+the body on, for BERT-style heads, soft-capping, scaling, ... of any class). The full ``[tokens, vocab]`` float32
+logits tensor is never built.
+
+At load time a probe compares a right-padded batch of rows of different lengths with each row's own forward, alone.
+A model whose logits change with padding (one that ignores ``attention_mask``, or sparse attention whose top-k key
+selection breaks ties differently at another padded length) is then run on equal-length groups of rows (or one row
+per forward), never padded; ``Teacher.batching`` says which, and the load logs it.
 
 Usage::
 
@@ -17,18 +22,19 @@ Usage::
 
 from __future__ import annotations
 
-import re
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from kdcache.capture.head_transforms import HEAD_TRANSFORMS, HeadTransform, identity
+from kdcache.capture.head_transforms import HEAD_TRANSFORMS, BodyCall, ForwardHead, find_body
 from kdcache.capture.targets import SampledTargets, TokenTargets, sample_targets, select_topk
 from kdcache.errors import ConfigError
 from kdcache.identity import weights_fingerprint
 
 __all__ = [
+    "BATCHING_MODES",
     "Teacher",
     "default_chunk_bytes",
     "load_tokenizer",
@@ -37,19 +43,22 @@ __all__ = [
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PROBE_TOKENS = 16  # length of the one-row probe used to check the chunked head against the model's forward
-# Allowed max |chunked - forward| logit difference, relative to 1 + max |logit|, per compute dtype.
+log = logging.getLogger("kdcache.capture.teacher")
+
+# Rows of the load-time probe (tokens): one right-padded batch of these lengths is compared with each row alone.
+# Several lengths and contents, since a padding effect may show on some rows only (top-k ties in sparse attention).
+_PROBE_LENGTHS = (24, 21, 17, 12, 7, 3)
+# Allowed max |ours - forward| logit difference, relative to 1 + max |logit|, per compute dtype.
 _PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+# How the teacher batches rows: "padded" (one forward per right-padded batch), "equal_length" (one forward per group
+# of rows of the same length, no padding) or "one_row" (one forward per row).
+BATCHING_MODES = ("padded", "equal_length", "one_row")
 # Default bytes of float32 logits per lm_head chunk, by device type. On CPU, 64 MiB (524 positions at V = 32k, 130 at
 # 128k) keeps the head's matmul efficient and the peak memory small; select_topk then works through the chunk in
 # cache-sized blocks. On an accelerator, 64 MiB would leave select_topk's kernels launch-bound (130 rows at V 128k), so
 # chunks are 1 GiB there (8k rows at 128k; about 2 GiB of extra device memory at the peak).
 CHUNK_BYTES_BY_DEVICE = {"cpu": 64 * 2**20}
 ACCELERATOR_CHUNK_BYTES = 2**30
-
-# Config keys that suggest a final-logit transform (attention and router soft-capping excluded).
-_TRANSFORM_KEY = re.compile(r"(logit|lm_head).*(scal|cap|mult)|output_multiplier|mup")
-_NOT_TRANSFORM_KEY = re.compile(r"attn|attention|router|rope")
 
 
 def _to_torch_dtype(value: Any) -> torch.dtype | None:
@@ -135,23 +144,17 @@ def read_model_info(
     }
 
 
-def _head_transform(model: torch.nn.Module) -> HeadTransform:
-    """The final-logit transform of ``model``'s class; ConfigError for an unknown class whose config names one."""
-    name = type(model).__name__
-    if name in HEAD_TRANSFORMS:
-        return HEAD_TRANSFORMS[name]
-    suspicious = {}
-    for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
-        for key, value in config.to_dict().items():
-            if value is not None and _TRANSFORM_KEY.search(key) and not _NOT_TRANSFORM_KEY.search(key):
-                suspicious[key] = value
-    if suspicious:
-        raise ConfigError(
-            f"{name} (model_type {model.config.model_type!r}) sets {suspicious}, which may transform the final "
-            "logits, and kdcache does not know how this class applies it; add the class to "
-            "kdcache.capture.head_transforms.HEAD_TRANSFORMS after reading its forward()"
-        )
-    return identity
+class _BodyDone(Exception):
+    """Raised from a hook once the body has returned: the rest of the forward (the head) is not wanted there."""
+
+
+def _selects_keys(model: torch.nn.Module) -> bool:
+    """Whether the model has a sparse-attention indexer that keeps the top-k keys per query (DeepSeek V3.2-style).
+
+    Its score ties are broken differently at another padded length, which a short probe may not reach (real indexers
+    keep 512-2048 keys), so such a model is never run padded.
+    """
+    return any(isinstance(getattr(module, "index_topk", None), int) for module in model.modules())
 
 
 class Teacher:
@@ -161,8 +164,19 @@ class Teacher:
         model: The loaded ``transformers`` model (eval mode, no gradients).
         device: Device the model runs on.
         dtype: Dtype the model computes in.
-        padded_vocab_size: Rows of the output head (the logits dimension; may exceed the tokenizer's size).
+        padded_vocab_size: Logits per position (the head's rows, or fewer where the forward drops padding rows; may
+            exceed the tokenizer's size).
         chunk_bytes: Upper bound in bytes on the float32 logits of one head chunk.
+        head_kind: "linear": the class's known linear head and final-logit transform (`HEAD_TRANSFORMS`), with the
+            head's product written into one reused buffer; "forward": the model's own forward from the body on
+            (`kdcache.capture.head_transforms.ForwardHead`), for every other class; "whole": a model whose head cannot
+            run on its body's hidden states alone (ProphetNet reads its n-gram streams): its whole forward, one row at
+            a time, so the logits of one row ``[L, V]`` exist at once.
+        batching: One of `BATCHING_MODES`, decided by the load-time probe: "padded" (one forward per right-padded
+            batch), "equal_length" (the model's logits change with padding: one forward per group of equal-length
+            rows, so a batch of B rows of k distinct lengths costs k forwards) or "one_row" (even an unpadded batch
+            of several rows differs from each row alone: one forward per row).
+        batching_reason: Why the probe chose ``batching`` (its measured differences), for logs and reports.
     """
 
     def __init__(
@@ -225,28 +239,81 @@ class Teacher:
         self.model.requires_grad_(False)
         self.chunk_bytes = default_chunk_bytes(self.device) if chunk_bytes is None else chunk_bytes
 
-        self._body = self.model.base_model
-        self._head = self.model.get_output_embeddings()
         name = type(self.model).__name__
-        if self._body is self.model or self._head is None:
-            raise ConfigError(f"{name} has no separate base model and output head; kdcache cannot chunk its lm_head")
-        self._transform = _head_transform(self.model)
-        self.padded_vocab_size = int(self._head.weight.shape[0])
+        vocab_in = self.model.get_input_embeddings().weight.shape[0]
+        generator = torch.Generator().manual_seed(0)
+        low = 4 if vocab_in > 8 else 0  # avoid the special ids (pad, bos, eos, unk) where the vocabulary allows
+        self._probe_rows = [torch.randint(low, vocab_in, (n,), generator=generator) for n in _PROBE_LENGTHS]
+        first = self._probe_rows[0][None].to(self.device)
+        with torch.inference_mode():
+            body = find_body(self.model, first, lambda: self.model(input_ids=first, use_cache=False))
+        unseparable = None  # why the head cannot run on the body's hidden states, if it cannot
+        if body is None:
+            unseparable = "no module its forward calls on the tokens returns hidden states [batch, length, width]"
+        elif body.calls != 1:
+            unseparable = f"its forward calls its body {body.name!r} {body.calls} times"
+        self._body: BodyCall | None = body
+        self._transform = HEAD_TRANSFORMS.get(name)
+        self._head = self.model.get_output_embeddings()
+        linear = (
+            unseparable is None
+            and self._transform is not None
+            and isinstance(getattr(self._head, "weight", None), torch.Tensor)
+        )
+        self.head_kind = "linear" if linear else "forward" if unseparable is None else "whole"
         # A plain Linear head without hooks (torch's or accelerate's) can write each chunk's logits into one reused
         # buffer (see _logits).
         self._plain_head = (
-            type(self._head) is torch.nn.Linear
+            linear
+            and type(self._head) is torch.nn.Linear
             and not self._head._forward_hooks
             and not self._head._forward_pre_hooks
             and not hasattr(self._head, "_hf_hook")
         )
-        self._head_device = self._head.weight.device if self._head.weight.device.type != "meta" else self.device
-        self._check_head_matches_forward()
+        self._head_device = None  # forward head: the hidden states stay where the body returns them
+        if linear:
+            weight = self._head.weight
+            self._head_device = weight.device if weight.device.type != "meta" else self.device
+        self._forward_head = None if body is None else ForwardHead(self.model, body, self.device)
+        self.padded_vocab_size = int(self._head.weight.shape[0]) if linear else 0  # else: measured by the probe
+        self.batching, self.batching_reason = self._probe(unseparable)
+        if self.head_kind == "whole":
+            log.warning(
+                "teacher %s: %s; kdcache runs its whole forward one sequence at a time (the full logits of one "
+                "sequence at once)",
+                name,
+                self.batching_reason,
+            )
+        else:
+            log.info(
+                "teacher %s: body %r, head %s (%s), batching %s: %s",
+                name,
+                body.name,
+                self.head_kind,
+                ", ".join(body.after) or "-",
+                self.batching,
+                self.batching_reason,
+            )
 
-    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states ``[B, L, H]`` (model dtype) from one pass of the base model."""
-        out = self._body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Last hidden states ``[B, L, H]`` (model dtype): the model's own forward, stopped once its body returns.
+
+        The body gets exactly the arguments the model's forward gives it (position ids, masks, ...).
+        """
+        captured: list[torch.Tensor] = []
+
+        def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
+            captured.append(self._body.hidden(output))
+            raise _BodyDone
+
+        handle = self._body.module.register_forward_hook(stop)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _BodyDone:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
 
     def _logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Final logits ``[n, V]`` (model dtype) of hidden states ``[n, H]``, as the model's forward computes them.
@@ -256,6 +323,8 @@ class Teacher:
         ``[n, V]`` tensor per chunk, which on CPU is mapped and page-faulted anew each time (~8% of the head's time
         for 64 MiB chunks). The result may then be a view of ``out``, valid until the next call.
         """
+        if self.head_kind == "forward":
+            return self._forward_head(hidden)
         head = self._head
         if out is None or not self._plain_head or hidden.dtype != head.weight.dtype:
             return self._transform(self.model, head(hidden))
@@ -266,22 +335,102 @@ class Teacher:
             torch.addmm(head.bias, hidden, head.weight.t(), out=logits)
         return self._transform(self.model, logits)
 
-    def _check_head_matches_forward(self) -> None:
-        """Refuse the model when head + transform on hidden states disagrees with its forward's logits."""
-        vocab_in = self.model.get_input_embeddings().weight.shape[0]
-        ids = ((torch.arange(_PROBE_TOKENS) * 7919 + 100) % vocab_in).unsqueeze(0).to(self.device)
-        mask = torch.ones_like(ids)
+    @staticmethod
+    def _groups(lengths: list[int], batching: str) -> list[list[int]]:
+        """Rows that go through one forward together, in order: all (padded), by length (equal_length) or each row
+        alone (one_row); rows of length 0 in none (they have no valid position)."""
+        if batching == "padded":
+            return [[row for row, length in enumerate(lengths) if length]]
+        groups: dict[int, list[int]] = {}
+        for row, length in enumerate(lengths):
+            if length:
+                groups.setdefault(length if batching == "equal_length" else -1 - row, []).append(row)
+        return list(groups.values())
+
+    def _valid_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, batching: str) -> torch.Tensor:
+        """Hidden states ``[N, H]`` of the valid positions of a checked batch, row-major, batched as ``batching``."""
+        lengths = mask.sum(dim=1).tolist()
+        per_row: dict[int, torch.Tensor] = {}
+        for rows in self._groups(lengths, batching):
+            width = max(lengths[row] for row in rows)
+            # grouped rows have no padding: no mask, as the forward of one sequence alone gets none
+            hidden = self._hidden_states(input_ids[rows, :width], mask[rows, :width] if batching == "padded" else None)
+            per_row.update((row, h[: lengths[row]]) for row, h in zip(rows, hidden))
+        if not per_row:  # no valid position: no chunk
+            return torch.empty((0, 0), device=input_ids.device)
+        return torch.cat([per_row[row] for row in sorted(per_row)])
+
+    def _probe(self, unseparable: str | None) -> tuple[str, str]:
+        """How to batch this model: the teacher's logits against the model's forward of each probe row alone.
+
+        Args:
+            unseparable: Why the body cannot be told from the head, or None.
+
+        Returns:
+            (batching, reason): "padded" when a right-padded batch of the probe rows matches every row alone, else
+            "equal_length" when an unpadded batch of two rows matches, else "one_row". A forward head that fails or
+            differs on one row alone, and an unseparable model, become ``head_kind`` "whole" (always "one_row").
+
+        Raises:
+            ConfigError: the forward's logits are not one row per position, or a linear head listed in
+                ``HEAD_TRANSFORMS`` differs from the forward on one row alone (that entry is wrong).
+        """
+        name = type(self.model).__name__
+        rows = [row.to(self.device) for row in self._probe_rows]
+        twin = torch.roll(rows[0], 1)  # another row of the first row's length, for the equal-length check
+        width = len(rows[0])
+        ids = torch.stack([torch.nn.functional.pad(row, (0, width - len(row))) for row in rows])
+        mask = (torch.arange(width)[None, :] < torch.tensor(_PROBE_LENGTHS)[:, None]).long().to(self.device)
+        pair = torch.stack([rows[0], twin])
         with torch.inference_mode():
-            ours = self._logits(self._hidden_states(ids, mask)[0]).float()
-            ref = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
-        error = (ours - ref).abs().max().item()
-        allowed = _PROBE_RTOL.get(self.dtype, 3e-2) * (1.0 + ref.abs().max().item())
-        if not error <= allowed:
+            reference = [self.model(input_ids=row[None], use_cache=False).logits for row in [*rows, twin]]
+        if any(ref.dim() != 3 or tuple(ref.shape[:2]) != (1, len(row)) for ref, row in zip(reference, rows)):
             raise ConfigError(
-                f"{type(self.model).__name__}: the chunked lm_head differs from the model's forward by {error:.3g} "
-                f"logits (allowed {allowed:.3g}); its forward applies a final-logit transform kdcache does not know. "
-                "Add the class to kdcache.capture.head_transforms.HEAD_TRANSFORMS after reading its forward()"
+                f"{name}: its forward returns logits of shape {tuple(reference[0].shape)} for one sequence of "
+                f"{len(rows[0])} tokens, not one row of logits per position, so it cannot be a teacher"
             )
+        reference = [ref[0].float().cpu() for ref in reference]
+        twin_reference = reference.pop()
+        if self.head_kind != "linear":
+            self.padded_vocab_size = int(reference[0].shape[-1])
+        if unseparable is not None:
+            return "one_row", unseparable
+        failures: list[str] = []
+
+        def error(input_ids: torch.Tensor, attention_mask: torch.Tensor, batching: str, refs: list) -> float:
+            try:
+                with torch.inference_mode():
+                    parts = self.map_logit_chunks(input_ids, attention_mask, lambda z: z.cpu(), batching=batching)
+            except Exception as exc:  # e.g. a forward that reads more of its body's output than the hidden states
+                failures.append(f"{type(exc).__name__}: {exc}")
+                return float("inf")
+            ours, theirs = torch.cat(parts), torch.cat(refs)
+            return (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+
+        allowed = _PROBE_RTOL.get(self.dtype, 3e-2) * (1.0 + max(r.abs().max().item() for r in reference))
+        alone = error(ids[:1], mask[:1], "one_row", reference[:1])
+        if not alone <= allowed:
+            if self.head_kind == "linear":
+                raise ConfigError(
+                    f"{name}: the chunked lm_head differs from the model's forward by {alone:.3g} logits (allowed "
+                    f"{allowed:.3g}) on one row alone; its forward applies a final-logit transform other than the "
+                    "one kdcache.capture.head_transforms.HEAD_TRANSFORMS lists for this class; fix that entry after "
+                    "reading its forward()"
+                )
+            self.head_kind = "whole"
+            what = failures[0] if failures else f"differs from the forward by {alone:.3g} (allowed {allowed:.3g})"
+            return "one_row", (
+                f"its forward from the body {self._body.name!r} on ({', '.join(self._body.after) or 'nothing'}) "
+                f"does not run on the hidden states of a few positions: {what}"
+            )
+        padded = error(ids, mask, "padded", reference)
+        equal = error(pair, torch.ones_like(pair), "equal_length", [reference[0], twin_reference])
+        reason = f"padded batch vs rows alone {padded:.2g}, equal-length batch {equal:.2g}, allowed {allowed:.2g}"
+        if padded <= allowed and not _selects_keys(self.model):
+            return "padded", reason
+        if padded <= allowed:
+            reason += "; a sparse-attention indexer keeps top-k keys per query, whose ties differ with padding"
+        return ("equal_length" if equal <= allowed else "one_row"), reason
 
     def _check_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
@@ -378,44 +527,75 @@ class Teacher:
         *,
         as_float32: bool = True,
         reuse_buffer: bool = False,
+        batching: str | None = None,
         target_mask: torch.Tensor | None = None,
     ) -> list:
-        """Run the body once, then `fn(logits [n, V])` on chunks of valid positions in row-major order.
+        """Run the body (once per batch, or per group of rows as ``batching`` says), then `fn(logits [n, V])` on
+        chunks of valid positions in row-major order.
 
-        Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole.
+        Chunks hold at most ``chunk_bytes`` of float32 logits, so [tokens, vocab] is never materialized whole (with
+        ``head_kind`` "whole", the logits of one row at a time are).
         ``fn`` gets float32 logits, or with ``as_float32=False`` logits in the model's dtype. With
         ``reuse_buffer=True`` every chunk's logits may be written into one buffer allocated per call, so ``fn`` must
-        not keep a reference to its argument (its results must be new tensors). With ``target_mask`` (``[B, L]``
+        not keep a reference to its argument (its results must be new tensors). ``batching``: one of
+        `BATCHING_MODES`; default ``self.batching``, which the load-time probe chose. With ``target_mask`` (``[B, L]``
         bool, a subset of the valid positions) only its positions reach the head: the body still sees every token.
         """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
-        selected = mask.bool()
+        selected = None  # [N] bool over the valid positions, row-major: which of them reach the head
         if target_mask is not None:
-            selected = target_mask.to(mask.device).bool()
-            if selected.shape != mask.shape or bool((selected & ~mask.bool()).any()):
+            target_mask = target_mask.to(mask.device).bool()
+            if target_mask.shape != mask.shape or bool((target_mask & ~mask.bool()).any()):
                 raise ValueError(f"target_mask must be [B, L] = {tuple(mask.shape)} and inside attention_mask")
-        hidden = self._hidden_states(input_ids, mask)
-        # [N, H], row-major, on the head's device (a sharded model's last layer may sit elsewhere)
-        hidden = hidden[selected.to(hidden.device)].to(self._head_device)
+            selected = target_mask[mask.bool()]
         rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
+        if self.head_kind == "whole":
+            chunks = self._whole_forward_chunks(input_ids, mask, rows, target_mask)
+            return [fn(z.float() if as_float32 else z) for z in chunks]
+        # [N, H], row-major, on the head's device (a sharded model's last layer may sit elsewhere)
+        hidden = self._valid_hidden(input_ids, mask, batching or self.batching)
+        if selected is not None:
+            hidden = hidden[selected.to(hidden.device)]
+        hidden = hidden.to(self._head_device)
         out = None
         if reuse_buffer and self._plain_head and hidden.shape[0] > rows:  # one chunk: nothing to reuse
             out = torch.empty((rows, self.padded_vocab_size), dtype=hidden.dtype, device=hidden.device)
         chunks = (self._logits(hidden[start : start + rows], out) for start in range(0, hidden.shape[0], rows))
         return [fn(z.float() if as_float32 else z) for z in chunks]
 
+    def _whole_forward_chunks(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, rows: int, target_mask: torch.Tensor | None = None
+    ) -> Any:
+        """Logits chunks ``[<= rows, V]`` of each row's own whole forward, one row at a time (head_kind "whole"); only
+        ``target_mask``'s positions when given."""
+        for row, length in enumerate(mask.sum(dim=1).tolist()):
+            if length:
+                logits = self.model(input_ids=input_ids[row : row + 1, :length], use_cache=False).logits[0]
+                if target_mask is not None:
+                    logits = logits[target_mask[row, :length].to(logits.device)]
+                yield from (logits[start : start + rows] for start in range(0, logits.shape[0], rows))
+
     @torch.inference_mode()
     def full_log_softmax(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reference: ``log_softmax(model(...).logits.float())`` at the valid positions, for tests and benchmarks.
 
-        Builds the full ``[B, L, V]`` logits; use only on small batches.
+        Builds the full ``[B, L, V]`` logits; use only on small batches. Rows are batched as ``self.batching`` says,
+        so a padding-sensitive model's reference is its forward on unpadded rows.
 
         Returns:
             ``[N, V]`` float32 log-probabilities, positions in the same order as :meth:`compute_targets`.
         """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        return torch.log_softmax(logits.float(), dim=-1)[mask.bool()]
+        lengths = mask.sum(dim=1).tolist()
+        per_row = {}
+        for rows in self._groups(lengths, self.batching):
+            width = max(lengths[row] for row in rows)
+            group_mask = mask[rows, :width] if self.batching == "padded" else None
+            logits = self.model(input_ids=input_ids[rows, :width], attention_mask=group_mask, use_cache=False).logits
+            per_row.update((row, z[: lengths[row]]) for row, z in zip(rows, logits))
+        if not per_row:
+            return torch.empty(0, self.padded_vocab_size, device=self.device)
+        return torch.log_softmax(torch.cat([per_row[row] for row in sorted(per_row)]).float(), dim=-1)
 
 
 def _default_device() -> torch.device:

@@ -29,7 +29,8 @@ class KDDataLoader(DataLoader):
 
     Args:
         dataset: the KDCacheDataset (it batches, shuffles and shards itself: no sampler, no batch size here).
-        num_workers: DataLoader worker processes (each reads every unit; 0-2 are usually enough).
+        num_workers: DataLoader worker processes (each reads every unit of its rank unless the dataset has
+            batch_phases divisible by it; 0 is usually enough: the dataset loads and collates in threads).
         epoch_fn: called at each `iter()`; its value is passed to `dataset.set_epoch` (for trainers that do not
             call `set_epoch` on the loader, e.g. Lightning: `lambda: trainer.current_epoch`).
         **kwargs: other DataLoader arguments (pin_memory, prefetch_factor, ...).

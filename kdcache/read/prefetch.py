@@ -1,8 +1,9 @@
 """Background reading for `KDCacheDataset`: units loaded ahead by a thread pool, and an iterator run in a thread.
 
-    units = UnitPrefetcher(load_unit, unit_window, depth=2)   # load_unit(index) -> anything; runs in the pool
-    units.announce(np.array([3, 1]))                         # units in the order batches will need them
+    units = UnitPrefetcher(load, part, window, depth=2)   # load(piece) -> anything; runs in the pool
+    units.announce(np.array([3, 1]))                      # pieces in the order batches will need them
     units.need(np.array([3])); units.submit_ahead(); unit = units.get(3)
+    units.release_before({0: 5})                          # partition 0 is at its window 5: drop its earlier pieces
     for item in in_background(lambda: produce(), maxsize=2):  # produce() runs in a daemon thread
         ...
 
@@ -23,17 +24,25 @@ __all__ = ["UnitPrefetcher", "in_background"]
 
 
 class UnitPrefetcher:
-    """Units loaded by a thread pool in first-use order, `depth` units ahead of the consumer, released by window.
+    """Pieces of units loaded by a thread pool in first-use order, `depth` ahead of the consumer, released by window.
 
-    `announce` appends units (in the order batches will need them), `need` marks units the current batch uses,
-    `submit_ahead` starts loads up to `depth` units past the furthest needed one, `get` waits for one, and
-    `release_before(w)` drops units of windows before w (a unit belongs to one window; positions only move forward).
+    `announce` appends pieces (in the order batches will need them), `need` marks pieces the current batch uses,
+    `submit_ahead` starts loads up to `depth` pieces past the furthest needed one, `get` waits for one, and
+    `release_before({part: w})` drops the pieces of partition `part` in windows before w (a piece belongs to one
+    window of one partition, `piece_part` and `piece_window`; each partition's positions only move forward).
     `threads` (default `depth`) load in parallel, first-use order first: more threads than cores would only slow down
     the loads the next batch waits for.
     """
 
-    def __init__(self, load: Callable[[int], Any], unit_window: np.ndarray, depth: int, threads: int | None = None):
-        self._load, self._unit_window, self._depth = load, unit_window, depth
+    def __init__(
+        self,
+        load: Callable[[int], Any],
+        piece_part: np.ndarray,
+        piece_window: np.ndarray,
+        depth: int,
+        threads: int | None = None,
+    ):
+        self._load, self._part, self._window, self._depth = load, piece_part, piece_window, depth
         workers = max(1, min(depth, threads or depth))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdcache-unit") if depth > 0 else None
         self._stream: list[int] = []  # units in first-use order
@@ -68,8 +77,9 @@ class UnitPrefetcher:
             value = self._loaded[unit] = value.result()
         return value
 
-    def release_before(self, window: int) -> None:
-        for u in [u for u in self._loaded if self._unit_window[u] < window]:
+    def release_before(self, windows: dict[int, int]) -> None:
+        done = [u for u in self._loaded if self._window[u] < windows.get(int(self._part[u]), -1)]
+        for u in done:
             value = self._loaded.pop(u)
             if isinstance(value, Future):
                 value.cancel()
