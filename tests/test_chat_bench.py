@@ -1,6 +1,7 @@
 """`bench/chat.py --quick` runs end to end (a subprocess, as a user runs it): the assistant-only cache stores fewer
-targets and fewer bytes than the every-position cache of the same conversations, at about the same bytes per stored
-target, and every student row is reported. Needs format v3's storage of positions without targets (~40 s).
+targets and fewer bytes than the every-position cache of the same conversations, and every student row is reported
+(the bytes per stored target are compared like with like in `test_chat_capture.py`). Needs format v3's storage of
+positions without targets (~40 s on idle cores).
 
 Run: ``python -m pytest tests/test_chat_bench.py -q``
 """
@@ -31,7 +32,6 @@ def test_quick_chat_bench_reports_smaller_assistant_cache(tmp_path: Path) -> Non
     assert every["stored_positions"] == every["tokens"]
     assert 0 < assistant["stored_positions"] < 0.8 * assistant["tokens"]
     assert assistant["bytes"] < every["bytes"]
-    assert 0.7 < assistant["bytes_per_stored_position"] / every["bytes_per_token"] < 1.3
     rows = [r["row"] for r in report["rows"]]
     assert rows == [
         "KD, assistant-only cache",
