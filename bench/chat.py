@@ -5,10 +5,12 @@ assistants' tokens), and students trained on the assistant-only cache vs hard la
     python bench/chat.py --quick         # a tiny teacher, 60 conversations, a few steps: well under a minute
     python bench/chat.py --out DIR       # results.json and table.md go to DIR
 
-Setup (full run): the teacher is the demo's 2-layer Llama trained on the Python standard library, its tokenizer's
-chat template marks assistant turns with ``{% generation %}`` (`kdcache.demo.assets.prepare_demo`, built once into
-``.kdcache/demo/assets``); the corpus is the demo chat set (`kdcache.demo.chat`: questions about standard-library
-functions answered with their docstrings; train and valid split by function name). The train split is cached twice
+Setup (full run): the corpus is the demo chat set (`kdcache.demo.chat`: questions about standard-library functions
+answered with their docstrings; train and valid split by function name). The teacher is the demo's 2-layer Llama
+trained on the Python standard library (`kdcache.demo.assets.prepare_demo`, built once into ``.kdcache/demo/assets``;
+its tokenizer's chat template marks assistant turns with ``{% generation %}``), by default further trained on the
+rendered train conversations (``--instruct-steps``, an "instruct" teacher that knows the chat format; 0 keeps the
+base teacher, which has never seen a conversation). The train split is cached twice
 with `run_cache_job` on a local Ray with 2 teacher actors, top-k with the same k, once with ``targets.positions: all``
 and once with ``assistant``. Reported per cache: tokens, stored target positions, bytes, bytes per token and per
 stored position, and the teacher pass's wall time (the head runs only at the stored positions).
@@ -53,6 +55,7 @@ from kdcache.demo import training as tr  # noqa: E402
 FULL: dict[str, Any] = {
     "demo": None,  # prepare_demo's defaults (the assets `kdcache demo` uses)
     "conversations": None,  # every conversation of the train split
+    "instruct_steps": 300,  # AdamW steps of 8 x 128 tokens on the rendered train conversations (0: base teacher)
     "k": 32,
     "max_length": 256,
     "unit_bytes": 65536,
@@ -67,6 +70,7 @@ FULL: dict[str, Any] = {
 QUICK: dict[str, Any] = {
     "demo": {"max_files": 24, "train_steps": 40, "corpus_files": 2},
     "conversations": 60,
+    "instruct_steps": 5,
     "k": 8,
     "max_length": 128,
     "unit_bytes": 8192,
@@ -104,6 +108,28 @@ def stored_positions(uri: str) -> tuple[int, int]:
         tokens += len(seq["input_ids"])
         stored += int(seq["loss_mask"].sum())
     return tokens, stored
+
+
+def instruct_teacher(teacher_dir: Path, source: Path, out: Path, steps: int) -> tuple[Path, dict[str, Any]]:
+    """The demo teacher further trained on the rendered conversations of ``source`` for ``steps`` steps (next-token
+    loss on every token, deterministic), saved with its tokenizer in ``out``; ``steps == 0`` returns the teacher."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdcache.demo.teacher import train_teacher
+
+    if steps == 0:
+        return teacher_dir, {}
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    texts = []
+    for line in source.read_text(encoding="utf-8").splitlines():
+        text = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+        texts.append(text.removeprefix(tokenizer.bos_token))  # train_teacher adds BOS and EOS around each text
+    stats = train_teacher(model, tokenizer, texts, steps=steps, seconds=None, progress=False)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, stats
 
 
 def bench_rendering(teacher_dir: Path, source: Path, out: Path, max_length: int) -> list[dict[str, Any]]:
@@ -280,10 +306,15 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
         train = write_train(assets.chat_train_dir, out / "data" / "train.jsonl", settings["conversations"])
         print(f"[bench] {train['conversations']} train conversations, {train['bytes']:,} B")
         rendering = bench_rendering(assets.teacher_dir, Path(train["path"]), out / "data", settings["max_length"])
-        caches = build_caches(assets.teacher_dir, Path(train["path"]), out / "caches", settings)
+        teacher_dir, instruct = instruct_teacher(
+            assets.teacher_dir, Path(train["path"]), out / "teacher-instruct", settings["instruct_steps"]
+        )
+        if instruct:
+            print(f"[bench] instruct teacher: loss {instruct['first_loss']:.2f} -> {instruct['last_loss']:.2f}")
+        caches = build_caches(teacher_dir, Path(train["path"]), out / "caches", settings)
 
-        teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         torch.set_num_threads(1)
         valid = ev.make_chat_validation(
             teacher,
@@ -330,6 +361,7 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
     report = {
         "settings": {k: v for k, v in settings.items() if k != "student"} | {"student": vars(spec)},
         "train": train,
+        "instruct_teacher": instruct,
         "caches": caches,
         "rendering": rendering,
         "valid_windows": int(valid.input_ids.shape[0]),
@@ -356,10 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per student")
     parser.add_argument("--seeds", type=int, help="seeds per row")
+    parser.add_argument("--instruct-steps", type=int, help="steps training the teacher on the conversations (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (student init and batch order)")
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
-    for key in ("steps", "seeds"):
+    for key in ("steps", "seeds", "instruct_steps"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     out = args.out or REPO / ".kdcache" / ("bench-chat-quick" if args.quick else "bench-chat")
