@@ -11,8 +11,9 @@ trained on the Python standard library (`kdcache.demo.assets.prepare_demo`, buil
 its tokenizer's chat template marks assistant turns with ``{% generation %}``), by default further trained on the
 rendered train conversations (``--instruct-steps``, an "instruct" teacher that knows the chat format; 0 keeps the
 base teacher, which has never seen a conversation). The train split is cached twice
-with `run_cache_job` on a local Ray with 2 teacher actors, top-k with the same k, once with ``targets.positions: all``
-and once with ``assistant``. Reported per cache: tokens, stored target positions, bytes, bytes per token and per
+with `run_cache_job` on a local Ray with 2 teacher actors, with hybrid targets (exact top-8 + 50 draws from the rest:
+the mode whose students matched online full KD in bench/distill.py), once with ``targets.positions: all`` and once
+with ``assistant``. Reported per cache: tokens, stored target positions, bytes, bytes per token and per
 stored position, and the teacher pass's wall time (the head runs only at the stored positions).
 
 Reading cost: `UnitWorker.read_windows` (read, render, tokenize, window) over the same train conversations, best of
@@ -21,7 +22,7 @@ same template stripped of its markers (the checked turn-by-turn prefix diff).
 
 Then students (Llama h64/1 layer, the teacher's tokenizer and padded vocabulary) are trained for the same steps:
 
-- KD from the assistant-only cache (forward KL with the tail, at the stored positions);
+- KD from the assistant-only cache (`sampled_kl`, the hybrid mode's loss, at the stored positions);
 - hard labels: cross-entropy against the true next token at the same positions, on the same batches, no teacher;
 - KD from the every-position cache (the prompt positions trained too), for reference.
 
@@ -56,7 +57,7 @@ FULL: dict[str, Any] = {
     "demo": None,  # prepare_demo's defaults (the assets `kdcache demo` uses)
     "conversations": None,  # every conversation of the train split
     "instruct_steps": 300,  # AdamW steps of 8 x 128 tokens on the rendered train conversations (0: base teacher)
-    "k": 32,
+    "targets": {"mode": "hybrid", "head": 8, "samples": 50},
     "max_length": 256,
     "unit_bytes": 65536,
     "student": ev.StudentSpec("h64-L1", 64, 1, 2),
@@ -71,7 +72,7 @@ QUICK: dict[str, Any] = {
     "demo": {"max_files": 24, "train_steps": 40, "corpus_files": 2},
     "conversations": 60,
     "instruct_steps": 5,
-    "k": 8,
+    "targets": {"mode": "hybrid", "head": 4, "samples": 16},
     "max_length": 128,
     "unit_bytes": 8192,
     "student": ev.StudentSpec("h32-L1", 32, 1, 2),
@@ -207,7 +208,7 @@ def build_caches(teacher_dir: Path, source: Path, out: Path, settings: dict[str,
                 f"data.max_length={settings['max_length']}",
                 f"data.unit_bytes={settings['unit_bytes']}",
                 f"output.uri={uri}",
-                f"targets.k={settings['k']}",
+                *(f"targets.{key}={value}" for key, value in settings["targets"].items()),
                 f"targets.positions={positions}",
                 "targets.temperatures=[1.0]",
                 "cluster.num_actors=2",
