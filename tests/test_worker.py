@@ -65,7 +65,8 @@ def test_pipelined_process_writes_the_serial_shard(tiny_teacher, unit_corpus, tm
     worker, unit = make_worker(tiny_teacher, unit_corpus, tmp_path / "out", *extra)
     record = worker.process(unit)
     windows, _ = worker.read_windows(unit)
-    assert len(make_batches([len(w.input_ids) for w in windows], worker.settings.batch_tokens)) >= 3  # really pipelined
+    lengths = [len(w.input_ids) for w in windows]
+    assert len(make_batches(lengths, worker.settings.batch_tokens)) >= 3  # really pipelined
     assert record["path"].endswith(get_format(worker.settings.output.format).SUFFIX)
     data = worker.store.read_bytes(record["path"])
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
