@@ -214,8 +214,10 @@ def padded_batches(worker, unit: dict[str, Any]) -> tuple[list[tuple[torch.Tenso
     from kdcache.capture.worker import make_batches, pad_batch
 
     windows, _ = worker.read_windows(unit)
-    lengths = [len(w) for _, w in windows]
-    batches = [pad_batch([windows[i][1] for i in b]) for b in make_batches(lengths, worker.settings.batch_tokens)]
+    lengths = [len(w.input_ids) for w in windows]
+    batches = [
+        pad_batch([windows[i].input_ids for i in b]) for b in make_batches(lengths, worker.settings.batch_tokens)
+    ]
     return batches, sum(lengths), sum(int(ids.numel()) for ids, _ in batches)
 
 
@@ -322,7 +324,7 @@ def real_fraction_by_unit_size(worker, root: Path, unit_tokens: Sequence[int]) -
         size = path.stat().st_size
         unit = {"unit_id": f"s{tokens}", "index": 0, "url": str(path), "kind": "bytes", "start": 0, "stop": size}
         windows, _ = worker.read_windows(unit | {"size_bytes": size})
-        lengths = [len(w) for _, w in windows]
+        lengths = [len(w.input_ids) for w in windows]
         padded = sum(len(b) * lengths[b[0]] for b in make_batches(lengths, worker.settings.batch_tokens))
         out.append(
             {"unit_tokens": sum(lengths), "windows": len(lengths), "real_token_fraction": sum(lengths) / padded}

@@ -52,29 +52,38 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kdcache.capture.job import run_cache_job, shutdown_ray
-    from kdcache.config import load_config
+    from kdcache.config import CHAT_FORMATS, KDCacheConfig, load_config
     from kdcache.demo.assets import prepare_demo
     from kdcache.tools.info import cache_summary, format_summary
 
     workdir = Path(args.workdir)
     print("[demo] kdcache demo: a tiny teacher trained here on the Python standard library (not a real model)")
     assets = prepare_demo(workdir / "assets", progress=not args.quiet)
-    overrides = [
-        f"teacher.model={assets.teacher_dir}",
-        f"data.source={assets.train_dir}/part-00000.jsonl",  # one of the corpus parts: the demo stays short
-        f"output.uri={workdir / 'cache'}",
-        *args.overrides,
-    ]
-    cfg = load_config(args.config, overrides)
+
+    def demo_config(chat: bool) -> KDCacheConfig:
+        source = assets.chat_train_dir if chat else assets.train_dir  # one corpus part: the demo stays short
+        overrides = [
+            f"teacher.model={assets.teacher_dir}",
+            f"data.source={source}/part-00000.jsonl",
+            f"output.uri={workdir / ('chat-cache' if chat else 'cache')}",
+            *args.overrides,
+        ]
+        return load_config(args.config, overrides)
+
+    cfg = demo_config(chat=False)
+    chat = cfg.data.format in CHAT_FORMATS  # e.g. --config configs/chat-quickstart.yaml: the demo chat set
+    if chat:
+        cfg = demo_config(chat=True)
     print(f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}")
     try:
         run_cache_job(cfg)
     except CacheMismatchError as exc:
-        if cfg.output.uri != str(workdir / "cache"):
+        demo_cache = workdir / ("chat-cache" if chat else "cache")
+        if cfg.output.uri != str(demo_cache):
             raise  # the user's own output: never deleted
         # the demo owns its workdir: a cache left by another kdcache version or demo config is rebuilt
         print(f"[demo] replacing the demo cache made with other settings ({str(exc).split(': ', 1)[-1][:160]})")
-        shutil.rmtree(workdir / "cache")
+        shutil.rmtree(demo_cache)
         run_cache_job(cfg)
     print(format_summary(cache_summary(cfg.output.uri)))
     if args.student_steps <= 0:
@@ -84,7 +93,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     demo_students(
         assets.teacher_dir,
-        assets.valid_dir,
+        assets.chat_valid_dir if chat else assets.valid_dir,
         cfg.output.uri,
         workdir / "students.png",
         steps=args.student_steps,

@@ -68,12 +68,33 @@ class DataConfig:
     """The input corpus and how it becomes sequences."""
 
     source: str | list[str] = _f("", "fsspec URL or glob (or a list of them) of the input files (required)")
-    format: str = _f("jsonl", "jsonl | parquet | text (text: one document per file)")
+    format: str = _f(
+        "jsonl",
+        "jsonl | parquet | text (text: one document per file) | chat (records with a list of messages) | "
+        "prompt_completion (records with a prompt and a completion); chat and prompt_completion records are read "
+        "from Parquet files (names ending in .parquet) or jsonl (any other name); see docs/CHAT.md",
+    )
     text_field: str = _f("text", "record field holding the document text (jsonl/parquet)")
     ids_field: str | None = _f(None, "record field holding pre-tokenized ids instead of text")
+    messages_field: str = _f(
+        "messages", "chat: record field holding the conversation, a list of {role, content} messages"
+    )
+    prompt_field: str = _f(
+        "prompt", "prompt_completion: record field holding the prompt (a string, or a list of messages)"
+    )
+    completion_field: str = _f("completion", "prompt_completion: record field holding the completion (a string)")
+    chat_template: str | None = _f(
+        None,
+        "chat / prompt_completion: Jinja chat template overriding the tokenizer's, given inline (text holding "
+        "'{%' or '{{') or as a path or fsspec URL of a file; null: the tokenizer's own template",
+    )
     tokenizer: str | None = _f(None, "tokenizer path or hub id (default: the teacher's)")
     max_length: int = _f(2048, "tokens per sequence window; longer documents are split into windows")
-    add_eos: bool = _f(True, "append the tokenizer's EOS token to every document before windowing")
+    add_eos: bool = _f(
+        True,
+        "append the tokenizer's EOS token to every document before windowing (prompt_completion with a string "
+        "prompt: after the completion; chat templates end their turns themselves)",
+    )
     min_length: int = _f(2, "windows shorter than this many tokens are dropped (and counted)")
     unit_bytes: int = _f(64 * 2**20, "target input bytes per work unit for jsonl/text (parquet: one row group each)")
 
@@ -88,6 +109,12 @@ class TargetsConfig:
     head: int = _f(8, "hybrid: exact top ids stored per position; the draws come from the rest")
     seed: int = _f(0, "sample/hybrid: seed of the draws (with the unit id, reruns draw the same ids)")
     temperatures: list[float] = _f([1.0], "temperatures whose log-normalizer and tail mass are stored (1.0 always)")
+    positions: str | None = _f(
+        None,
+        "all | assistant: the positions that get a target. assistant: only where the next token belongs to an "
+        "assistant turn (chat) or the completion (prompt_completion); prompt positions cost no head compute and no "
+        "bytes. null: assistant for chat and prompt_completion, all otherwise",
+    )
     logprob_codec: str = _f(
         "u8",
         "stored log-probs: u8 (1 byte, companded: error 0.012 nats at p~1, 0.044 at log p=-8) | "
@@ -144,7 +171,9 @@ SECTIONS: dict[str, type] = {
 }
 
 TARGET_MODES = ("topk", "sample", "hybrid")
-DATA_FORMATS = ("jsonl", "parquet", "text")
+DATA_FORMATS = ("jsonl", "parquet", "text", "chat", "prompt_completion")
+CHAT_FORMATS = ("chat", "prompt_completion")  # formats whose records have assistant (trained) tokens
+TARGET_POSITIONS = ("all", "assistant")
 OUTPUT_FORMATS = ("parquet", "zarr")
 LOGPROB_CODECS = ("u8", "u16", "f32")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
@@ -224,6 +253,7 @@ class KDCacheConfig:
         _one_of(self.data.format, DATA_FORMATS, "data.format")
         if self.data.format == "text" and self.data.ids_field:
             raise ConfigError("data.ids_field: not supported with data.format=text (text files have no fields)")
+        self._validate_chat()
         _positive(self.data.max_length, "data.max_length", minimum=2)
         _positive(self.data.min_length, "data.min_length")
         if self.data.min_length > self.data.max_length:
@@ -266,6 +296,33 @@ class KDCacheConfig:
             raise ConfigError(f"cluster.backup_after_s: must be > 0 or null, got {self.cluster.backup_after_s}")
         if self.cluster.max_retries < 0:
             raise ConfigError(f"cluster.max_retries: must be >= 0, got {self.cluster.max_retries}")
+
+    def _validate_chat(self) -> None:
+        """The chat / prompt_completion keys, and `targets.positions` (null becomes the format's default)."""
+        data, chat = self.data, self.data.format in CHAT_FORMATS
+        if chat and data.ids_field:
+            raise ConfigError(
+                f"data.ids_field: not supported with data.format={data.format} (records are rendered with the chat "
+                "template and tokenized); leave it null"
+            )
+        for key in ("messages_field", "prompt_field", "completion_field"):
+            _require(getattr(data, key), f"data.{key}", "must be a record field name")
+        if chat and data.format == "prompt_completion" and data.prompt_field == data.completion_field:
+            raise ConfigError(f"data.completion_field: must differ from data.prompt_field ({data.prompt_field!r})")
+        if data.chat_template is not None:
+            if not chat:
+                raise ConfigError(
+                    f"data.chat_template: only used with data.format chat or prompt_completion, not {data.format!r}"
+                )
+            _require(data.chat_template.strip(), "data.chat_template", "must be a Jinja template or a file path")
+        if self.targets.positions is None:
+            self.targets.positions = "assistant" if chat else "all"
+        _one_of(self.targets.positions, TARGET_POSITIONS, "targets.positions")
+        if self.targets.positions == "assistant" and not chat:
+            raise ConfigError(
+                f"targets.positions: assistant needs data.format chat or prompt_completion (a {data.format!r} "
+                "corpus has no assistant tokens); use all"
+            )
 
     def validate_against_vocab(self, padded_vocab_size: int) -> None:
         """Checks that need the teacher's vocabulary size (read from its config, before any work)."""

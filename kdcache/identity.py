@@ -2,13 +2,14 @@
 
 A cache holds exactly one fingerprint: the sha256 of the canonical JSON of everything that determines its bytes
 (`fingerprint_inputs`: teacher and weights, tokenizer content, targets, codec, windowing, data reading, shard
-format). Identity is content, never the spelling of a path: the teacher's weights by the sha256 of their bytes
-(`weights_fingerprint`; hashed once per file version, the hashes kept in a small cache outside the model folder,
-`file_sha256`) or the resolved hub commit, the tokenizer by its content hash, the input files by their absolute
-URLs and sizes (`files_identity`). The driver claims the fingerprint once its plan is made, by creating
-`fingerprint.json` exclusively (`claim_fingerprint`); a job with a different fingerprint is refused at the same URI,
-naming what differs, unless the claim's job committed nothing (then the new job takes the URI over). Readers refuse
-a student whose vocabulary or tokenizer does not match (`check_student`).
+format; for conversations the chat template's content and which positions get targets). Identity is content,
+never the spelling of a path: the teacher's weights by the sha256 of their bytes (`weights_fingerprint`; hashed once
+per file version, the hashes kept in a small cache outside the model folder, `file_sha256`) or the resolved hub
+commit, the tokenizer by its content hash, the input files by their absolute URLs and sizes (`files_identity`). The
+driver claims the fingerprint once its plan is made, by creating `fingerprint.json` exclusively
+(`claim_fingerprint`); a job with a different fingerprint is refused at the same URI, naming what differs, unless
+the claim's job committed nothing (then the new job takes the URI over). Readers refuse a student whose vocabulary,
+tokenizer or chat template does not match (`check_student`).
 
 Pure functions and duck-typed objects: nothing here imports transformers, torch or Ray. The capture stage reads the
 teacher's config and tokenizer (`kdcache.capture.teacher.read_model_info`, `load_tokenizer`) and passes what it
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcache.codec import CodecParams
+from kdcache.config import CHAT_FORMATS
 from kdcache.errors import CacheMismatchError
 from kdcache.manifest import COMMITS_DIR, FINGERPRINT_KEY, FORMAT_NAME, FORMAT_VERSION, INDEX_KEY, dumps
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "canonical_json",
     "check_claim",
+    "chat_template_hash",
     "check_student",
     "claim_fingerprint",
     "describe_difference",
@@ -53,6 +56,7 @@ __all__ = [
     "hash_cache_path",
     "read_claim",
     "targets_identity",
+    "tokenizer_chat_template",
     "tokenizer_fingerprint",
     "weights_fingerprint",
 ]
@@ -161,6 +165,20 @@ def file_sha256(path: str | Path) -> str:
     return digest
 
 
+def tokenizer_chat_template(tokenizer: Any) -> str | None:
+    """A tokenizer's own chat template text: ``chat_template`` (its "default" entry when it holds named templates, as
+    transformers picks without tools), or None."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):
+        own = own.get("default")
+    return own if isinstance(own, str) and own else None
+
+
+def chat_template_hash(template: str | None) -> str | None:
+    """sha256 hex of a chat template's text (None for None): what the fingerprint and the student check compare."""
+    return None if template is None else hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
 def weights_fingerprint(name_or_path: str, config: Any) -> str | None:
     """The teacher's identity by content: never by how its path is spelled.
 
@@ -209,6 +227,7 @@ def targets_identity(targets: TargetsConfig) -> dict[str, Any]:
         "k": targets.stored_k,
         "temperatures": targets.temperatures,
         "logprob_codec": targets.logprob_codec,
+        "positions": targets.positions,  # all | assistant: which positions hold a target
     }
     if targets.mode != "topk":
         out.update(samples=targets.samples, seed=targets.seed)
@@ -220,6 +239,7 @@ def fingerprint_inputs(
     model_info: dict[str, Any],
     tokenizer_info: dict[str, Any],
     files: Sequence[tuple[str, int]],
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Everything that determines a job's cached bytes, by content: no path as the user spelled it.
 
@@ -229,11 +249,27 @@ def fingerprint_inputs(
             ``weights_fingerprint`` identifies the weights).
         tokenizer_info: `tokenizer_fingerprint` of the tokenizer the job uses.
         files: the input files as (absolute URL, size), `kdcache.store.expand_urls` of ``data.source``.
+        chat_template: the text of the chat template records are rendered with (chat / prompt_completion: the
+            ``data.chat_template`` override or the tokenizer's own); its sha256 is recorded.
     """
     t = cfg.teacher
     teacher = {"dtype": t.dtype, **model_info}
     if model_info.get("weights_fingerprint") is None:  # a hub id whose commit is unknown: its name is all there is
         teacher.update(model=t.model, revision=t.revision)
+    data = {
+        **files_identity(files),
+        "format": cfg.data.format,
+        "text_field": cfg.data.text_field,
+        "ids_field": cfg.data.ids_field,
+        "unit_bytes": cfg.data.unit_bytes,
+    }
+    if cfg.data.format in CHAT_FORMATS:
+        data |= {
+            "messages_field": cfg.data.messages_field,
+            "prompt_field": cfg.data.prompt_field,
+            "completion_field": cfg.data.completion_field,
+            "chat_template_sha256": chat_template_hash(chat_template),
+        }
     return {
         "format_version": FORMAT_VERSION,
         "teacher": teacher,
@@ -246,13 +282,7 @@ def fingerprint_inputs(
             "add_eos": cfg.data.add_eos,
             "add_special_tokens": True,
         },
-        "data": {
-            **files_identity(files),
-            "format": cfg.data.format,
-            "text_field": cfg.data.text_field,
-            "ids_field": cfg.data.ids_field,
-            "unit_bytes": cfg.data.unit_bytes,
-        },
+        "data": data,
         "shard_format": cfg.output.format,
     }
 
@@ -333,11 +363,13 @@ def check_student(manifest: dict[str, Any], *, student_vocab_size: int | None = 
 
     A student output layer with at least the teacher's padded vocabulary is fine (extra columns get teacher
     probability 0); fewer columns, a tokenizer of another size, or a tokenizer with another content hash are not.
+    For a cache of conversations, a student tokenizer that has a chat template must have the one the conversations
+    were rendered with: the student would otherwise learn one format and be prompted in another.
 
     Args:
         manifest: the cache's manifest. student_vocab_size: the student's output columns (`config.vocab_size`).
-        tokenizer: the student's tokenizer: a transformers tokenizer (size and content hash checked) or anything
-            with `__len__` (size checked).
+        tokenizer: the student's tokenizer: a transformers tokenizer (size, content hash and chat template checked)
+            or anything with `__len__` (size checked).
     """
     inputs = manifest["fingerprint_inputs"]
     teacher_padded = inputs["teacher"]["padded_vocab_size"]
@@ -364,3 +396,12 @@ def check_student(manifest: dict[str, Any], *, student_vocab_size: int | None = 
             )
     if size > teacher_padded:
         raise CacheMismatchError(f"student tokenizer vocab {size} > teacher padded vocab {teacher_padded}")
+    cached_template = inputs.get("data", {}).get("chat_template_sha256")
+    student_template = chat_template_hash(tokenizer_chat_template(tokenizer))
+    if cached_template is not None and student_template is not None and student_template != cached_template:
+        raise CacheMismatchError(
+            f"student chat template sha256 {student_template[:16]} != {cached_template[:16]}, the template the "
+            f"cache's conversations were rendered with (teacher tokenizer {cached_tok.get('name')!r}, or the job's "
+            "data.chat_template): the student would learn one chat format and be prompted in another; give the "
+            "student tokenizer the cache's template (tokenizer.chat_template = ...)"
+        )

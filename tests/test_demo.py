@@ -220,7 +220,29 @@ def test_prepare_demo_second_call_reuses_assets(assets: DemoAssets, monkeypatch:
     assert time.perf_counter() - start < 2.0
     assert again == assets and again.info == assets.info
     assert marker.stat().st_mtime_ns == mtime
-    assert sorted(p.name for p in workdir.iterdir()) == ["demo.json", "teacher", "train", "valid"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["chat", "demo.json", "teacher", "train", "valid"]
+
+
+def test_demo_chat_set_renders_with_the_demo_template(assets: DemoAssets):
+    """The chat set of `configs/chat-quickstart.yaml`: well-formed conversations, split by function name; the demo
+    tokenizer's template marks exactly each assistant's content and its end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    from kdcache.capture.chat import ChatRecord, ChatRenderer, parse_messages
+
+    train, valid = _read_jsonl(assets.chat_train_dir), _read_jsonl(assets.chat_valid_dir)
+    assert len(train) > 500 and len(valid) > 20 and not {r["name"] for r in train} & {r["name"] for r in valid}
+    assert assets.info["chat_conversations"] == {"train": len(train), "valid": len(valid)}
+    shapes = {tuple(m["role"] for m in r["messages"]) for r in train}
+    assert ("system", "user", "assistant", "user", "assistant") in shapes and any("tool" in s for s in shapes)
+    tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    assert renderer.markers
+    for record in train[:40]:
+        messages = parse_messages(record["messages"], "chat", "messages")
+        ids, mask = renderer.render(ChatRecord("chat", messages=messages))
+        answers = "".join(m["content"] + "<|eos|>" for m in messages if m["role"] == "assistant")
+        assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == answers
 
 
 def test_prepare_demo_rebuilds_on_new_settings_deterministically(tmp_path: Path):

@@ -79,7 +79,7 @@ def test_pretokenized_ids_past_the_vocabulary_name_file_and_line(worker, bad):
     write_jsonl(path, [{"ids": [5, 6, 7]}, {"ids": [1, 2, 319, 3]}])
     (unit,) = plan_units(str(path), "jsonl", unit_bytes=2**20)
     windows, _ = unit_worker.read_windows(unit.to_dict())
-    assert [w.tolist() for _, w in windows] == [[5, 6, 7], [1, 2, 319, 3]]  # the largest valid id is kept
+    assert [w.input_ids.tolist() for w in windows] == [[5, 6, 7], [1, 2, 319, 3]]  # the largest valid id is kept
 
 
 def test_windows_longer_than_the_teachers_positions_are_refused_before_work(tiny_teacher, tmp_path, capsys):

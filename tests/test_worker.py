@@ -37,18 +37,18 @@ def serial_shard(worker: UnitWorker, unit: dict) -> bytes:
     s = worker.settings
     writer = worker.shard_writer(unit)
     windows, _ = worker.read_windows(unit)
-    lengths = [len(w) for _, w in windows]
+    lengths = [len(w.input_ids) for w in windows]
     per_window = {}
     for batch_index, batch in enumerate(make_batches(lengths, s.batch_tokens)):
-        ids, mask = pad_batch([windows[i][1] for i in batch])
+        ids, mask = pad_batch([windows[i].input_ids for i in batch])
         head, samples = worker.compute(ids, mask, unit["unit_id"], batch_index)
         offset = 0
         for i in batch:
             rows = (offset, offset + lengths[i])
             per_window[i] = (head.rows(*rows), None if samples is None else samples.rows(*rows))
             offset += lengths[i]
-    for i, (seq_id, input_ids) in enumerate(windows):
-        writer.add(seq_id, input_ids, *per_window[i])
+    for i, w in enumerate(windows):
+        writer.add(w.seq_id, w.input_ids, *per_window[i])
     return writer.finish()
 
 
@@ -65,12 +65,13 @@ def test_pipelined_process_writes_the_serial_shard(tiny_teacher, unit_corpus, tm
     worker, unit = make_worker(tiny_teacher, unit_corpus, tmp_path / "out", *extra)
     record = worker.process(unit)
     windows, _ = worker.read_windows(unit)
-    assert len(make_batches([len(w) for _, w in windows], worker.settings.batch_tokens)) >= 3  # really pipelined
+    lengths = [len(w.input_ids) for w in windows]
+    assert len(make_batches(lengths, worker.settings.batch_tokens)) >= 3  # really pipelined
     assert record["path"].endswith(get_format(worker.settings.output.format).SUFFIX)
     data = worker.store.read_bytes(record["path"])
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
     assert data == serial_shard(worker, unit)
-    assert record["num_sequences"] == len(windows) and record["num_tokens"] == sum(len(w) for _, w in windows)
+    assert record["num_sequences"] == len(windows) and record["num_tokens"] == sum(len(w.input_ids) for w in windows)
     timing = record["timing_s"]
     assert set(timing) == {"read", "forward", "encode", "encode_overlapped", "write", "total"}
     assert timing["encode_overlapped"] > 0 and timing["total"] >= timing["forward"]
@@ -98,10 +99,10 @@ def test_a_forward_error_stops_the_encoder_and_writes_nothing(tiny_teacher, unit
     worker, unit = make_worker(tiny_teacher, unit_corpus, tmp_path / "out")
     original = worker.compute
 
-    def failing(ids, mask, unit_id, batch_index):
+    def failing(ids, mask, unit_id, batch_index, target_mask=None):
         if batch_index == 2:
             raise RuntimeError("teacher failed (test)")
-        return original(ids, mask, unit_id, batch_index)
+        return original(ids, mask, unit_id, batch_index, target_mask)
 
     monkeypatch.setattr(worker, "compute", failing)
     with pytest.raises(RuntimeError, match="teacher failed"):

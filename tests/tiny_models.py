@@ -20,7 +20,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ARCHS", "GEMMA2_FINAL_LOGIT_SOFTCAP", "SCALED_ARCHS", "build_tiny_model", "build_tiny_tokenizer"]
+__all__ = [
+    "ARCHS",
+    "CHAT_TEMPLATE",
+    "CHAT_TEMPLATE_MERGING",
+    "CHAT_TEMPLATE_PLAIN",
+    "GEMMA2_FINAL_LOGIT_SOFTCAP",
+    "SCALED_ARCHS",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+]
 
 ARCHS = ("llama", "qwen2", "gpt2", "gemma2")
 SCALED_ARCHS = ("granite", "cohere")  # extra archs whose forward scales the final logits
@@ -31,6 +40,30 @@ HIDDEN_SIZE = 64
 HEAD_LOGIT_STD = 4.0  # target std of the output logits (nats), so distributions are far from uniform
 
 _PAD, _BOS, _EOS, _UNK = "<pad>", "<s>", "</s>", "<unk>"  # ids 0, 1, 2, 3 in the trained tokenizer
+
+# Chat templates for the tiny tokenizer. CHAT_TEMPLATE marks each assistant turn's content and its end-of-turn token
+# (EOS) with {% generation %}; CHAT_TEMPLATE_PLAIN renders exactly the same text without the markers, so the
+# turn-by-turn prefix diff must find the same tokens. Turns are separated by a newline *before* each header, so nothing
+# of the template follows an assistant's EOS inside its turn.
+_CHAT_BODY = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}OPEN{{- message['content'] + eos_token -}}CLOSE"
+    "{%- else -%}{{- message['content'] + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{%- if messages -%}{{- '\n' -}}{%- endif -%}{{- '<|assistant|>\n' -}}"
+    "{%- endif -%}"
+)
+CHAT_TEMPLATE = _CHAT_BODY.replace("OPEN", "{% generation %}").replace("CLOSE", "{% endgeneration %}")
+CHAT_TEMPLATE_PLAIN = _CHAT_BODY.replace("OPEN", "").replace("CLOSE", "")
+# No markers, and the generation prompt ends with a space that byte-level BPE glues to the answer's first word:
+# "assistant: " + "Hello" tokenizes as [..., ":", " Hello"], never as [..., ":", " ", "Hello"]. Must be refused.
+CHAT_TEMPLATE_MERGING = (
+    "{%- for message in messages -%}{{- message['role'] + ': ' + message['content'] + eos_token -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'assistant: ' -}}{%- endif -%}"
+)
 
 
 def _config(arch: str, vocab_size: int):
@@ -131,7 +164,7 @@ def _training_text() -> list[str]:
     return [inspect.getsource(module) for module in (json.encoder, json.decoder, string, textwrap)]
 
 
-def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
+def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 256, *, chat_template: str | None = None) -> Path:
     """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast`` into ``out_dir``.
 
     The alphabet is the bytes seen in the training text (not all 256), so ``len(tokenizer) == vocab_size`` holds
@@ -142,6 +175,7 @@ def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
     Args:
         out_dir: Directory to save the tokenizer files into (the model directory is fine); created if missing.
         vocab_size: Total vocabulary including the three special tokens.
+        chat_template: Saved as the tokenizer's chat template (e.g. `CHAT_TEMPLATE`); None: no template.
 
     Returns:
         ``out_dir``.
@@ -159,5 +193,6 @@ def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token=_PAD, bos_token=_BOS, eos_token=_EOS, unk_token=_UNK
     )
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -27,7 +27,7 @@ from typing import Any
 
 from kdcache.capture.plan import WorkUnit, plan_units
 from kdcache.capture.scheduler import ActorFactory, RunStats, schedule_units
-from kdcache.config import KDCacheConfig
+from kdcache.config import CHAT_FORMATS, KDCacheConfig
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.identity import (
     check_claim,
@@ -51,11 +51,16 @@ __all__ = ["compute_fingerprint", "run_cache_job", "shutdown_ray"]
 
 log = logging.getLogger("kdcache.capture.job")
 
+# counts a commit record of a cache of conversations carries: records and windows without a target, skipped
+CHAT_COUNTS = ("no_assistant_tokens", "windows_without_targets")
+
 
 def compute_fingerprint(cfg: KDCacheConfig, files: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """The job's fingerprint inputs (`kdcache.identity.fingerprint_inputs`), from the teacher's config and tokenizer
     (no weights are loaded; the weight files are hashed) and the input files (`files`, default
-    `expand_urls(data.source)`); checks the job against the teacher first (`check_against_teacher`)."""
+    `expand_urls(data.source)`); checks the job against the teacher first (`check_against_teacher`), and that
+    conversations have a chat template."""
+    from kdcache.capture.chat import effective_chat_template, read_chat_template
     from kdcache.capture.teacher import load_tokenizer, read_model_info
 
     files = expand_urls(cfg.data.source) if files is None else files
@@ -68,7 +73,13 @@ def compute_fingerprint(cfg: KDCacheConfig, files: list[tuple[str, int]] | None 
     )
     cfg.validate_against_vocab(info["padded_vocab_size"])
     check_against_teacher(cfg, info, len(tok))
-    return fingerprint_inputs(cfg, info, tokenizer_fingerprint(tok), files)
+    template = None
+    if cfg.data.format in CHAT_FORMATS:
+        template = effective_chat_template(tok, read_chat_template(cfg.data.chat_template))
+        if template is None and cfg.data.format == "chat":
+            name = cfg.data.tokenizer or t.model
+            raise ConfigError(f"data.format=chat: tokenizer {name} has no chat template; set data.chat_template")
+    return fingerprint_inputs(cfg, info, tokenizer_fingerprint(tok), files, template)
 
 
 def check_against_teacher(cfg: KDCacheConfig, model_info: dict[str, Any], tokenizer_size: int) -> None:
@@ -196,6 +207,7 @@ def run_cache_job(
             {key: record[key] for key in ("unit_id", "path", "bytes", "sha256", "num_sequences", "num_tokens")}
             | {"source": unit.url, "range": [unit.start, unit.stop], "padded_tokens": record.get("padded_tokens", 0)}
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
+            | {k: record[k] for k in CHAT_COUNTS if k in record}
             | {k: record[k] for k in ("crc32", "telemetry", "timing_s", "finished_at") if k in record}
         )
     check_claim(store, fingerprint)  # still ours: no other job took the output over while this one ran

@@ -15,7 +15,15 @@ from typing import Any
 from kdcache.capture.sources import parquet_row_groups
 from kdcache.store import expand_urls
 
-__all__ = ["WorkUnit", "plan_units"]
+__all__ = ["WorkUnit", "plan_units", "record_file_format"]
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def record_file_format(url: str) -> str:
+    """How a chat / prompt_completion source file is read: "parquet" when its name ends in .parquet (or .pq), else
+    "jsonl"."""
+    return "parquet" if url.lower().endswith(PARQUET_SUFFIXES) else "jsonl"
 
 
 @dataclass(frozen=True)
@@ -51,20 +59,22 @@ def plan_units(
 
     Args:
         source: URL, glob, or list of them.
-        fmt: "jsonl" | "parquet" | "text".
+        fmt: "jsonl" | "parquet" | "text" | "chat" | "prompt_completion" (records of the last two are read from
+            Parquet for a file name ending in .parquet, from jsonl otherwise: `record_file_format`).
         unit_bytes: target input bytes per jsonl unit.
         files: `expand_urls(source)` when the caller has it already (the job's fingerprint names these files).
     """
     units: list[WorkUnit] = []
     for url, size in expand_urls(source, storage_options) if files is None else files:
-        if fmt == "jsonl":
+        kind = record_file_format(url) if fmt in ("chat", "prompt_completion") else fmt
+        if kind == "jsonl":
             starts = list(range(0, max(size, 1), unit_bytes))
             for start in starts:
                 stop = min(start + unit_bytes, size)
                 units.append(
                     WorkUnit(_unit_id(url, size, "bytes", start, stop), 0, url, "bytes", start, stop, stop - start)
                 )
-        elif fmt == "parquet":
+        elif kind == "parquet":
             groups = parquet_row_groups(url, storage_options)
             for g, rows in enumerate(groups):
                 if rows == 0:
@@ -73,7 +83,7 @@ def plan_units(
                     _unit_id(url, size, "row_group", g, g + 1), 0, url, "row_group", g, g + 1, size // len(groups)
                 )
                 units.append(unit)
-        elif fmt == "text":
+        elif kind == "text":
             units.append(WorkUnit(_unit_id(url, size, "file", 0, size), 0, url, "file", 0, size, size))
         else:
             raise ValueError(f"data.format: unsupported format {fmt!r}")

@@ -3,7 +3,8 @@
 A work unit (see `plan.py`) names one file and a range inside it: a byte range for jsonl (the unit owns every line
 that *starts* inside it, so adjacent units never share or lose a line), a row group for Parquet, the whole file for
 text. Each document gets a stable locator (file, byte offset or row), and each window of `max_length` tokens a
-deterministic 63-bit `seq_id` derived from (file, locator, window index).
+deterministic 63-bit `seq_id` derived from (file, locator, window index). Chat and prompt/completion records
+(`kdcache.capture.chat`) come from jsonl or Parquet files the same way (the unit's kind says which).
 
 Malformed input raises `SourceError` naming the file and line (or byte offset) or row.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kdcache.capture.chat import ChatRecord, parse_chat, parse_prompt_completion
 from kdcache.errors import SourceError
 from kdcache.store import open_url
 
@@ -34,12 +36,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Document:
-    """One input record: its locator inside the file and either text or token ids."""
+    """One input record: its locator inside the file and either text, token ids or a chat record."""
 
     locator: str  # "b<byte offset>" (jsonl), "r<row>" (parquet), "f" (text file)
     text: str | None = None
     ids: Sequence[int] | None = None
     where: str = ""  # "<url>: line N" / "<url>: row N" / "<url>": what an error about this record names
+    chat: ChatRecord | None = None  # data.format chat / prompt_completion
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Window:
 
     seq_id: int
     input_ids: np.ndarray  # [T] int32
+    target_mask: np.ndarray | None = None  # [T] bool: the positions that get a target (None: every position)
 
 
 def make_seq_id(source_url: str, locator: str, window_index: int) -> int:
@@ -63,12 +67,48 @@ def iter_documents(
     text_field: str,
     ids_field: str | None,
     storage_options: dict[str, Any] | None = None,
+    messages_field: str = "messages",
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
 ) -> Iterator[Document]:
-    """Yield the documents of one work unit (a dict from `plan.WorkUnit.to_dict()`)."""
+    """Yield the documents of one work unit (a dict from `plan.WorkUnit.to_dict()`).
+
+    For ``fmt`` chat / prompt_completion the records come from jsonl or Parquet by the unit's kind (byte range or
+    row group) and each document carries a `ChatRecord` (fields: ``messages_field`` / ``prompt_field`` and
+    ``completion_field``).
+    """
+    if fmt in ("chat", "prompt_completion"):
+        if fmt == "chat":
+            columns = {messages_field: "data.messages_field"}
+
+            def parse(record: Any, where: str) -> Document | None:
+                chat = parse_chat(record, where, messages_field=messages_field)
+                return None if chat is None else Document("", chat=chat)
+
+        else:
+            columns = {prompt_field: "data.prompt_field", completion_field: "data.completion_field"}
+
+            def parse(record: Any, where: str) -> Document | None:
+                chat = parse_prompt_completion(
+                    record, where, prompt_field=prompt_field, completion_field=completion_field
+                )
+                return None if chat is None else Document("", chat=chat)
+
+        if unit.get("kind") == "row_group":
+            yield from _iter_parquet(unit["url"], unit["start"], columns, parse, storage_options)
+        else:
+            yield from _iter_jsonl(unit["url"], unit["start"], unit["stop"], parse, storage_options)
+        return
+
+    def parse_text(record: Any, where: str) -> Document | None:
+        return _record_value(record, where, text_field, ids_field)
+
     if fmt == "jsonl":
-        yield from _iter_jsonl(unit["url"], unit["start"], unit["stop"], text_field, ids_field, storage_options)
+        yield from _iter_jsonl(unit["url"], unit["start"], unit["stop"], parse_text, storage_options)
     elif fmt == "parquet":
-        yield from _iter_parquet(unit["url"], unit["start"], text_field, ids_field, storage_options)
+        key = "data.ids_field" if ids_field else "data.text_field"
+        columns = {ids_field or text_field: key}
+        yield from _iter_parquet(unit["url"], unit["start"], columns, parse_text, storage_options)
     elif fmt == "text":
         with open_url(unit["url"], "rb", storage_options) as f:
             raw = f.read()
@@ -104,7 +144,7 @@ def _record_value(record: Any, where: str, text_field: str, ids_field: str | Non
     return Document("", text=text)
 
 
-def _iter_jsonl(url, start, stop, text_field, ids_field, storage_options) -> Iterator[Document]:
+def _iter_jsonl(url, start, stop, parse, storage_options) -> Iterator[Document]:
     with open_url(url, "rb", storage_options) as f:
         offset = start
         if start > 0:
@@ -130,11 +170,11 @@ def _iter_jsonl(url, start, stop, text_field, ids_field, storage_options) -> Ite
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise SourceError(f"{where}: malformed JSON ({exc})") from None
-            doc = _record_value(record, where, text_field, ids_field)
+            doc = parse(record, where)
             if doc is None:
                 yield Document(f"b{this_offset}", where=where)
             else:
-                yield Document(f"b{this_offset}", doc.text, doc.ids, where)
+                yield Document(f"b{this_offset}", doc.text, doc.ids, where, doc.chat)
 
 
 def parquet_row_groups(url: str, storage_options: dict[str, Any] | None = None) -> list[int]:
@@ -149,24 +189,26 @@ def parquet_row_groups(url: str, storage_options: dict[str, Any] | None = None) 
         return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
-def _iter_parquet(url, row_group, text_field, ids_field, storage_options) -> Iterator[Document]:
+def _iter_parquet(url, row_group, columns, parse, storage_options) -> Iterator[Document]:
+    """Documents of one row group: ``parse({column: value, ...}, where)`` per row; ``columns`` maps each column read
+    to the config key that names it (for the error when it is missing)."""
     import pyarrow.parquet as pq
 
-    column = ids_field or text_field
     with open_url(url, "rb", storage_options) as f:
         pf = pq.ParquetFile(f)
-        if column not in pf.schema_arrow.names:
-            key = "data.ids_field" if ids_field else "data.text_field"
-            raise SourceError(f"{url}: no column {column!r} ({key}); columns: {pf.schema_arrow.names}")
+        for column in columns:
+            if column not in pf.schema_arrow.names:
+                raise SourceError(f"{url}: no column {column!r} ({columns[column]}); columns: {pf.schema_arrow.names}")
         first_row = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
-        values = pf.read_row_group(row_group, columns=[column]).column(0).to_pylist()
-    for i, value in enumerate(values):
+        table = pf.read_row_group(row_group, columns=list(columns))
+    values = {column: table.column(column).to_pylist() for column in columns}
+    for i in range(table.num_rows):
         row = first_row + i
-        doc = _record_value({column: value}, f"{url}: row {row}", text_field, ids_field)
+        doc = parse({column: values[column][i] for column in columns}, f"{url}: row {row}")
         if doc is None:
             yield Document(f"r{row}", where=f"{url}: row {row}")
         else:
-            yield Document(f"r{row}", doc.text, doc.ids, f"{url}: row {row}")
+            yield Document(f"r{row}", doc.text, doc.ids, f"{url}: row {row}", doc.chat)
 
 
 def tokenize_documents(

@@ -448,7 +448,13 @@ class Teacher:
 
     @torch.inference_mode()
     def compute_targets(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int, temperatures: Sequence[float]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        k: int,
+        temperatures: Sequence[float],
+        target_mask: torch.Tensor | None = None,
     ) -> TokenTargets:
         """Top-k soft targets of every valid position of a right-padded batch.
 
@@ -457,21 +463,31 @@ class Teacher:
             attention_mask: ``[B, L]`` 0/1, 1 on valid tokens, all 1s before all 0s in each row.
             k: Ids kept per position, ``1 <= k <= padded_vocab_size``.
             temperatures: Temperatures for normalizers and tail masses; ``temperatures[0]`` must be 1.0.
+            target_mask: ``[B, L]`` bool, a subset of ``attention_mask``: only these positions get targets (the head
+                runs on them alone); None: every valid position.
 
         Returns:
-            TokenTargets for the ``N = attention_mask.sum()`` valid positions in row-major order (row 0's valid
-            tokens, then row 1's, ...), on ``self.device``. Targets at position t describe the next token after t.
+            TokenTargets for the ``N = attention_mask.sum()`` valid positions (``target_mask.sum()`` with a target
+            mask) in row-major order (row 0's, then row 1's, ...), on ``self.device``. Targets at position t describe
+            the next token after t.
 
         Raises:
-            ValueError: malformed batch (shapes, non-binary or left-padded mask), bad k or temperatures.
+            ValueError: malformed batch (shapes, non-binary or left-padded mask, a target mask outside it), bad k or
+                temperatures.
         """
-        if self.padded_vocab_size == 0 or input_ids.numel() == 0 or int(attention_mask.sum()) == 0:
+        selected = attention_mask if target_mask is None else target_mask
+        if self.padded_vocab_size == 0 or input_ids.numel() == 0 or int(selected.sum()) == 0:
             empty = torch.empty(0, self.padded_vocab_size, device=self.device)
             return select_topk(empty, k, temperatures)
         # select_topk ranks bfloat16/float16 logits as they are and converts them per cache-sized block: no float32
         # copy of the chunk.
         parts = self.map_logit_chunks(
-            input_ids, attention_mask, lambda z: select_topk(z, k, temperatures), as_float32=False, reuse_buffer=True
+            input_ids,
+            attention_mask,
+            lambda z: select_topk(z, k, temperatures),
+            as_float32=False,
+            reuse_buffer=True,
+            target_mask=target_mask,
         )
         return TokenTargets.concat(parts)
 
@@ -485,8 +501,10 @@ class Teacher:
         head: int,
         temperatures: Sequence[float],
         generator: torch.Generator | None = None,
+        target_mask: torch.Tensor | None = None,
     ) -> tuple[TokenTargets, SampledTargets]:
-        """Sampled (head = 0) or hybrid (head > 0) targets of every valid position; see `targets.sample_targets`.
+        """Sampled (head = 0) or hybrid (head > 0) targets of every valid position (or of ``target_mask``'s, as in
+        :meth:`compute_targets`); see `targets.sample_targets`.
 
         Returns:
             (TokenTargets with ids ``[N, head]``, SampledTargets ``[N, m]``), positions as in :meth:`compute_targets`.
@@ -498,6 +516,7 @@ class Teacher:
                 z, num_samples=num_samples, head=head, temperatures=temperatures, generator=generator
             ),
             reuse_buffer=True,
+            target_mask=target_mask,
         )
         return TokenTargets.concat([p[0] for p in parts]), SampledTargets.concat([p[1] for p in parts])
 
@@ -510,6 +529,7 @@ class Teacher:
         as_float32: bool = True,
         reuse_buffer: bool = False,
         batching: str | None = None,
+        target_mask: torch.Tensor | None = None,
     ) -> list:
         """Run the body (once per batch, or per group of rows as ``batching`` says), then `fn(logits [n, V])` on
         chunks of valid positions in row-major order.
@@ -519,26 +539,42 @@ class Teacher:
         ``fn`` gets float32 logits, or with ``as_float32=False`` logits in the model's dtype. With
         ``reuse_buffer=True`` every chunk's logits may be written into one buffer allocated per call, so ``fn`` must
         not keep a reference to its argument (its results must be new tensors). ``batching``: one of
-        `BATCHING_MODES`; default ``self.batching``, which the load-time probe chose.
+        `BATCHING_MODES`; default ``self.batching``, which the load-time probe chose. With ``target_mask`` (``[B, L]``
+        bool, a subset of the valid positions) only its positions reach the head: the body still sees every token.
         """
         input_ids, mask = self._check_batch(input_ids, attention_mask)
+        selected = None  # [N] bool over the valid positions, row-major: which of them reach the head
+        if target_mask is not None:
+            target_mask = target_mask.to(mask.device).bool()
+            if target_mask.shape != mask.shape or bool((target_mask & ~mask.bool()).any()):
+                raise ValueError(f"target_mask must be [B, L] = {tuple(mask.shape)} and inside attention_mask")
+            selected = target_mask[mask.bool()]
         rows = max(1, self.chunk_bytes // (self.padded_vocab_size * 4))
         if self.head_kind == "whole":
-            return [fn(z.float() if as_float32 else z) for z in self._whole_forward_chunks(input_ids, mask, rows)]
+            chunks = self._whole_forward_chunks(input_ids, mask, rows, target_mask)
+            return [fn(z.float() if as_float32 else z) for z in chunks]
         # [N, H], row-major, on the head's device (a sharded model's last layer may sit elsewhere)
-        hidden = self._valid_hidden(input_ids, mask, batching or self.batching).to(self._head_device)
+        hidden = self._valid_hidden(input_ids, mask, batching or self.batching)
+        if selected is not None:
+            hidden = hidden[selected.to(hidden.device)]
+        hidden = hidden.to(self._head_device)
         out = None
         if reuse_buffer and self._plain_head and hidden.shape[0] > rows:  # one chunk: nothing to reuse
             out = torch.empty((rows, self.padded_vocab_size), dtype=hidden.dtype, device=hidden.device)
         chunks = (self._logits(hidden[start : start + rows], out) for start in range(0, hidden.shape[0], rows))
         return [fn(z.float() if as_float32 else z) for z in chunks]
 
-    def _whole_forward_chunks(self, input_ids: torch.Tensor, mask: torch.Tensor, rows: int) -> Any:
-        """Logits chunks ``[<= rows, V]`` of each row's own whole forward, one row at a time (head_kind "whole")."""
+    def _whole_forward_chunks(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, rows: int, target_mask: torch.Tensor | None = None
+    ) -> Any:
+        """Logits chunks ``[<= rows, V]`` of each row's own whole forward, one row at a time (head_kind "whole"); only
+        ``target_mask``'s positions when given."""
         for row, length in enumerate(mask.sum(dim=1).tolist()):
             if length:
                 logits = self.model(input_ids=input_ids[row : row + 1, :length], use_cache=False).logits[0]
-                yield from (logits[start : start + rows] for start in range(0, length, rows))
+                if target_mask is not None:
+                    logits = logits[target_mask[row, :length].to(logits.device)]
+                yield from (logits[start : start + rows] for start in range(0, logits.shape[0], rows))
 
     @torch.inference_mode()
     def full_log_softmax(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kdcache.capture.sources import cut_windows, iter_documents, make_seq_id, tokenize_documents
+from kdcache.capture.chat import ChatRenderer, effective_chat_template, read_chat_template, target_mask
+from kdcache.capture.sources import Window, cut_windows, iter_documents, make_seq_id, tokenize_documents
 from kdcache.codec import CodecParams
-from kdcache.config import DataConfig, KDCacheConfig, OutputConfig, TargetsConfig, TeacherConfig
-from kdcache.errors import CacheMismatchError, SourceError
+from kdcache.config import CHAT_FORMATS, DataConfig, KDCacheConfig, OutputConfig, TargetsConfig, TeacherConfig
+from kdcache.errors import CacheMismatchError, ConfigError, SourceError
 from kdcache.formats import get_format
 from kdcache.formats.base import BufferedShardWriter
 from kdcache.manifest import FORMAT_VERSION, commit_key, dumps, shard_key
@@ -46,7 +47,15 @@ from kdcache.telemetry import captured_mass, summarize_tokens
 if TYPE_CHECKING:
     from kdcache.capture.targets import SampledTargets, TokenTargets
 
-__all__ = ["ENCODE_QUEUE_BATCHES", "BatchEncoder", "UnitWorker", "WorkerSettings", "make_batches", "pad_batch"]
+__all__ = [
+    "ENCODE_QUEUE_BATCHES",
+    "BatchEncoder",
+    "UnitWorker",
+    "WorkerSettings",
+    "make_batches",
+    "pad_batch",
+    "pad_target_masks",
+]
 
 ENCODE_QUEUE_BATCHES = 2  # computed batches waiting for the encoder at most (bounds the host memory they hold)
 
@@ -85,6 +94,7 @@ class WorkerSettings:
     output: OutputConfig
     batch_tokens: int  # padded tokens per teacher batch
     fingerprint: str  # the cache's fingerprint, stored in each shard's metadata
+    chat_template: str | None = None  # data.chat_template's text, read on the driver (actors may not see its file)
 
     @classmethod
     def from_config(cls, cfg: KDCacheConfig, fingerprint: str) -> WorkerSettings:
@@ -92,7 +102,8 @@ class WorkerSettings:
         teacher = cfg.teacher
         if teacher.device_map is None and cfg.cluster.gpus_per_actor > 1:
             teacher = dataclasses.replace(teacher, device_map="auto")  # one replica spread over its actor's GPUs
-        return cls(teacher, cfg.data, cfg.targets, cfg.output, cfg.cluster.batch_tokens, fingerprint)
+        template = read_chat_template(cfg.data.chat_template)
+        return cls(teacher, cfg.data, cfg.targets, cfg.output, cfg.cluster.batch_tokens, fingerprint, template)
 
     @property
     def codec(self) -> CodecParams:
@@ -132,39 +143,92 @@ class UnitWorker:
         # Every input id must index the teacher's embedding: checked per document, before the int32 windows (an
         # id >= 2**32 would wrap) and before the forward (where it would be an IndexError, retried as if transient).
         self.vocab_limit = int(self.teacher.model.get_input_embeddings().weight.shape[0])
+        self.renderer: ChatRenderer | None = None  # chat / prompt_completion records
+        if data.format in CHAT_FORMATS:
+            template = effective_chat_template(self.tokenizer, settings.chat_template)
+            if template is None and data.format == "chat":
+                raise ConfigError(
+                    f"data.format=chat: tokenizer {data.tokenizer or t.model} has no chat template; set "
+                    "data.chat_template"
+                )
+            self.renderer = ChatRenderer(self.tokenizer, template, add_eos=data.add_eos)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # verbose=False: whole documents exceed model_max_length by design (they are cut into windows next)
         return self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
 
-    def read_windows(self, unit: dict[str, Any]) -> tuple[list[tuple[int, np.ndarray]], dict[str, int]]:
-        """The unit's windows as (seq_id, input_ids [T] int32), plus counts of skipped input."""
+    def _tokenized(self, docs: Any) -> Any:
+        """(document, ids, assistant mask [T] bool or None) per document: chat records rendered with the template,
+        text tokenized in batches (with EOS appended when data.add_eos)."""
+        if self.renderer is not None:
+            for doc in docs:
+                ids, assistant = self.renderer.render(doc.chat)
+                yield doc, ids, assistant
+            return
+        eos, add_eos = self.tokenizer.eos_token_id, self.settings.data.add_eos
+        for doc, ids in tokenize_documents(docs, self._encode):
+            if add_eos and eos is not None and doc.ids is None:
+                ids = [*ids, eos]
+            yield doc, ids, None
+
+    def read_windows(self, unit: dict[str, Any]) -> tuple[list[Window], dict[str, int]]:
+        """The unit's windows (seq_id, input_ids [T] int32, target_mask [T] bool or None), plus counts of skipped
+        input.
+
+        With ``targets.positions: assistant`` a window's target mask is True where the next token is an assistant
+        token (computed over the whole record, so a window's last position sees the next window's first token); a
+        record without one (``no_assistant_tokens``) and a window without one (``windows_without_targets``) are
+        skipped and counted.
+        """
         data = self.settings.data
         counts = {"documents": 0, "empty_documents": 0, "short_windows_dropped": 0}
-        docs = iter_documents(unit, fmt=data.format, text_field=data.text_field, ids_field=data.ids_field)
-        eos = self.tokenizer.eos_token_id
-        windows: list[tuple[int, np.ndarray]] = []
+        masked = self.renderer is not None and self.settings.targets.positions == "assistant"
+        if masked:
+            counts |= {"no_assistant_tokens": 0, "windows_without_targets": 0}
+        docs = iter_documents(
+            unit,
+            fmt=data.format,
+            text_field=data.text_field,
+            ids_field=data.ids_field,
+            messages_field=data.messages_field,
+            prompt_field=data.prompt_field,
+            completion_field=data.completion_field,
+        )
+        windows: list[Window] = []
         non_empty = (d for d in docs if not _is_empty(d, counts))
-        for doc, ids in tokenize_documents(non_empty, self._encode):
+        for doc, ids, assistant in self._tokenized(non_empty):
             counts["documents"] += 1
-            if ids and max(ids) >= self.vocab_limit:
+            if len(ids) and max(ids) >= self.vocab_limit:
                 raise SourceError(_id_error(doc, max(ids), self.vocab_limit, data))
-            if data.add_eos and eos is not None and doc.ids is None:
-                ids = [*ids, eos]
+            targets = None
+            if masked:
+                targets = target_mask(assistant)
+                if not targets.any():
+                    counts["no_assistant_tokens"] += 1
+                    continue
             cut = cut_windows(ids, data.max_length, data.min_length)
             counts["short_windows_dropped"] += -(-len(ids) // data.max_length) - len(cut)
-            windows += [(make_seq_id(unit["url"], doc.locator, w), arr) for w, arr in enumerate(cut)]
+            for w, arr in enumerate(cut):
+                start = w * data.max_length  # cut_windows drops only a short last window
+                window_mask = None if targets is None else targets[start : start + len(arr)]
+                if window_mask is not None and not window_mask.any():
+                    counts["windows_without_targets"] += 1
+                    continue
+                windows.append(Window(make_seq_id(unit["url"], doc.locator, w), arr, window_mask))
         return windows, counts
 
     def compute(
-        self, ids: Any, mask: Any, unit_id: str, batch_index: int
+        self, ids: Any, mask: Any, unit_id: str, batch_index: int, target_mask: Any = None
     ) -> tuple[TokenTargets, SampledTargets | None]:
-        """Targets of one right-padded batch's valid positions, row-major, as numpy arrays on the host."""
+        """Targets of one right-padded batch's valid positions (or of ``target_mask``'s, ``[B, L]`` bool), row-major,
+        as numpy arrays on the host."""
         import torch
 
         targets = self.settings.targets
         if targets.num_samples == 0:
-            head = self.teacher.compute_targets(ids, mask, k=targets.stored_k, temperatures=targets.temperatures)
+            head = self.teacher.compute_targets(
+                ids, mask, k=targets.stored_k, temperatures=targets.temperatures, target_mask=target_mask
+            )
             return head.numpy(), None
         # Seeded per (seed, unit, batch): a rerun or a retry on another actor draws the same ids.
         generator = torch.Generator(device=self.teacher.device)
@@ -176,6 +240,7 @@ class UnitWorker:
             head=targets.stored_k,
             temperatures=targets.temperatures,
             generator=generator,
+            target_mask=target_mask,
         )
         return head.numpy(), samples.numpy()
 
@@ -205,18 +270,24 @@ class UnitWorker:
         windows, counts = self.read_windows(unit)
         t_read = time.perf_counter()
         writer = self.shard_writer(unit)
-        lengths = [len(w) for _, w in windows]
+        lengths = [len(w.input_ids) for w in windows]
+        # target rows per window: every position, or the True positions of its target mask
+        num_rows = [n if w.target_mask is None else int(w.target_mask.sum()) for n, w in zip(lengths, windows)]
+        masked = any(w.target_mask is not None for w in windows)
         encoded: list[Any] = [None] * len(windows)  # EncodedSequence per window, in read order
         entropies: list[Any] = [None] * len(windows)
         masses: list[Any] = [None] * len(windows)
 
         def encode_batch(batch: list[int], head: TokenTargets, samples: SampledTargets | None) -> None:
             offset = 0
-            for i in batch:  # valid positions come row by row, in batch order
-                rows = (offset, offset + lengths[i])
-                offset += lengths[i]
+            for i in batch:  # target positions come row by row, in batch order
+                rows = (offset, offset + num_rows[i])
+                offset += num_rows[i]
                 seq_head, seq_samples = head.rows(*rows), None if samples is None else samples.rows(*rows)
-                encoded[i] = writer.encode_sequence(windows[i][0], windows[i][1], seq_head, seq_samples)
+                w = windows[i]
+                encoded[i] = writer.encode_sequence(
+                    w.seq_id, w.input_ids, seq_head, seq_samples, target_mask=w.target_mask
+                )
                 entropies[i] = seq_head.entropy
                 masses[i] = captured_mass(seq_head.logprobs, None if seq_samples is None else seq_samples.logprobs)
 
@@ -225,10 +296,11 @@ class UnitWorker:
         encoder = BatchEncoder(encode_batch)
         try:
             for batch_index, batch in enumerate(make_batches(lengths, self.settings.batch_tokens)):
-                ids, mask = pad_batch([windows[i][1] for i in batch])
+                ids, mask = pad_batch([windows[i].input_ids for i in batch])
+                selected = pad_target_masks([windows[i].target_mask for i in batch], ids.shape) if masked else None
                 padded += ids.numel()
                 f0 = time.perf_counter()
-                head, samples = self.compute(ids, mask, unit["unit_id"], batch_index)
+                head, samples = self.compute(ids, mask, unit["unit_id"], batch_index, selected)
                 forward_s += time.perf_counter() - f0
                 encoder.submit(batch, head, samples)  # raises at once if the encoder failed
         except BaseException:
@@ -249,6 +321,7 @@ class UnitWorker:
             "crc32": zlib.crc32(data),
             "num_sequences": writer.num_sequences,
             "num_tokens": writer.num_tokens,
+            "num_target_tokens": sum(num_rows),
             "padded_tokens": padded,
             **counts,
             "telemetry": summarize_tokens(
@@ -351,6 +424,18 @@ def pad_batch(token_windows: list[np.ndarray]) -> tuple[Any, Any]:
     return ids, mask
 
 
+def pad_target_masks(masks: list[np.ndarray | None], shape: tuple[int, int]) -> Any:
+    """``[B, L]`` bool tensor of a batch's target masks (each ``[T_i]`` bool), right-padded with False."""
+    import torch
+
+    out = torch.zeros(shape, dtype=torch.bool)
+    for row, m in enumerate(masks):
+        if m is None:
+            raise ValueError("pad_target_masks: every window of a masked batch needs its target mask")
+        out[row, : len(m)] = torch.from_numpy(np.asarray(m, dtype=bool))
+    return out
+
+
 def _draw_seed(seed: int, unit_id: str, batch_index: int) -> int:
     digest = hashlib.blake2b(f"{seed}\0{unit_id}\0{batch_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
@@ -372,7 +457,7 @@ def _id_error(doc: Any, largest: int, limit: int, data: DataConfig) -> str:
 
 def _is_empty(doc, counts: dict[str, int]) -> bool:
     empty = (
-        (doc.text is None and doc.ids is None)
+        (doc.text is None and doc.ids is None and doc.chat is None)
         or (doc.text is not None and not doc.text.strip())
         or (doc.ids is not None and len(doc.ids) == 0)
     )

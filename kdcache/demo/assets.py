@@ -5,7 +5,9 @@ the standard library's own ``.py`` sources, which every Python install has:
 
 * a corpus of jsonl shards, one record ``{"text": ..., "name": ...}`` per source file, split into train / valid by
   a hash of the file name;
-* a byte-level BPE tokenizer (``tokenizers``) wrapped as a ``transformers`` fast tokenizer;
+* a chat set (`kdcache.demo.chat`): questions about standard-library functions answered with their docstrings, one
+  record ``{"name": ..., "messages": [...]}`` per function, for `configs/chat-quickstart.yaml`;
+* a byte-level BPE tokenizer (``tokenizers``) wrapped as a ``transformers`` fast tokenizer, with a chat template;
 * a 2-layer ``LlamaForCausalLM`` whose vocabulary is padded up to a multiple of 64 (like real checkpoints: the
   logits have more rows than the tokenizer has tokens), trained for a fixed number of AdamW steps so its next-token
   distributions are far from uniform. **A demo, not a real model.**
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcache.demo import corpus, teacher
+from kdcache.demo import chat, corpus, teacher
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -44,7 +46,7 @@ __all__ = ["DEFAULT_TRAIN_STEPS", "DemoAssets", "prepare_demo"]
 logger = logging.getLogger(__name__)
 
 MARKER_NAME = "demo.json"  # written last: its presence (with matching settings) means the assets are complete
-FORMAT_VERSION = 1  # bump when the layout or the recipe changes, so old assets are rebuilt
+FORMAT_VERSION = 2  # bump when the layout or the recipe changes, so old assets are rebuilt (2: the chat set)
 DEFAULT_TRAIN_STEPS = 400  # AdamW steps of 8 x 128 tokens: ~20 s on 2 idle CPU cores; loss 7.7 -> 4.2 nats
 
 
@@ -64,6 +66,16 @@ class DemoAssets:
     train_dir: Path
     valid_dir: Path
     info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def chat_train_dir(self) -> Path:
+        """The chat set's training conversations (``part-00000.jsonl``, records ``{"name", "messages"}``)."""
+        return self.train_dir.parent / "chat" / "train"
+
+    @property
+    def chat_valid_dir(self) -> Path:
+        """The chat set's held-out conversations (split by function name)."""
+        return self.train_dir.parent / "chat" / "valid"
 
 
 # --------------------------------------------------------------------------------------------------- assets
@@ -103,6 +115,8 @@ def _complete(assets: DemoAssets) -> bool:
         and any(assets.teacher_dir.glob("*.safetensors"))
         and any(assets.train_dir.glob("*.jsonl"))
         and any(assets.valid_dir.glob("*.jsonl"))
+        and any(assets.chat_train_dir.glob("*.jsonl"))
+        and any(assets.chat_valid_dir.glob("*.jsonl"))
     )
 
 
@@ -118,11 +132,11 @@ def prepare_demo(
 ) -> DemoAssets:
     """Build (or reuse) the demo teacher and corpus under ``workdir``.
 
-    Layout: ``workdir/teacher`` (model + tokenizer), ``workdir/train/*.jsonl``, ``workdir/valid/*.jsonl`` and the
-    marker ``workdir/demo.json``. If the marker exists with the same settings and the folders are complete, returns
-    at once without training. Otherwise removes the marker first, builds everything in a temporary folder inside
-    ``workdir``, moves the folders into place and writes the marker last, so an interrupted build never looks
-    complete.
+    Layout: ``workdir/teacher`` (model + tokenizer), ``workdir/train/*.jsonl``, ``workdir/valid/*.jsonl``,
+    ``workdir/chat/{train,valid}/part-00000.jsonl`` and the marker ``workdir/demo.json``. If the marker exists with
+    the same settings and the folders are complete, returns at once without training. Otherwise removes the marker
+    first, builds everything in a temporary folder inside ``workdir``, moves the folders into place and writes the
+    marker last, so an interrupted build never looks complete.
 
     Args:
         workdir: Created if missing.
@@ -168,16 +182,17 @@ def prepare_demo(
             raise ValueError(f"prepare_demo: max_files={max_files} gives too few stdlib files for a train/valid split")
         corpus.write_corpus(train_docs, tmp / "train", files=corpus_files)
         corpus.write_corpus(valid_docs, tmp / "valid", files=min(2, corpus_files))
+        chat_counts = chat.write_chat(tmp / "chat")
         train_texts = [text for _, text in train_docs]
         logger.info("demo: %d train / %d valid stdlib files; training the tokenizer", len(train_docs), len(valid_docs))
-        tokenizer = teacher.train_tokenizer(train_texts, tmp / "teacher")
+        tokenizer = teacher.train_tokenizer(train_texts, tmp / "teacher", chat_template=chat.DEMO_CHAT_TEMPLATE)
         model = teacher.build_teacher(tokenizer, seed=seed)
         logger.info("demo: training a %d-parameter teacher", sum(p.numel() for p in model.parameters()))
         stats = teacher.train_teacher(
             model, tokenizer, train_texts, steps=train_steps, seconds=train_seconds, seed=seed, progress=progress
         )
         _save_quietly(model, tmp / "teacher")
-        for name in ("teacher", "train", "valid"):
+        for name in ("teacher", "train", "valid", "chat"):
             target = workdir / name
             if target.exists():
                 shutil.rmtree(target)
@@ -192,6 +207,7 @@ def prepare_demo(
         "model_vocab_size": int(model.config.vocab_size),
         "train_files": len(train_docs),
         "valid_files": len(valid_docs),
+        "chat_conversations": chat_counts,
         "build_seconds": round(time.perf_counter() - started, 3),
     }
     marker_tmp = workdir / f".{MARKER_NAME}.tmp"

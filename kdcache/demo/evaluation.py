@@ -5,10 +5,13 @@ teacher's distributions on them, and evaluate a student against the true next to
     model = build_student(StudentSpec("h64-L1", 64, 1, 2), vocab_size=teacher.config.vocab_size)
     metrics = evaluate(model, valid)        # {"ce", "kl", "ece", "accuracy", "confidence"}
 
+    chats = make_chat_validation(teacher, tokenizer, read_conversations(assets.chat_valid_dir), length=256)
+
 Metrics: cross-entropy against the true next token, KL(teacher || student) over the full vocabulary, and the expected
-calibration error of the top-1 prediction. The math (`dense_forward_kl`, `kl_to_teacher`,
-`expected_calibration_error`) is pure functions on tensors; transformers is imported inside `build_student`. The
-training loop is in `kdcache.demo.training`, the comparison of runs in `kdcache.demo.students`.
+calibration error of the top-1 prediction; on held-out conversations (`make_chat_validation`) only at the positions
+whose next token is an assistant's, the positions a chat cache stores targets for. The math (`dense_forward_kl`,
+`kl_to_teacher`, `expected_calibration_error`) is pure functions on tensors; transformers is imported inside
+`build_student`. The training loop is in `kdcache.demo.training`, the comparison of runs in `kdcache.demo.students`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ __all__ = [
     "evaluate",
     "expected_calibration_error",
     "kl_to_teacher",
+    "make_chat_validation",
     "make_validation",
     "num_parameters",
+    "read_conversations",
     "read_texts",
 ]
 
@@ -194,6 +199,8 @@ class ValidationSet:
             ``curve_ce`` on the curve windows only).
         curve_windows: Windows used for the intermediate points of training curves (the first ones); final
             metrics use all N.
+        mask: ``[N, L]`` bool, the positions measured (held-out conversations: where the next token is an
+            assistant's); None: every position.
     """
 
     input_ids: Tensor
@@ -201,10 +208,11 @@ class ValidationSet:
     teacher_logprobs: Tensor
     teacher: dict[str, float] = field(default_factory=dict)
     curve_windows: int | None = None
+    mask: Tensor | None = None
 
     @property
     def tokens(self) -> int:
-        return int(self.labels.numel())
+        return int(self.labels.numel()) if self.mask is None else int(self.mask.sum())
 
 
 def read_texts(folder: str | Path) -> list[str]:
@@ -262,19 +270,101 @@ def make_validation(
         for lo in range(0, windows, batch_windows):
             logits = teacher(input_ids=input_ids[lo : lo + batch_windows]).logits.float()
             parts.append(torch.log_softmax(logits, -1))
-    logprobs = torch.cat(parts)
-    valid = ValidationSet(input_ids, labels, logprobs, curve_windows=curve_windows)
+    valid = ValidationSet(input_ids, labels, _teacher_logprobs(teacher, input_ids, batch_windows))
+    valid.curve_windows = curve_windows
+    valid.teacher = _teacher_metrics(valid, num_parameters(teacher))
+    return valid
+
+
+def _teacher_logprobs(teacher: torch.nn.Module, input_ids: Tensor, batch_windows: int) -> Tensor:
+    """The teacher's log-softmax ``[N, L, V]`` float32 on right-padded windows, ``batch_windows`` at a time."""
+    parts = []
+    teacher.eval()
+    with torch.no_grad():
+        for lo in range(0, input_ids.shape[0], batch_windows):
+            logits = teacher(input_ids=input_ids[lo : lo + batch_windows]).logits.float()
+            parts.append(torch.log_softmax(logits, -1))
+    return torch.cat(parts)
+
+
+def _teacher_metrics(valid: ValidationSet, params: int) -> dict[str, float]:
+    """The teacher's own CE / accuracy / ECE / entropy on the measured positions (``curve_ce``: curve windows)."""
+    logprobs, labels = valid.teacher_logprobs, valid.labels
+    mask = torch.ones(labels.shape, dtype=torch.bool) if valid.mask is None else valid.mask
     confidence, predicted = logprobs.max(-1)
     token_ce = -logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N, L]
-    valid.teacher = {
-        "ce": float(token_ce.mean()),
-        "curve_ce": float(token_ce[:curve_windows].mean()),  # on the windows the curves are drawn on
+    curve = valid.curve_windows
+    return {
+        "ce": float(token_ce[mask].mean()),
+        "curve_ce": float(token_ce[:curve][mask[:curve]].mean()),  # on the windows the curves are drawn on
         "kl": 0.0,
-        "accuracy": float((predicted == labels).double().mean()),
-        "ece": expected_calibration_error(confidence.exp(), predicted == labels),
-        "entropy": float(-(logprobs.exp() * logprobs).sum(-1).mean()),
-        "params": num_parameters(teacher),
+        "accuracy": float((predicted == labels)[mask].double().mean()),
+        "ece": expected_calibration_error(confidence.exp()[mask], (predicted == labels)[mask]),
+        "entropy": float(-(logprobs.exp() * logprobs).sum(-1)[mask].mean()),
+        "params": params,
     }
+
+
+def read_conversations(folder: str | Path, field: str = "messages") -> list[list[dict[str, Any]]]:
+    """The ``messages`` of every record of the ``*.jsonl`` files in ``folder`` (sorted by file name)."""
+    out = []
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out.append(json.loads(line)[field])
+    if not out:
+        raise ValueError(f"{folder}: no jsonl records with a {field!r} field")
+    return out
+
+
+def make_chat_validation(
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    *,
+    length: int,
+    windows: int | None = None,
+    curve_windows: int | None = None,
+    batch_windows: int = 8,
+) -> ValidationSet:
+    """Held-out conversations as a cache of them sees them, measured where a chat cache stores targets.
+
+    Each conversation is rendered with the tokenizer's chat template and cut into windows of ``length`` tokens
+    (`kdcache.capture.chat.ChatRenderer`, as the caching job does); a position is measured when its next token is an
+    assistant token (the window's last position too: its label is the next window's first token). Windows without
+    such a position are dropped. Rows are right-padded to the longest window (padding is never measured).
+
+    Args:
+        teacher: A causal LM returning ``.logits``. tokenizer: with the chat template the cache was made with.
+        conversations: Lists of ``{"role", "content"}`` messages.
+        length: Tokens per window (the cache's ``data.max_length``).
+        windows: Keep the first this many windows (default all). curve_windows: Windows for curve points.
+        batch_windows: Windows per teacher forward.
+    """
+    from kdcache.capture.chat import ChatRecord, ChatRenderer, parse_messages, target_mask
+
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    rows: list[tuple[list[int], list[int], list[bool]]] = []
+    for i, messages in enumerate(conversations):
+        where = f"conversation {i}"
+        ids, assistant = renderer.render(ChatRecord(where, parse_messages(messages, where, "messages")))
+        targets = target_mask(assistant)
+        for start in range(0, len(ids), length):
+            stop = min(start + length, len(ids))
+            if targets[start:stop].any():
+                labels = ids[start + 1 : stop + 1] + [0] * (stop + 1 - len(ids))  # 0: no next token (never measured)
+                rows.append((ids[start:stop], labels, targets[start:stop].tolist()))
+    rows = rows[:windows]
+    if not rows:
+        raise ValueError("make_chat_validation: no window of the conversations has an assistant token")
+    longest = max(len(r[0]) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([r[0] + [pad] * (longest - len(r[0])) for r in rows], dtype=torch.long)
+    labels = torch.tensor([r[1] + [0] * (longest - len(r[1])) for r in rows], dtype=torch.long)
+    mask = torch.tensor([r[2] + [False] * (longest - len(r[2])) for r in rows], dtype=torch.bool)
+    valid = ValidationSet(input_ids, labels, _teacher_logprobs(teacher, input_ids, batch_windows), mask=mask)
+    valid.curve_windows = curve_windows
+    valid.teacher = _teacher_metrics(valid, num_parameters(teacher))
     return valid
 
 
@@ -296,12 +386,13 @@ def evaluate(
             hi = min(lo + batch_windows, n)
             logits = model(input_ids=valid.input_ids[lo:hi]).logits.float()
             labels = valid.labels[lo:hi]
+            measured = torch.ones(labels.shape, dtype=torch.bool) if valid.mask is None else valid.mask[lo:hi]
             log_q = torch.log_softmax(logits, -1)
-            ce.append(-log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
-            kl.append(kl_to_teacher(logits, valid.teacher_logprobs[lo:hi]))
+            ce.append(-log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)[measured])
+            kl.append(kl_to_teacher(logits, valid.teacher_logprobs[lo:hi])[measured])
             conf, predicted = log_q.max(-1)
-            confs.append(conf.exp())
-            corrects.append(predicted == labels)
+            confs.append(conf.exp()[measured])
+            corrects.append((predicted == labels)[measured])
     model.train(was_training)
     confidence, correct = torch.cat(confs).reshape(-1), torch.cat(corrects).reshape(-1)
     return {

@@ -47,8 +47,10 @@ from kdcache.demo.evaluation import (
     StudentSpec,
     ValidationSet,
     build_student,
+    make_chat_validation,
     make_validation,
     num_parameters,
+    read_conversations,
     read_texts,
 )
 from kdcache.demo.training import TrainSettings, cache_batches, make_loss, train_student
@@ -297,7 +299,8 @@ def demo_students(
 
     Args:
         teacher_dir: The teacher (model and tokenizer, ``save_pretrained`` layout).
-        valid_dir: Held-out ``*.jsonl`` texts.
+        valid_dir: Held-out ``*.jsonl`` texts, or conversations (``messages``) for a cache of conversations (then
+            the students are measured where the next token is an assistant's).
         cache_uri: The cache to train from (its ``max_length`` sets the validation window length).
         plot_path: Where the PNG goes.
         steps: Optimizer steps per student (8 sequences each).
@@ -325,12 +328,18 @@ def demo_students(
     length = int(manifest["fingerprint_inputs"]["windowing"]["max_length"])
     targets = manifest["fingerprint_inputs"]["targets"]
     what = f"top-{targets['k']}" if targets.get("mode", "topk") == "topk" else targets["mode"]
+    chat = manifest["fingerprint_inputs"].get("data", {}).get("format") in ("chat", "prompt_completion")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        valid = make_validation(
-            teacher, tokenizer, read_texts(valid_dir), windows=valid_windows, length=length,
-        )  # fmt: skip
+        if chat:
+            valid = make_chat_validation(
+                teacher, tokenizer, read_conversations(valid_dir), length=length, windows=valid_windows,
+            )  # fmt: skip
+        else:
+            valid = make_validation(
+                teacher, tokenizer, read_texts(valid_dir), windows=valid_windows, length=length,
+            )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
     settings = TrainSettings(steps=steps, batch_size=8, eval_every=max(1, steps // 6))

@@ -37,7 +37,12 @@ SPECIAL_TOKENS = {"unk_token": "<|unk|>", "bos_token": "<|bos|>", "eos_token": "
 
 
 def train_tokenizer(
-    texts: Iterable[str], out_dir: Path, *, vocab_size: int = 2048, model_max_length: int = 512
+    texts: Iterable[str],
+    out_dir: Path,
+    *,
+    vocab_size: int = 2048,
+    model_max_length: int = 512,
+    chat_template: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer and save it with ``save_pretrained(out_dir)``.
 
@@ -50,6 +55,7 @@ def train_tokenizer(
         out_dir: Where ``tokenizer.json`` / ``tokenizer_config.json`` go (created if missing).
         vocab_size: Learned tokens, not counting the special tokens.
         model_max_length: Recorded in the tokenizer config (tokens).
+        chat_template: Saved as the tokenizer's chat template (None: none).
 
     Returns:
         The ``transformers`` fast tokenizer; ``len(tokenizer)`` counts the special tokens too.
@@ -79,6 +85,7 @@ def train_tokenizer(
         clean_up_tokenization_spaces=False,
         **SPECIAL_TOKENS,
     )
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 

@@ -9,7 +9,8 @@ Targets of a run (`make_loss`):
 - ``"cache"``: the cache's soft targets with the loss its mode calls for (`forward_kl_tail` for ``topk``,
   `sampled_kl` for ``sample`` / ``hybrid``), mixed with hard-label CE when ``TrainSettings.alpha < 1``;
 - ``"online"``: full knowledge distillation, the teacher run inside the loop, forward KL on its dense logits;
-- ``"hard"``: cross-entropy against the next token, no teacher.
+- ``"hard"``: cross-entropy against the next token, no teacher (only where ``loss_mask`` is set: on a chat cache,
+  the assistants' tokens).
 
 Students are built and evaluated by `kdcache.demo.evaluation`; runs are compared by `kdcache.demo.students`.
 """
@@ -61,7 +62,7 @@ def make_loss(
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     if targets == "hard":
-        return lambda logits, batch: losses.cross_entropy(logits, batch["labels"])
+        return lambda logits, batch: losses.cross_entropy(logits, _masked_labels(batch))
     if targets == "online":
         if teacher is None:
             raise ValueError("online KD needs the teacher")
@@ -75,6 +76,15 @@ def make_loss(
         return online
     kind = kind or ("forward_kl" if mode == "topk" else "sampled_kl")
     return lambda logits, batch: losses.distillation_loss(logits, batch, kind=kind, alpha=alpha)
+
+
+def _masked_labels(batch: Mapping[str, Any]) -> Tensor:
+    """The batch's labels, ignored (-100) where ``loss_mask`` is off: hard labels train on the same positions as the
+    cache's targets (a chat cache's assistant tokens; unchanged for a text cache, whose mask covers every label)."""
+    labels = batch["labels"]
+    if "loss_mask" not in batch:
+        return labels
+    return labels.masked_fill(~batch["loss_mask"].bool(), losses.IGNORE_INDEX)
 
 
 def cache_batches(

@@ -129,7 +129,13 @@ class TokenBuffer:
     _parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def encode_sequence(
-        self, seq_id: int, input_ids: np.ndarray, head: HeadRows, samples: SampleRows | None = None
+        self,
+        seq_id: int,
+        input_ids: np.ndarray,
+        head: HeadRows,
+        samples: SampleRows | None = None,
+        *,
+        target_mask: np.ndarray | None = None,
     ) -> EncodedSequence:
         """Check and encode one sequence (id sort, gap coding, log-prob quantization) without adding it.
 
@@ -146,6 +152,8 @@ class TokenBuffer:
             ValueError: a shape does not match the settings, or sampled ids/counts cannot be stored.
         """
         t = len(input_ids)
+        if target_mask is not None:  # STAND-IN for format v3 (branch `format` replaces it): see _standin_expand
+            head, samples = _standin_expand(seq_id, t, target_mask, head, samples)
         target_ids, target_logprobs = np.asarray(head.ids), np.asarray(head.logprobs)
         if target_ids.shape != (t, self.k) or target_logprobs.shape != (t, self.k):
             raise ValueError(f"sequence {seq_id}: targets must be [{t}, {self.k}], got {target_ids.shape}")
@@ -279,15 +287,30 @@ class BufferedShardWriter:
     def num_tokens(self) -> int:
         return self._buffer.num_tokens
 
-    def add(self, seq_id: int, input_ids: np.ndarray, head: HeadRows, samples: SampleRows | None = None) -> None:
+    def add(
+        self,
+        seq_id: int,
+        input_ids: np.ndarray,
+        head: HeadRows,
+        samples: SampleRows | None = None,
+        *,
+        target_mask: np.ndarray | None = None,
+    ) -> None:
         """Encode and append one sequence (arguments as `TokenBuffer.encode_sequence`)."""
-        self._buffer.add_encoded(self._buffer.encode_sequence(seq_id, input_ids, head, samples))
+        encoded = self._buffer.encode_sequence(seq_id, input_ids, head, samples, target_mask=target_mask)
+        self._buffer.add_encoded(encoded)
 
     def encode_sequence(
-        self, seq_id: int, input_ids: np.ndarray, head: HeadRows, samples: SampleRows | None = None
+        self,
+        seq_id: int,
+        input_ids: np.ndarray,
+        head: HeadRows,
+        samples: SampleRows | None = None,
+        *,
+        target_mask: np.ndarray | None = None,
     ) -> EncodedSequence:
         """`TokenBuffer.encode_sequence`: encode one sequence without adding it; thread-safe."""
-        return self._buffer.encode_sequence(seq_id, input_ids, head, samples)
+        return self._buffer.encode_sequence(seq_id, input_ids, head, samples, target_mask=target_mask)
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
         """Append a sequence from `encode_sequence` (of a writer with the same settings), in file order."""
@@ -295,3 +318,42 @@ class BufferedShardWriter:
 
     def finish(self) -> bytes:
         raise NotImplementedError
+
+
+def _standin_expand(
+    seq_id: int, t: int, target_mask: np.ndarray, head: HeadRows, samples: SampleRows | None
+) -> tuple[HeadRows, SampleRows | None]:
+    """STAND-IN for format v3 (to be replaced by branch `format`): scatter the rows of the True positions of
+    ``target_mask`` into full ``[T]`` rows so a v2 shard can hold them; positions without a target get filler rows
+    (ids 0..k-1 with log-prob -inf, zero normalizers, no samples). Nothing new is stored: the mask itself is lost."""
+    from types import SimpleNamespace
+
+    mask = np.asarray(target_mask, dtype=bool)
+    if mask.shape != (t,):
+        raise ValueError(f"sequence {seq_id}: target_mask must be [{t}] bool, got shape {mask.shape}")
+    n = int(mask.sum())
+    ids = np.asarray(head.ids)
+    if ids.shape[0] != n:
+        raise ValueError(f"sequence {seq_id}: {ids.shape[0]} head rows for {n} positions with a target")
+
+    def scatter(rows: Any, fill: Any) -> np.ndarray:
+        rows = np.asarray(rows)
+        out = np.empty((t, *rows.shape[1:]), dtype=rows.dtype)
+        out[...] = fill
+        out[mask] = rows
+        return out
+
+    k = ids.shape[1]
+    full_head = SimpleNamespace(
+        ids=scatter(ids, np.arange(k, dtype=ids.dtype)),
+        logprobs=scatter(head.logprobs, -np.inf),
+        log_normalizers=scatter(head.log_normalizers, 0.0),
+        tail_logprobs=scatter(head.tail_logprobs, 0.0),
+        entropy=scatter(head.entropy, 0.0),
+    )
+    if samples is None:
+        return full_head, None
+    full_samples = SimpleNamespace(
+        ids=scatter(samples.ids, 0), counts=scatter(samples.counts, 0), logprobs=scatter(samples.logprobs, -np.inf)
+    )
+    return full_head, full_samples
