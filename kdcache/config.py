@@ -124,6 +124,13 @@ class OutputConfig:
     compression_level: int = _f(3, "zstd level of shard files")
     row_group_tokens: int = _f(65536, "tokens per Parquet row group / Zarr chunk (row groups hold whole sequences)")
     storage_options: dict = _f({}, "fsspec storage options (use env vars or profiles for credentials)")
+    store_retries: int = _f(
+        4,
+        "times a storage operation that failed on a transient error (timeout, reset, throttling, 5xx) is retried "
+        "before its unit fails: store_retries + 1 attempts in all (on s3:// the client's own retries are off "
+        "unless storage_options.config_kwargs.retries sets them)",
+    )
+    store_backoff_s: float = _f(0.2, "seconds before the first storage retry; the wait doubles after each retry")
 
 
 @dataclass
@@ -232,6 +239,10 @@ class KDCacheConfig:
         if not 1 <= self.output.compression_level <= 22:
             raise ConfigError(f"output.compression_level: must be in 1..22, got {self.output.compression_level}")
         _positive(self.output.row_group_tokens, "output.row_group_tokens")
+        if self.output.store_retries < 0:
+            raise ConfigError(f"output.store_retries: must be >= 0, got {self.output.store_retries}")
+        if self.output.store_backoff_s < 0:
+            raise ConfigError(f"output.store_backoff_s: must be >= 0 seconds, got {self.output.store_backoff_s}")
         _positive(self.cluster.num_actors, "cluster.num_actors")
         if self.cluster.gpus_per_actor < 0:
             raise ConfigError(f"cluster.gpus_per_actor: must be >= 0, got {self.cluster.gpus_per_actor}")

@@ -160,7 +160,8 @@ def run_cache_job(
         actor_options: more Ray options for the teacher actors, e.g. {"runtime_env": {"env_vars": {...}}} or a
             scheduling_strategy.
     """
-    store = Store(cfg.output.uri, cfg.output.storage_options)
+    o = cfg.output
+    store = Store(o.uri, o.storage_options, retries=o.store_retries, base_delay_s=o.store_backoff_s)
     if store.protocol == "memory":
         raise ConfigError("output.uri: memory:// is private to one process; Ray actors cannot write to it")
     atomic = store.exclusive_create_is_atomic
@@ -252,6 +253,8 @@ def _worker_settings(cfg: KDCacheConfig, fingerprint: str) -> dict[str, Any]:
         "temperatures": cfg.targets.temperatures,
         "output_uri": cfg.output.uri,
         "storage_options": cfg.output.storage_options,
+        "store_retries": cfg.output.store_retries,
+        "store_backoff_s": cfg.output.store_backoff_s,
         "compression_level": cfg.output.compression_level,
         "batch_tokens": cfg.cluster.batch_tokens,
         "shard_metadata": {"fingerprint": fingerprint, "format_version": FORMAT_VERSION},

@@ -83,6 +83,8 @@ class WorkerSettings:
     shard_format: str | None = None  # parquet | zarr; None: as the cache's fingerprint.json records (else parquet)
     codec: dict[str, Any] | None = None  # CodecParams.to_dict(); None: as fingerprint.json records (else u8)
     row_group_tokens: int = 65536  # tokens per Parquet row group / Zarr chunk (whole sequences per row group)
+    store_retries: int = 4  # retries of a storage operation after a transient error (output.store_retries)
+    store_backoff_s: float = 0.2  # seconds before the first of them, doubling (output.store_backoff_s)
 
 
 class UnitWorker:
@@ -112,7 +114,12 @@ class UnitWorker:
             revision=None if settings.data["tokenizer"] else t["revision"],
             trust_remote_code=t["trust_remote_code"],
         )
-        self.store = Store(settings.output_uri, settings.storage_options)
+        self.store = Store(
+            settings.output_uri,
+            settings.storage_options,
+            retries=settings.store_retries,
+            base_delay_s=settings.store_backoff_s,
+        )
         self._shard_format: tuple[Any, CodecParams] | None = None
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
