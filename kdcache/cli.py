@@ -5,7 +5,6 @@ kdcache info URI [--json]              summary of a cache: teacher, k, sequences
 kdcache verify URI [--deep]            check every shard against the manifest (--deep: checksums, decode all)
 kdcache demo [--workdir DIR]           build a tiny teacher offline, cache a corpus with 2 actors, print the summary
 kdcache submit CONFIG [k=v ...] --address http://HEAD:8265   submit the caching job to a Ray cluster (Ray Jobs)
-kdcache verify URI [--deep]            check every shard against the manifest (sizes, counts; --deep: checksums)
 kdcache report URI --out DIR           PNG plots and an HTML page of a cache's telemetry, sizes and throughput
 """
 
@@ -208,8 +207,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+URI_HELP = "the cache: a local folder or an fsspec URL (s3://bucket/path, gs://...): its job's output.uri"
+EXAMPLES = """examples:
+  kdcache demo                                      tiny teacher, cache and students, offline (what `make run` runs)
+  kdcache cache configs/quickstart.yaml             run, resume or skip (complete) the job the config describes
+  kdcache cache configs/llama8b-gpu.yaml targets.k=32 cluster.num_actors=16   key=value overrides any config key
+  kdcache submit configs/llama8b-gpu.yaml --address http://HEAD:8265 --working-dir . --wait
+  kdcache info .kdcache/demo/cache                  teacher, targets, sizes, last run (--json for scripts)
+  kdcache verify s3://bucket/kd/llama8b-top64 --deep
+  kdcache report .kdcache/demo/cache --out report/
+
+`kdcache COMMAND --help` describes a command; configs/*.yaml and README.md describe the config keys."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdcache", description="Offline teacher-logit cache for distillation.")
+    parser = argparse.ArgumentParser(
+        prog="kdcache",
+        description="Offline teacher-logit cache for knowledge distillation: run the teacher once over a corpus\n"
+        "(on an embedded or a remote Ray cluster), store compressed per-token soft targets, train many students.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kdcache {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("cache", help="run or resume a caching job")
@@ -229,11 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
     p.set_defaults(func=_cmd_submit)
     p = sub.add_parser("info", help="summarize a cache")
-    p.add_argument("uri")
+    p.add_argument("uri", help=URI_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("verify", help="check every shard against the manifest (exit 1 naming each bad shard)")
-    p.add_argument("uri")
+    p.add_argument("uri", help=URI_HELP)
     p.add_argument("--deep", action="store_true", help="also sha256, decode everything and check invariants")
     p.add_argument("--workers", type=int, default=8, help="shards checked concurrently")
     p.set_defaults(func=_cmd_verify)
@@ -245,10 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("report", help="charts of a cache's telemetry, bytes and throughput, with an index.html")
-    p.add_argument("uri")
+    p.add_argument("uri", help=URI_HELP)
     p.add_argument("--out", required=True, help="folder for the PNGs and index.html (created if missing)")
     p.set_defaults(func=_cmd_report)
     return parser
+
+
+def _version() -> str:
+    from kdcache import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,20 @@ def resolve_dtype(dtype: str, device: torch.device, *, config_dtype: torch.dtype
     return _DTYPES[dtype]
 
 
+@contextmanager
+def _remote_code_refusal(name_or_path: str) -> Iterator[None]:
+    """transformers refuses a checkpoint that ships its own code unless told to trust it: name the key that does."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(
+            f"teacher.trust_remote_code: {name_or_path} ships its own Python code (auto_map in its config), which "
+            "kdcache runs only with teacher.trust_remote_code: true; set it if you trust that code"
+        ) from None
+
+
 def default_chunk_bytes(device: str | torch.device) -> int:
     """Bytes of float32 logits per lm_head chunk when ``chunk_bytes`` is not set: 64 MiB on CPU, 1 GiB elsewhere."""
     return CHUNK_BYTES_BY_DEVICE.get(torch.device(device).type, ACCELERATOR_CHUNK_BYTES)
@@ -107,7 +122,8 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     """Load the teacher's tokenizer with ``AutoTokenizer`` (hub id or local directory)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with _remote_code_refusal(name_or_path):
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
@@ -161,7 +177,8 @@ def read_model_info(
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with _remote_code_refusal(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     text = config.get_text_config(decoder=True)
     dtype = _config_dtype(config)
     return {
@@ -244,7 +261,8 @@ class Teacher:
         if device_map is not None and device is not None:
             raise ConfigError("Teacher: give device or device_map, not both")
         self.device = torch.device(device) if device is not None else _default_device()
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        with _remote_code_refusal(name_or_path):
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         self.dtype = resolve_dtype(dtype, self.device, config_dtype=_config_dtype(config))
         self.model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
