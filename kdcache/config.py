@@ -148,6 +148,12 @@ class ClusterConfig:
         "seconds before a still-running unit gets a backup copy once the queue is empty (null: 3x the median "
         "unit time, at least 30 s; .inf: never)",
     )
+    actor_start_timeout_s: float | None = _f(
+        None,
+        "seconds the job waits while no teacher actor is ready (placed on a node, teacher loaded) before it fails "
+        "naming what the actors ask for; null: 600 on the embedded local Ray, 1800 when joining a cluster (an "
+        "autoscaler may be adding nodes); .inf: wait forever",
+    )
     runtime_env: dict = _f({}, "Ray runtime_env for `kdcache submit` (working_dir, pip, env_vars); flags override it")
     progress: bool = _f(True, "show a progress bar on the driver")
 
@@ -255,6 +261,9 @@ class KDCacheConfig:
             )
         if self.cluster.backup_after_s is not None and self.cluster.backup_after_s <= 0:
             raise ConfigError(f"cluster.backup_after_s: must be > 0 or null, got {self.cluster.backup_after_s}")
+        timeout = self.cluster.actor_start_timeout_s
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"cluster.actor_start_timeout_s: must be > 0 seconds or null, got {timeout}")
         if self.cluster.max_retries < 0:
             raise ConfigError(f"cluster.max_retries: must be >= 0, got {self.cluster.max_retries}")
 
