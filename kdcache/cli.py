@@ -123,12 +123,29 @@ def format_summary(s: dict[str, Any]) -> str:
     )
 
 
+def _complete_cache(uri: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a complete cache at `uri`, or None (none yet, or not readable: the job will say why)."""
+    from kdcache.manifest import read_manifest
+    from kdcache.store import Store
+
+    try:
+        manifest = read_manifest(Store(uri, storage_options))
+    except (KdcacheError, OSError, ValueError):
+        return None
+    return manifest if manifest is not None and manifest["complete"] else None
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from kdcache.config import load_config
-    from kdcache.job import run_cache_job
+    from kdcache.job import _in_ray_job, run_cache_job
+    from kdcache.submit import check_local_inputs
 
     cfg = load_config(args.config, args.overrides)
+    check_local_inputs(cfg, in_ray_job=_in_ray_job())
+    before = _complete_cache(cfg.output.uri, cfg.output.storage_options)
     manifest = run_cache_job(cfg)
+    if before is not None and before["fingerprint"] == manifest["fingerprint"]:
+        print(f"{cfg.output.uri}: the cache is complete (made earlier); nothing to compute")
     print(format_summary(cache_summary(cfg.output.uri, cfg.output.storage_options)))
     return 0 if manifest["complete"] else 1
 
@@ -160,9 +177,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
-    print(f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}")
+    before = _complete_cache(cfg.output.uri, cfg.output.storage_options)
+    if before is None:
+        print(
+            f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}"
+        )
     try:
-        run_cache_job(cfg)
+        manifest = run_cache_job(cfg)
+        if before is not None and before["fingerprint"] == manifest["fingerprint"]:
+            print(
+                f"[demo] {cfg.output.uri}: the cache is complete (made by an earlier run); nothing to compute "
+                "(`make clean` deletes it)"
+            )
     except CacheMismatchError as exc:
         if cfg.output.uri != str(workdir / "cache"):
             raise  # the user's own output: never deleted

@@ -1,6 +1,7 @@
 """The command line as users meet it: `kdcache --version`, help that documents every positional and shows
 examples, one `kdcache: error:` line (never a traceback) when a teacher ships its own code and
-`teacher.trust_remote_code` is off, and a rerun of a complete cache that says so instead of "caching"."""
+`teacher.trust_remote_code` is off, and a rerun of a complete cache (`kdcache demo`, `kdcache cache`) that says so
+instead of "caching"."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_job_config
+from conftest import stdlib_texts, tiny_job_config, write_jsonl
 
 import kdcache
-from kdcache.cli import build_parser, main
+import kdcache.demo
+from kdcache.cli import REPO_CONFIGS, build_parser, main
 from kdcache.errors import ConfigError
 from kdcache.teacher import Teacher, load_tokenizer
 
@@ -79,3 +81,32 @@ def test_the_installed_command_prints_its_version():
         [sys.executable, "-m", "kdcache.cli", "--version"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == f"kdcache {kdcache.__version__}"
+
+
+def test_a_rerun_of_a_complete_cache_says_so_instead_of_caching(
+    ray_session, tiny_teacher, tmp_path, capsys, monkeypatch
+):
+    """`make run` twice: the second `kdcache demo` printed "caching ..." though nothing was computed. The demo's
+    assets are faked (the tiny test teacher, a small corpus); its caching runs for real on the session's Ray."""
+    train = write_jsonl(
+        tmp_path / "assets" / "train" / "part-00000.jsonl", [{"text": t} for t in stdlib_texts(4, 800)]
+    )
+    assets = kdcache.demo.DemoAssets(tiny_teacher, train.parent, train.parent, {})
+    monkeypatch.setattr(kdcache.demo, "prepare_demo", lambda *args, **kwargs: assets)
+    argv = ["demo", "--workdir", str(tmp_path), "--quiet", "--student-steps", "0", "cluster.progress=false"]
+    argv += ["data.max_length=96", "data.unit_bytes=1500", "cluster.batch_tokens=512"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert f"[demo] caching {train} with 2 actors" in first and "nothing to compute" not in first
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "[demo] caching" not in second
+    assert f"[demo] {tmp_path / 'cache'}: the cache is complete (made by an earlier run); nothing to compute" in second
+    overrides = [
+        f"teacher.model={tiny_teacher}",
+        f"data.source={train}",
+        f"output.uri={tmp_path / 'cache'}",
+        *argv[6:],
+    ]
+    assert main(["cache", str(REPO_CONFIGS / "quickstart.yaml"), *overrides]) == 0  # the same job by hand
+    assert f"{tmp_path / 'cache'}: the cache is complete (made earlier); nothing to compute" in capsys.readouterr().out
