@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except KdcacheError as exc:
         print(f"kdcache: error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except OSError as exc:  # a file, folder or connection the command needs (missing, refused, not allowed)
         print(f"kdcache: error: {exc}", file=sys.stderr)
         return 2
 

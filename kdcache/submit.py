@@ -417,7 +417,10 @@ def run_submit(args: Any, out=None) -> int:
             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS also work)"
         )
     env_vars = dict(_key_value(item, "--env") for item in args.env)
-    runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
+    try:
+        runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--runtime-env-json: not valid JSON ({exc})") from None
     submission = build_submission(
         args.config,
         args.overrides,

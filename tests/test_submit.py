@@ -95,6 +95,8 @@ def test_bad_requests_fail_before_anything_is_sent(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="outside the working_dir"):
         build_submission(outside, working_dir=wd)
     assert main(["submit", str(wd / "configs" / "job.yaml"), "--address", "ray://head:10001"]) == 2
+    bad_json = ["submit", str(wd / "configs" / "job.yaml"), "--address", "http://h:8265", "--runtime-env-json", "{x"]
+    assert main(bad_json) == 2
 
 
 class FakeJobClient:
