@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[make $$(date +%T)] 2/4 upgrading pip"
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
-	@echo "[make $$(date +%T)] 3/4 torch: $(TORCH_SPEC) unless $(VENV) has one (a CPU wheel of ~200 MB plus its dependencies)"
+	@echo "[make $$(date +%T)] 3/4 torch: $(TORCH_SPEC) unless $(VENV) has one (the CPU wheel is ~190 MB)"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
 	@echo "[make $$(date +%T)] 4/4 kdcache and its dependencies (ray, transformers, pyarrow, ...; tests: moto, ruff, ...)"
 	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
