@@ -129,7 +129,7 @@ def _complete_cache(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]
     from kdcache.store import Store
 
     try:
-        manifest = read_manifest(Store(uri, storage_options))
+        manifest = read_manifest(Store(uri, storage_options, retries=0))  # a peek: the job itself retries
     except (KdcacheError, OSError, ValueError):
         return None
     return manifest if manifest is not None and manifest["complete"] else None
