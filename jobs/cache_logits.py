@@ -1,7 +1,9 @@
 """Ray job entrypoint: `ray job submit --working-dir . -- python jobs/cache_logits.py CONFIG [key=value ...]`.
 
-Thin on purpose: parses the config and calls the library. Inside a Ray job, `cluster.address: auto` joins the
-cluster the job runs on.
+Thin on purpose: parses the config and calls the library (`kdcache cache`). Inside a Ray job, `cluster.address:
+null` (or `auto`) joins the cluster the job runs on, and a local input missing from the uploaded working_dir (Ray
+leaves out .gitignore'd files and runtime_env excludes) fails naming its config key. `kdcache submit` checks the
+config's local paths before it submits (kdcache/submit.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ kdcache info URI [--json]              summary of a cache: teacher, k, sequences
 kdcache verify URI [--deep]            check every shard against the manifest (--deep: checksums, decode all)
 kdcache demo [--workdir DIR]           build a tiny teacher offline, cache a corpus with 2 actors, print the summary
 kdcache submit CONFIG [k=v ...] --address http://HEAD:8265   submit the caching job to a Ray cluster (Ray Jobs)
-kdcache verify URI [--deep]            check every shard against the manifest (sizes, counts; --deep: checksums)
 kdcache report URI --out DIR           PNG plots and an HTML page of a cache's telemetry, sizes and throughput
 """
 
@@ -17,6 +16,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from kdcache.errors import CacheMismatchError, KdcacheError
 
@@ -25,13 +25,30 @@ __all__ = ["build_parser", "main"]
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
+def _complete_cache(uri: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a complete cache at `uri`, or None (none yet, or not readable: the job will say why)."""
+    from kdcache.manifest import read_manifest
+    from kdcache.store import Store
+
+    try:
+        manifest = read_manifest(Store(uri, storage_options, retries=0))  # a peek: the job itself retries
+    except (KdcacheError, OSError, ValueError):
+        return None
+    return manifest if manifest is not None and manifest["complete"] else None
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from kdcache.capture.job import run_cache_job
+    from kdcache.capture.job import _in_ray_job, run_cache_job
+    from kdcache.capture.submit import check_local_inputs
     from kdcache.config import load_config
     from kdcache.tools.info import cache_summary, format_summary
 
     cfg = load_config(args.config, args.overrides)
+    check_local_inputs(cfg, in_ray_job=_in_ray_job())
+    before = _complete_cache(cfg.output.uri, cfg.output.storage_options)
     manifest = run_cache_job(cfg)
+    if before is not None and before["fingerprint"] == manifest["fingerprint"]:
+        print(f"{cfg.output.uri}: the cache is complete (made earlier); nothing to compute")
     print(format_summary(cache_summary(cfg.output.uri, cfg.output.storage_options)))
     return 0 if manifest["complete"] else 1
 
@@ -74,9 +91,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     chat = cfg.data.format in CHAT_FORMATS  # e.g. --config configs/chat-quickstart.yaml: the demo chat set
     if chat:
         cfg = demo_config(chat=True)
-    print(f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}")
+    before = _complete_cache(cfg.output.uri, cfg.output.storage_options)
+    if before is None:
+        print(
+            f"[demo] caching {cfg.data.source} with {cfg.cluster.num_actors} actors on local Ray -> {cfg.output.uri}"
+        )
     try:
-        run_cache_job(cfg)
+        manifest = run_cache_job(cfg)
+        if before is not None and before["fingerprint"] == manifest["fingerprint"]:
+            print(
+                f"[demo] {cfg.output.uri}: the cache is complete (made by an earlier run); nothing to compute "
+                "(`make clean` deletes it)"
+            )
     except CacheMismatchError as exc:
         demo_cache = workdir / ("chat-cache" if chat else "cache")
         if cfg.output.uri != str(demo_cache):
@@ -119,8 +145,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+URI_HELP = "the cache: a local folder or an fsspec URL (s3://bucket/path, gs://...): its job's output.uri"
+EXAMPLES = """examples:
+  kdcache demo                                      tiny teacher, cache and students, offline (what `make run` runs)
+  kdcache cache configs/quickstart.yaml             run, resume or skip (complete) the job the config describes
+  kdcache cache configs/llama8b-gpu.yaml targets.k=32 cluster.num_actors=16   key=value overrides any config key
+  kdcache submit configs/llama8b-gpu.yaml --address http://HEAD:8265 --working-dir . --wait
+  kdcache info .kdcache/demo/cache                  teacher, targets, sizes, last run (--json for scripts)
+  kdcache verify s3://bucket/kd/llama8b-top64 --deep
+  kdcache report .kdcache/demo/cache --out report/
+
+`kdcache COMMAND --help` describes a command; configs/*.yaml and README.md describe the config keys."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdcache", description="Offline teacher-logit cache for distillation.")
+    parser = argparse.ArgumentParser(
+        prog="kdcache",
+        description="Offline teacher-logit cache for knowledge distillation: run the teacher once over a corpus\n"
+        "(on an embedded or a remote Ray cluster), store compressed per-token soft targets, train many students.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kdcache {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("cache", help="run or resume a caching job")
@@ -140,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
     p.set_defaults(func=_cmd_submit)
     p = sub.add_parser("info", help="summarize a cache")
-    p.add_argument("uri")
+    p.add_argument("uri", help=URI_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("verify", help="check every shard against the manifest (exit 1 naming each bad shard)")
-    p.add_argument("uri")
+    p.add_argument("uri", help=URI_HELP)
     p.add_argument("--deep", action="store_true", help="also sha256, decode everything and check invariants")
     p.add_argument("--workers", type=int, default=8, help="shards checked concurrently")
     p.set_defaults(func=_cmd_verify)
@@ -156,10 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("report", help="charts of a cache's telemetry, bytes and throughput, with an index.html")
-    p.add_argument("uri")
+    p.add_argument("uri", help=URI_HELP)
     p.add_argument("--out", required=True, help="folder for the PNGs and index.html (created if missing)")
     p.set_defaults(func=_cmd_report)
     return parser
+
+
+def _version() -> str:
+    from kdcache import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except KdcacheError as exc:
         print(f"kdcache: error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except OSError as exc:  # a file, folder or connection the command needs (missing, refused, not allowed)
         print(f"kdcache: error: {exc}", file=sys.stderr)
         return 2
 

@@ -141,6 +141,13 @@ class OutputConfig:
     compression_level: int = _f(3, "zstd level of shard files")
     row_group_tokens: int = _f(65536, "tokens per Parquet row group / Zarr chunk (row groups hold whole sequences)")
     storage_options: dict = _f({}, "fsspec storage options (use env vars or profiles for credentials)")
+    store_retries: int = _f(
+        4,
+        "times a storage operation that failed on a transient error (timeout, reset, throttling, 5xx) is retried "
+        "before its unit fails: store_retries + 1 attempts in all (on s3:// the client's own retries are off "
+        "unless storage_options.config_kwargs.retries sets them)",
+    )
+    store_backoff_s: float = _f(0.2, "seconds before the first storage retry; the wait doubles after each retry")
 
 
 @dataclass
@@ -157,6 +164,12 @@ class ClusterConfig:
         None,
         "seconds before a still-running unit gets a backup copy once the queue is empty (null: 3x the median "
         "unit time, at least 30 s; .inf: never)",
+    )
+    actor_start_timeout_s: float | None = _f(
+        None,
+        "seconds the job waits while no teacher actor is ready (placed on a node, teacher loaded) before it fails "
+        "naming what the actors ask for; null: 600 on the embedded local Ray, 1800 when joining a cluster (an "
+        "autoscaler may be adding nodes); .inf: wait forever",
     )
     runtime_env: dict = _f({}, "Ray runtime_env for `kdcache submit` (working_dir, pip, env_vars); flags override it")
     progress: bool = _f(True, "show a progress bar on the driver")
@@ -282,6 +295,10 @@ class KDCacheConfig:
         if not 1 <= self.output.compression_level <= 22:
             raise ConfigError(f"output.compression_level: must be in 1..22, got {self.output.compression_level}")
         _positive(self.output.row_group_tokens, "output.row_group_tokens")
+        if self.output.store_retries < 0:
+            raise ConfigError(f"output.store_retries: must be >= 0, got {self.output.store_retries}")
+        if self.output.store_backoff_s < 0:
+            raise ConfigError(f"output.store_backoff_s: must be >= 0 seconds, got {self.output.store_backoff_s}")
         _positive(self.cluster.num_actors, "cluster.num_actors")
         if self.cluster.gpus_per_actor < 0:
             raise ConfigError(f"cluster.gpus_per_actor: must be >= 0, got {self.cluster.gpus_per_actor}")
@@ -294,6 +311,9 @@ class KDCacheConfig:
             )
         if self.cluster.backup_after_s is not None and self.cluster.backup_after_s <= 0:
             raise ConfigError(f"cluster.backup_after_s: must be > 0 or null, got {self.cluster.backup_after_s}")
+        timeout = self.cluster.actor_start_timeout_s
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"cluster.actor_start_timeout_s: must be > 0 seconds or null, got {timeout}")
         if self.cluster.max_retries < 0:
             raise ConfigError(f"cluster.max_retries: must be >= 0, got {self.cluster.max_retries}")
 

@@ -3,8 +3,16 @@
 A `Store` is a cache root plus relative keys. It offers what the commit protocol needs and nothing more:
 whole-object reads and writes, exclusive creation of small records (first writer wins), deletion, and listings
 used by the driver to find commit records and orphaned shards. Every relative key is checked to stay inside the
-root. Transient errors (network, throttling, 5xx) are retried with exponential backoff, then raised as
-`StoreError` naming the key; `Store.retries_used` counts the retries for the job's statistics.
+root. Transient errors (network, throttling, 5xx) are retried `retries` times (default 4, `output.store_retries`)
+with exponential backoff (0.2, 0.4, 0.8, 1.6 s), then raised as `StoreError` naming the key; `Store.retries_used`
+counts the retries for the job's statistics. That budget is the whole budget: on s3:// the libraries' own retries
+(s3fs retries a call 5 times, botocore each request up to 5 times: 125 HTTP attempts per write) are turned off unless
+the storage options set them, so a persistent outage fails a write after `retries` + 1 HTTP attempts. Errors that
+retrying cannot fix (access denied, a missing bucket, a file where the cache folder should be) raise `StoreError`
+naming the URI and what to check, never a library traceback.
+
+Fork- and spawn-safe: the fsspec filesystem is opened lazily in each process (an s3fs client opened in a parent
+refuses to work in a forked child, e.g. a DataLoader worker) and never pickled.
 
 Exclusive creation on object stores is a conditional PUT (`If-None-Match: *`). Not every S3-compatible server
 honours that header, so a Store probes it once per process and bucket (a PUT of a scratch key, then a second PUT
@@ -41,6 +49,19 @@ _NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests",
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs")
 _CONDITIONAL_PUT: dict[tuple[str, str], bool] = {}  # (protocol + endpoint, bucket) -> whether If-None-Match works
 _CONDITIONAL_PUT_LOCK = threading.Lock()
+DEFAULT_RETRIES = 4  # attempts after the first for transient errors (docs/SCALING.md, output.store_retries)
+DEFAULT_BASE_DELAY_S = 0.2  # first backoff delay in seconds; doubles after each retry
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _reset_locks_after_fork() -> None:
+    """A lock held by another thread at fork time would stay locked forever in the child."""
+    global _MEMORY_LOCK, _CONDITIONAL_PUT_LOCK
+    _MEMORY_LOCK, _CONDITIONAL_PUT_LOCK = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 def safe_relpath(relpath: str) -> str:
@@ -100,20 +121,51 @@ class Store:
     Args:
         uri: the root URL (``/data/cache``, ``s3://bucket/cache``, ``memory://cache``).
         storage_options: passed to fsspec (credentials belong in the environment or a profile, never in a manifest).
-        retries: attempts after the first for transient errors; base_delay_s: first backoff delay in seconds.
+        retries: attempts after the first for transient errors (the libraries' own retries are off unless
+            `storage_options` turn them on); base_delay_s: first backoff delay in seconds.
     """
 
     def __init__(
-        self, uri: str, storage_options: dict[str, Any] | None = None, *, retries: int = 4, base_delay_s: float = 0.2
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retries: int = DEFAULT_RETRIES,
+        base_delay_s: float = DEFAULT_BASE_DELAY_S,
     ):
+        if retries < 0 or base_delay_s < 0:
+            raise ValueError(f"retries and base_delay_s must be >= 0, got {retries} and {base_delay_s}")
         self.uri = uri.rstrip("/") or uri
         self.storage_options = dict(storage_options or {})
-        self.fs, root = url_to_fs(self.uri, **self.storage_options)
+        fs, root = self._open()
         self.root = root.rstrip("/") if root not in ("/", "") else root
-        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self._fs, self._fs_pid = fs, os.getpid()
         self.retries = retries
         self.base_delay_s = base_delay_s
         self.retries_used = 0  # transient errors retried so far (reported in the job's statistics)
+
+    def _open(self) -> tuple[Any, str]:
+        """This process's filesystem and the root path in it."""
+        options = _without_library_retries(self.uri, self.storage_options)
+        fs, root = url_to_fs(self.uri, **options)
+        if options is not self.storage_options:
+            fs.retries = 1  # s3fs's own loop: one attempt per call (this instance only: its options are ours)
+        return fs, root
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem, opened in this process (reopened after a fork: clients do not survive one)."""
+        if self._fs is None or self._fs_pid != os.getpid():
+            self._fs, self._fs_pid = self._open()[0], os.getpid()
+        return self._fs
+
+    @fs.setter
+    def fs(self, value: Any) -> None:  # tests and fault injection wrap the filesystem
+        self._fs, self._fs_pid = value, os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}  # a client is not sent to another process: it opens its own
 
     @property
     def is_local(self) -> bool:
@@ -127,7 +179,34 @@ class Store:
         return join_url(self.uri, relpath)
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        return _with_retries(what, fn, self.retries, self.base_delay_s, self._count_retry)
+        try:
+            return _with_retries(what, fn, self.retries, self.base_delay_s, self._count_retry)
+        except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError, FileNotFoundError) as exc:
+            problem = self._explain(exc)
+            if problem is None:
+                raise  # a missing key: the caller's business
+            raise StoreError(f"{what}: {problem}") from exc
+
+    def _explain(self, exc: OSError) -> str | None:
+        """What to tell the user about an error that retrying cannot fix (None: a plain missing key)."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, FileNotFoundError):
+            if self.protocol in _OBJECT_STORES and "bucket" in str(exc).lower():
+                bucket = self.root.split("/", 1)[0]
+                return f"the bucket {bucket!r} does not exist ({reason}); create it, or correct the URI {self.uri}"
+            return None
+        if isinstance(exc, PermissionError):
+            if self.is_local:
+                return f"permission denied ({reason}); choose a location this user may use, or fix its permissions"
+            return (
+                f"access denied ({reason}); check the credentials this process has for {self.uri} (environment "
+                "variables, profile or instance role; output.storage_options) and the bucket's policy"
+            )
+        if self.is_local and os.path.isfile(self.root):
+            return f"{self.root} is a file, and a kdcache cache is a folder: choose a folder path for it"
+        if isinstance(exc, FileExistsError) and not self.is_local:
+            return None
+        return f"a file is in the way ({reason}); a cache is a folder of folders: move the file or choose another path"
 
     def _count_retry(self) -> None:
         self.retries_used += 1
@@ -257,6 +336,19 @@ class Store:
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def _without_library_retries(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options with the client library's own retries off: `Store` retries (s3:// only; options that set
+    `config_kwargs: {retries: ...}` keep botocore's and s3fs's retries as they are, and are returned unchanged).
+
+    botocore retries each request up to 5 times by itself and s3fs each call 5 times; nested in the store's own
+    loop that made a persistent outage cost 125 HTTP attempts and minutes per write."""
+    config = dict(storage_options.get("config_kwargs") or {})
+    if fsspec.utils.get_protocol(uri) not in _S3_PROTOCOLS or "retries" in config:
+        return storage_options
+    config["retries"] = {"total_max_attempts": 1}
+    return {**storage_options, "config_kwargs": config}
 
 
 def _conditional_put(fs: Any, path: str, data: bytes) -> bool:

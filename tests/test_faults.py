@@ -1,12 +1,15 @@
 """Fault tolerance of the driver with real teacher actors on a real local Ray: an actor SIGKILLed mid-unit, a writer
 killed between its shard and its commit, a stalled actor (straggler), transient and persistent store errors, and a
 lost node of a 2-node cluster. Every run must end with every sequence exactly once and the same targets as a clean
-run. Faults are injected by the actors' test hook (`KDCACHE_TEST_FAULTS`, see kdcache/actors.py)."""
+run. Faults are injected by the actors' test hook (`KDCACHE_TEST_FAULTS`, see kdcache/actors.py). When nothing can
+run (actors ask for more than the cluster has; the embedded Ray's raylet is gone) the job fails after
+`cluster.actor_start_timeout_s` with a message saying so, instead of waiting forever."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +23,12 @@ from conftest import stdlib_texts, tiny_job_config, write_text_corpus
 from kdcache.capture.actors import FAULTS_ENV
 from kdcache.capture.job import run_cache_job
 from kdcache.capture.plan import plan_units
-from kdcache.capture.scheduler import schedule_units
+from kdcache.capture.scheduler import (
+    ACTOR_START_TIMEOUT_CLUSTER_S,
+    ACTOR_START_TIMEOUT_EMBEDDED_S,
+    actor_start_timeout,
+    schedule_units,
+)
 from kdcache.errors import JobFailed, SourceError, StoreError
 from kdcache.store import Store
 
@@ -159,12 +167,13 @@ def test_a_retried_create_whose_first_try_landed_counts_as_created(tmp_path):
 
 
 class ScriptedFactory:
-    """Fake actors whose process() raises what `script` says for a unit index, else returns a tiny record."""
+    """Fake actors whose process() raises what `script` says for a unit index, else returns a tiny record; each
+    asks Ray for `num_cpus` CPUs."""
 
-    def __init__(self, script: dict[int, str]):
+    def __init__(self, script: dict[int, str], num_cpus: float = 0):
         import ray
 
-        @ray.remote(num_cpus=0)
+        @ray.remote(num_cpus=num_cpus)
         class Scripted:
             def ready(self):
                 return {"pid": os.getpid(), "node": "fake"}
@@ -178,6 +187,10 @@ class ScriptedFactory:
                 return {"unit_id": unit["unit_id"], "num_tokens": 10, "padded_tokens": 12}
 
         self.actor_class = Scripted
+        self.num_cpus = num_cpus
+
+    def describe(self) -> str:
+        return f"Scripted(num_cpus={self.num_cpus})"
 
     def start(self):
         return self.actor_class.remote()
@@ -235,3 +248,68 @@ def test_lost_node_the_job_finishes_on_the_rest(tiny_teacher, fault_corpus, clea
     last = manifest["stats"]["last_run"]
     assert last["actors_lost"] >= 1 and last["retries"] >= 1, last
     assert_same_sequences(read_back(str(out)), clean)
+
+
+# ---- nothing can run: the job fails after cluster.actor_start_timeout_s instead of waiting forever -------------
+
+
+def test_actors_no_node_can_place_fail_the_job_after_the_start_timeout(ray_session, fault_corpus):
+    units = plan_units(f"{fault_corpus}/*.jsonl", "jsonl", unit_bytes=1500)
+    t0 = time.perf_counter()
+    with pytest.raises(
+        JobFailed, match=r"no teacher actor was ready for \d+s \(cluster\.actor_start_timeout_s = 3 s\)"
+    ) as info:
+        schedule_units(units, ScriptedFactory({}, num_cpus=64), num_actors=2, start_timeout_s=3, tick_s=0.5)
+    assert time.perf_counter() - t0 < 40  # 3 s, then the bounded stop of the actors
+    assert "each asks for Scripted(num_cpus=64)" in str(info.value) and "CPU 2" in str(info.value)
+    assert actor_start_timeout(None, embedded=True) == ACTOR_START_TIMEOUT_EMBEDDED_S < ACTOR_START_TIMEOUT_CLUSTER_S
+    assert actor_start_timeout(None, embedded=False) == ACTOR_START_TIMEOUT_CLUSTER_S
+    assert actor_start_timeout(42.0, embedded=True) == 42.0
+
+
+@pytest.mark.slow
+def test_embedded_ray_losing_its_raylet_fails_the_job_after_the_start_timeout(tiny_teacher, fault_corpus, tmp_path):
+    """The field report: the only node's raylet gone mid-job; the driver logged "no teacher actor is ready" for as
+    long as it was let. Now `kdcache cache` ends with one error line after cluster.actor_start_timeout_s."""
+    import psutil
+
+    units = plan_units(f"{fault_corpus}/*.jsonl", "jsonl", unit_bytes=1500)
+    faults = tmp_path / "faults.json"  # every unit takes >= 1 s: the raylet dies with the job under way
+    faults.write_text(
+        json.dumps([{"unit_index": u.index, "action": "stall", "seconds": 1, "once": False} for u in units])
+    )
+    out = tmp_path / "c"
+    # 30 s: long enough for the actor's first start on a busy 2-core machine, which the timeout also covers
+    cfg = fault_config(tiny_teacher, fault_corpus, out, "cluster.num_actors=1", "cluster.actor_start_timeout_s=30")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "kdcache.cli", "cache", str(tmp_path / "job.yaml")]
+    with open(tmp_path / "driver.log", "w") as log:  # its own session: the embedded Ray dies with it at the end
+        driver = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, FAULTS_ENV: str(faults)},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "commits").glob("*.json")):
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
+            time.sleep(0.2)
+        (raylet,) = [p for p in psutil.Process(driver.pid).children(recursive=True) if p.name() == "raylet"]
+        for proc in [raylet, *raylet.children(recursive=True)]:  # the node: its raylet and the workers it started
+            proc.kill()
+        killed = time.monotonic()
+        rc = driver.wait(timeout=90)
+    finally:
+        try:  # the driver's session: it and what its embedded Ray left (a gcs_server without its raylet), only
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        driver.wait(timeout=30)
+    log_text = (tmp_path / "driver.log").read_text()
+    assert rc == 2, log_text[-3000:]
+    assert "kdcache: error: no teacher actor was ready for" in log_text
+    assert "(cluster.actor_start_timeout_s = 30 s)" in log_text and "Traceback" not in log_text
+    assert time.monotonic() - killed < 30 + 45  # the timeout, then the bounded stop of the actors
+    assert not (out / "index.json").exists()

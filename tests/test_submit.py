@@ -1,10 +1,15 @@
-"""`kdcache submit`: the request it builds (entrypoint, runtime_env), the CLI against a fake job client, a real
-submission to a local Ray head's job server that runs a tiny caching job, and the docker/ files (Docker itself does
-not run here: the YAML files are parsed and their structure checked, the Dockerfile read)."""
+"""`kdcache submit`: the request it builds (entrypoint, runtime_env), the CLI against a fake job client, local paths
+of the config checked against what Ray uploads (passed on relative to the working_dir, or a clear error naming the
+key and the path, e.g. the shipped quickstart's .kdcache/), the job-side check under `ray job submit`, a real
+submission (token authentication, relative paths, `--wait`) to a `ray start --head` cluster's job server that runs a
+tiny caching job, and the docker/ files (Docker itself does not run here: the YAML files are parsed and their
+structure checked, the Dockerfile read)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,8 +21,9 @@ from cluster_helpers import LocalRayCluster, read_back
 from conftest import stdlib_texts, write_jsonl
 
 import kdcache.capture.submit as submit_module
-from kdcache.capture.submit import DEFAULT_EXCLUDES, build_submission
+from kdcache.capture.submit import DEFAULT_EXCLUDES, build_submission, check_local_inputs
 from kdcache.cli import main
+from kdcache.config import load_config
 from kdcache.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,9 +58,8 @@ def test_request_runs_the_job_script_from_the_working_dir(tmp_path):
         runtime_env={"pip": ["kdcache"], "env_vars": {"A": "1"}},
         submission_id="kdcache-42",
     )
-    assert request.entrypoint == (
-        "python jobs/cache_logits.py configs/job.yaml targets.k=8 'targets.temperatures=[1.0, 2.0]' "
-        "cluster.address=auto"  # the job's driver joins the cluster it runs on
+    assert request.entrypoint == (  # cluster.address stays null: inside a Ray job that joins the job's cluster
+        "python jobs/cache_logits.py configs/job.yaml targets.k=8 'targets.temperatures=[1.0, 2.0]'"
     )
     assert request.runtime_env == {
         "working_dir": str(wd),
@@ -77,7 +82,7 @@ def test_request_without_working_dir_uses_the_installed_cli(tmp_path):
     assert request.runtime_env == {}
     bare = make_workdir(tmp_path / "bare", with_job_script=False)  # an uploaded folder without jobs/
     request = build_submission(bare / "configs" / "job.yaml", working_dir=bare)
-    assert request.entrypoint == "python -m kdcache.cli cache configs/job.yaml cluster.address=auto"
+    assert request.entrypoint == "python -m kdcache.cli cache configs/job.yaml"
 
 
 def test_bad_requests_fail_before_anything_is_sent(tmp_path, monkeypatch):
@@ -90,6 +95,8 @@ def test_bad_requests_fail_before_anything_is_sent(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="outside the working_dir"):
         build_submission(outside, working_dir=wd)
     assert main(["submit", str(wd / "configs" / "job.yaml"), "--address", "ray://head:10001"]) == 2
+    bad_json = ["submit", str(wd / "configs" / "job.yaml"), "--address", "http://h:8265", "--runtime-env-json", "{x"]
+    assert main(bad_json) == 2
 
 
 class FakeJobClient:
@@ -131,7 +138,7 @@ def test_cli_submit_prints_the_job_id_and_how_to_follow_it(tmp_path, monkeypatch
     (client,) = FakeJobClient.instances
     (request,) = client.requests
     assert client.address == "http://head:8265"
-    assert request["entrypoint"] == "python jobs/cache_logits.py configs/job.yaml targets.k=4 cluster.address=auto"
+    assert request["entrypoint"] == "python jobs/cache_logits.py configs/job.yaml targets.k=4"
     assert request["runtime_env"]["pip"] == ["gcsfs"] and request["runtime_env"]["env_vars"] == {"HF_HOME": "/hf"}
 
 
@@ -164,41 +171,138 @@ def test_cli_submit_dry_run_prints_the_request(tmp_path, capsys, monkeypatch):
     assert request["address"] == "http://h:8265" and request["entrypoint"].startswith("python -m kdcache.cli cache")
 
 
-@pytest.mark.slow
-def test_submit_to_a_real_job_server_runs_the_cache_job(tiny_teacher, tmp_path):
-    """A local Ray head with its dashboard and job server; `kdcache submit --wait` in a subprocess."""
-    corpus = tmp_path / "corpus"
-    texts = stdlib_texts(6, max_chars=800)
-    write_jsonl(corpus / "a.jsonl", [{"text": t} for t in texts])
-    wd = tmp_path / "wd"
-    (wd / "jobs").mkdir(parents=True)
-    shutil.copy(REPO / "jobs" / "cache_logits.py", wd / "jobs" / "cache_logits.py")
-    out = tmp_path / "cache"
+# ---- local paths in the config: shipped with the working_dir, or a clear error before anything is sent ---------
+
+
+def make_local_workdir(root: Path, teacher: Path, corpus_texts: list[str]) -> Path:
+    """A repository-shaped folder whose config names everything by relative paths: models/teacher, data/*.jsonl,
+    out/cache (git-ignored, like the demo's .kdcache/)."""
+    (root / "jobs").mkdir(parents=True)
+    shutil.copy(REPO / "jobs" / "cache_logits.py", root / "jobs" / "cache_logits.py")
+    shutil.copytree(teacher, root / "models" / "teacher")
+    write_jsonl(root / "data" / "a.jsonl", [{"text": t} for t in corpus_texts])
+    (root / ".gitignore").write_text("out/\n")
     config = {
-        "teacher": {"model": str(tiny_teacher)},
-        "data": {"source": f"{corpus}/*.jsonl", "max_length": 96, "unit_bytes": 1500},
+        "teacher": {"model": "models/teacher"},
+        "data": {"source": "data/*.jsonl", "max_length": 96, "unit_bytes": 1500},
         "targets": {"k": 8},
-        "output": {"uri": str(out)},
-        "cluster": {"num_actors": 2, "batch_tokens": 512, "progress": False},
+        "output": {"uri": "out/cache"},
+        "cluster": {"address": None, "num_actors": 2, "batch_tokens": 512, "progress": False},
     }
-    (wd / "job.yaml").write_text(yaml.safe_dump(config))
+    (root / "configs").mkdir()
+    (root / "configs" / "job.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_inputs_inside_the_working_dir_are_passed_relative_to_it(tiny_teacher, tmp_path, monkeypatch):
+    wd = make_local_workdir(tmp_path / "repo", tiny_teacher, stdlib_texts(2, max_chars=300))
+    monkeypatch.chdir(wd / "configs")  # relative paths mean what they mean here, as for `kdcache cache`
+    request = build_submission(
+        "job.yaml", ["teacher.model=../models/teacher", "data.source=../data/*.jsonl"], working_dir=".."
+    )
+    assert request.entrypoint.startswith("python jobs/cache_logits.py configs/job.yaml ")
+    assert shlex.split(request.entrypoint)[3:] == [
+        "teacher.model=../models/teacher",  # the user's overrides, then the paths as the job sees them
+        "data.source=../data/*.jsonl",
+        'teacher.model="models/teacher"',
+        'data.source="data/*.jsonl"',
+        f'output.uri="{wd / "configs" / "out" / "cache"}"',  # absolute: not into the job's temporary copy
+    ]
+    assert request.runtime_env["excludes"] == [*DEFAULT_EXCLUDES, "/configs/out/cache"]  # a rerun does not upload it
+    monkeypatch.chdir(wd)
+    request = build_submission("configs/job.yaml", working_dir=".")
+    assert shlex.split(request.entrypoint)[3:] == [f'output.uri="{wd / "out" / "cache"}"']
+
+
+def test_the_shipped_quickstart_config_fails_naming_the_path_the_cluster_would_not_see(tmp_path, monkeypatch):
+    """configs/quickstart.yaml names the demo's files under .kdcache/, which the upload leaves out."""
+    wd = tmp_path / "clone"
+    (wd / "configs").mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "quickstart.yaml", wd / "configs")
+    shutil.copy(REPO / ".gitignore", wd / ".gitignore")
+    (wd / ".kdcache" / "demo" / "assets" / "teacher").mkdir(parents=True)  # as `make run` leaves it
+    (wd / ".kdcache" / "demo" / "assets" / "teacher" / "config.json").write_text("{}")
+    write_jsonl(wd / ".kdcache" / "demo" / "assets" / "train" / "part-00000.jsonl", [{"text": "x"}])
+    monkeypatch.chdir(wd)
+    with pytest.raises(ConfigError) as info:
+        build_submission("configs/quickstart.yaml", working_dir=".")
+    message = str(info.value)
+    assert message.startswith("teacher.model: .kdcache/demo/assets/teacher is inside --working-dir")
+    assert "Ray does not upload .kdcache/demo/assets/teacher/config.json: .kdcache matches '.kdcache'" in message
+    assert "the cluster will not see it" in message and "s3://" in message
+    (wd / "models").mkdir()
+    (wd / ".kdcache" / "demo" / "assets" / "teacher").rename(wd / "models" / "teacher")  # shipped now ...
+    with pytest.raises(ConfigError, match=r"data.source: .*Ray does not upload .*\.kdcache matches"):
+        build_submission("configs/quickstart.yaml", ["teacher.model=models/teacher"], working_dir=".")
+    (wd / ".gitignore").write_text("models/\n")  # ... unless git ignores it
+    with pytest.raises(ConfigError, match=rf"models/teacher is ignored by {wd / '.gitignore'}"):
+        build_submission("configs/quickstart.yaml", ["teacher.model=models/teacher"], working_dir=".")
+    with pytest.raises(ConfigError, match=r"teacher.model: \.\./teacher .* is outside --working-dir"):
+        build_submission("configs/quickstart.yaml", ["teacher.model=../teacher"], working_dir=".")
+
+
+def test_the_job_side_names_a_missing_input_under_ray_job_submit(tmp_path):
+    """`ray job submit --working-dir . -- python jobs/cache_logits.py configs/quickstart.yaml`: the job runs in the
+    uploaded copy, without .kdcache/; Ray's job supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR for it."""
+    copy = tmp_path / "uploaded"
+    (copy / "configs").mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "quickstart.yaml", copy / "configs")
+    shutil.copytree(REPO / "jobs", copy / "jobs")
+    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", "PYTHONPATH": _pythonpath()}
+    done = subprocess.run(
+        [sys.executable, "jobs/cache_logits.py", "configs/quickstart.yaml"],
+        cwd=copy, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith("kdcache: error: teacher.model: .kdcache/demo/assets/teacher does not exist")
+    assert "Ray job" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_relative_output_inside_a_ray_job_is_refused(tiny_teacher, tmp_path, monkeypatch):
+    wd = make_local_workdir(tmp_path / "repo", tiny_teacher, stdlib_texts(2, max_chars=300))
+    monkeypatch.chdir(wd)
+    cfg = load_config("configs/job.yaml")
+    check_local_inputs(cfg, in_ray_job=False)  # `kdcache cache` here: fine
+    with pytest.raises(ConfigError, match=r"output.uri: out/cache is relative: in a Ray job it would land in"):
+        check_local_inputs(cfg, in_ray_job=True)
+
+
+# ---- a real Ray head with its job server, token authentication and a working_dir upload ---------------------
+
+
+@pytest.mark.slow
+def test_submit_with_relative_paths_to_a_real_job_server_completes(tiny_teacher, tmp_path):
+    """`kdcache submit configs/job.yaml --working-dir . --wait` from a folder whose config names the teacher, the
+    data and the output by relative paths, with `cluster.address: null`, against a `ray start --head` cluster with
+    token authentication. First without the token (one clear error), then with it: the job joins the cluster,
+    reads the uploaded teacher and data, and writes the complete cache where the config said."""
+    wd = make_local_workdir(tmp_path / "repo", tiny_teacher, stdlib_texts(6, max_chars=800))
     venv_bin = str(Path(sys.executable).parent)  # the job's `python` must be this environment's
-    with LocalRayCluster(num_cpus=2, dashboard=True, env={"PATH": f"{venv_bin}:{_path()}"}) as cluster:
-        cmd = [sys.executable, "-m", "kdcache.cli", "submit", str(wd / "job.yaml"), "--address", cluster.dashboard_url]
-        cmd += ["--working-dir", str(wd), "--submission-id", "kdcache-test-1", "--wait"]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=cluster.client_env(), timeout=240)
+    with LocalRayCluster(
+        num_cpus=2, dashboard=True, env={"PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    ) as cluster:
+        cmd = [sys.executable, "-m", "kdcache.cli", "submit", "configs/job.yaml", "--address", cluster.dashboard_url]
+        cmd += ["--working-dir", ".", "--submission-id", "kdcache-test-1", "--wait"]
+        no_token = {k: v for k, v in cluster.client_env().items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        refused = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, env=no_token, timeout=240)
+        done = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, env=cluster.client_env(), timeout=400)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    error = refused.stderr.strip().splitlines()[-1]  # after the warning about output.uri's shared filesystem
+    assert error.startswith(f"kdcache: error: job server {cluster.dashboard_url}: submission failed: ")
+    assert "authentication failed" in error and "RAY_AUTH_MODE=token" in error
+    assert "Traceback" not in refused.stderr
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "Submitted kdcache job kdcache-test-1" in done.stdout and "ray job logs -f kdcache-test-1" in done.stdout
     assert "job kdcache-test-1: SUCCEEDED" in done.stdout
-    manifest = json.loads((out / "index.json").read_text())
-    assert manifest["complete"] and manifest["config"]["cluster"]["address"] == "auto"
-    assert len(read_back(str(out))) == manifest["stats"]["num_sequences"] > 0
+    manifest = json.loads((wd / "out" / "cache" / "index.json").read_text())
+    assert manifest["complete"] and manifest["config"]["cluster"]["address"] is None
+    assert manifest["config"]["teacher"]["model"] == "models/teacher"  # the uploaded copy, read in the job
+    assert len(read_back(str(wd / "out" / "cache"))) == manifest["stats"]["num_sequences"] > 0
 
 
-def _path() -> str:
-    import os
-
-    return os.environ.get("PATH", "")
+def _pythonpath() -> str:
+    """This checkout first, for subprocesses that import kdcache."""
+    return os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
 
 
 # ---- docker/: parsed and checked here (Docker does not run on this machine) ------------------------------------

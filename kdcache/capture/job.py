@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from kdcache.capture.plan import WorkUnit, plan_units
-from kdcache.capture.scheduler import ActorFactory, RunStats, schedule_units
+from kdcache.capture.scheduler import ActorFactory, RunStats, actor_start_timeout, schedule_units
 from kdcache.config import CHAT_FORMATS, KDCacheConfig
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.identity import (
@@ -105,12 +105,23 @@ def _sanitized_config(cfg: KDCacheConfig) -> dict[str, Any]:
     return cfg.to_record()
 
 
-def _init_ray(cfg: KDCacheConfig):
+def _in_ray_job() -> bool:
+    """Whether this process is a Ray job's entrypoint (`ray job submit`, `kdcache submit`): Ray's job supervisor
+    hands the job's runtime_env to it in this variable."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _init_ray(cfg: KDCacheConfig) -> bool:
+    """Start or join Ray as `cluster.address` says; returns whether this is an embedded local Ray.
+
+    `cluster.address: null` inside a Ray job joins the job's cluster: a nested local Ray there could not set up the
+    job's runtime_env (working_dir) for its actors (`RuntimeEnvSetupError`)."""
     import ray
 
+    embedded = cfg.cluster.address is None and not _in_ray_job()
     if ray.is_initialized():
-        return ray
-    if cfg.cluster.address is None:
+        return embedded
+    if embedded:
         needed = cfg.cluster.num_actors * cfg.cluster.cpus_per_actor
         ray.init(
             address="local",  # a new embedded Ray, never whatever cluster `ray start` last left on this machine
@@ -119,9 +130,12 @@ def _init_ray(cfg: KDCacheConfig):
             object_store_memory=256 * 2**20,
             logging_level=logging.WARNING,
         )
+    elif cfg.cluster.address is None:
+        log.info("cluster.address is null inside a Ray job: joining the job's cluster")
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", logging_level=logging.WARNING)
     else:
         ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
-    return ray
+    return embedded
 
 
 def shutdown_ray() -> None:
@@ -159,7 +173,8 @@ def run_cache_job(
         actor_options: more Ray options for the teacher actors, e.g. {"runtime_env": {"env_vars": {...}}} or a
             scheduling_strategy.
     """
-    store = Store(cfg.output.uri, cfg.output.storage_options)
+    o = cfg.output
+    store = Store(o.uri, o.storage_options, retries=o.store_retries, base_delay_s=o.store_backoff_s)
     if store.protocol == "memory":
         raise ConfigError("output.uri: memory:// is private to one process; Ray actors cannot write to it")
     atomic = store.exclusive_create_is_atomic
@@ -226,7 +241,7 @@ def _run_units(
     actor_options: dict[str, Any] | None,
 ) -> RunStats:
     """Start Ray and schedule the pending units on teacher actors (or on `factory`'s actors)."""
-    _init_ray(cfg)
+    embedded = _init_ray(cfg)
     c = cfg.cluster
     if factory is None:
         from kdcache.capture.actors import TeacherActorFactory
@@ -245,6 +260,7 @@ def _run_units(
         progress=c.progress,
         progress_total=total,
         progress_done=total - len(pending),
+        start_timeout_s=actor_start_timeout(c.actor_start_timeout_s, embedded=embedded),
     )
 
 

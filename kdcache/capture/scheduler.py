@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from kdcache.capture.plan import WorkUnit
 from kdcache.errors import CacheMismatchError, ConfigError, JobFailed, SourceError
 
-__all__ = ["ActorFactory", "RunStats", "schedule_units"]
+__all__ = ["ActorFactory", "RunStats", "actor_start_timeout", "schedule_units"]
 
 log = logging.getLogger("kdcache.capture.job")
 
@@ -89,6 +89,19 @@ AUTO_BACKUP_MIN_S = 30.0  # ... and at least this many seconds
 PER_ACTOR = 2  # units in flight per actor: one running, one queued so the actor never waits on the driver
 STOP_TIMEOUT_S = 30.0  # how long the end of a run waits for killed actors' copies to be gone
 KILL_GRACE_S = 1.0  # and then for their processes (and a write they had in flight) to end
+# How long the job waits while no teacher actor is ready (placed on a node and its teacher loaded) before failing,
+# when `cluster.actor_start_timeout_s` is null: an embedded local Ray never gets more resources than it started
+# with, so only a teacher's first load (a download included) needs time; a cluster's autoscaler may take many
+# minutes to add the nodes actors ask for.
+ACTOR_START_TIMEOUT_EMBEDDED_S = 600.0
+ACTOR_START_TIMEOUT_CLUSTER_S = 1800.0
+
+
+def actor_start_timeout(configured: float | None, *, embedded: bool) -> float:
+    """Seconds without a ready actor before the job fails: `cluster.actor_start_timeout_s`, or the default."""
+    if configured is not None:
+        return configured
+    return ACTOR_START_TIMEOUT_EMBEDDED_S if embedded else ACTOR_START_TIMEOUT_CLUSTER_S
 
 
 @dataclass(eq=False)
@@ -138,6 +151,7 @@ class _Scheduler:
         bar: Any,
         tick_s: float,
         log_every_s: float,
+        start_timeout_s: float | None = None,
     ):
         import ray
         from ray.exceptions import RayActorError, RayError, RayTaskError
@@ -155,6 +169,8 @@ class _Scheduler:
         self.done: set[str] = set()
         self.durations: list[float] = []
         self.start_failures = 0  # actor starts that failed since an actor last became ready
+        self.start_timeout_s = start_timeout_s  # None: wait for a ready actor forever
+        self.unready_since: float | None = time.perf_counter()  # since when no actor has been ready (None: one is)
         self.stats = RunStats()
         self.t0 = time.perf_counter()
         self.last_log = self.t0
@@ -352,6 +368,7 @@ class _Scheduler:
                         self._on_ready(ref, self.starting.pop(ref))
                     else:
                         self._on_result(ref, self.running.pop(ref))
+                self._check_something_can_run()
                 if time.perf_counter() - self.last_log >= self.log_every_s:
                     self._log_progress()
         finally:
@@ -360,6 +377,32 @@ class _Scheduler:
         self.stats.actors = [a.summary() for a in self.all_actors if a.units]
         self._log_progress(final=True)
         return self.stats
+
+    def _check_something_can_run(self) -> None:
+        """Fail once no actor has been ready for `start_timeout_s` (nothing can run: no node has the resources an
+        actor asks for, the nodes are gone, or the teacher never finishes loading)."""
+        now = time.perf_counter()
+        if any(a.ready and not a.dead for a in self.actors):
+            self.unready_since = None
+            return
+        if self.unready_since is None:
+            self.unready_since = now
+        waited = now - self.unready_since
+        if self.start_timeout_s is None or waited <= self.start_timeout_s:
+            return
+        try:
+            have = self.ray.cluster_resources()
+            nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
+            held = [f"{key} {value:g}" for key, value in sorted(have.items()) if key in ("CPU", "GPU")]
+            cluster = f"the cluster has {nodes} live node(s)" + (f" with {', '.join(held)}" if held else "")
+        except Exception as exc:  # the cluster itself may be what is broken
+            cluster = f"the cluster does not answer ({type(exc).__name__})"
+        raise JobFailed(
+            f"no teacher actor was ready for {waited:.0f}s (cluster.actor_start_timeout_s = {self.start_timeout_s:g} "
+            f"s): each asks for {getattr(self.factory, 'describe', lambda: '?')()}; {cluster}. Check the nodes "
+            "(`ray status`), lower cluster.gpus_per_actor / cluster.cpus_per_actor, or raise "
+            "cluster.actor_start_timeout_s if the teacher takes longer to load"
+        )
 
     def _stop_all(self) -> None:
         """Kill every actor, then wait (bounded) until the copies still running are gone: a late copy of a done unit
@@ -392,8 +435,9 @@ class _Scheduler:
         if not ready and self.starting:
             oldest = min(a.since for a in self.starting.values())
             log.warning(
-                "no teacher actor is ready after %.0fs (%s); the cluster may lack the resources an actor asks for",
-                now - oldest, getattr(self.factory, "describe", lambda: "?")(),
+                "no teacher actor is ready after %.0fs (%s); the cluster may lack the resources an actor asks for "
+                "(the job fails after cluster.actor_start_timeout_s = %s s)",
+                now - oldest, getattr(self.factory, "describe", lambda: "?")(), self.start_timeout_s,
             )  # fmt: skip
         summaries = sorted((a.summary() for a in self.all_actors if a.units), key=lambda a: a["tokens_per_s"])
         if summaries:  # per-actor throughput: the spread, then the slowest (a sick GPU shows up here)
@@ -428,6 +472,7 @@ def schedule_units(
     progress_done: int = 0,
     tick_s: float = 1.0,
     log_every_s: float = 60.0,
+    start_timeout_s: float | None = None,
 ) -> RunStats:
     """Run every unit once on a pool of `num_actors` actors from `factory`; returns the commit records and stats.
 
@@ -441,7 +486,9 @@ def schedule_units(
       unit, and a unit running longer than `backup_after_s` (None: 3x the median unit time, at least 30 s; inf:
       never) gets a backup copy on an idle actor. The first copy to commit wins; the other's commit fails and its
       worker deletes its shard (the worker's commit protocol). Late results are ignored; copies still running
-      when the last unit is done die with their actors (their shards are the caller's orphans to delete).
+      when the last unit is done die with their actors (their shards are the caller's orphans to delete);
+    - nothing can run: once no actor has been ready for `start_timeout_s` seconds (None: never), `JobFailed` says
+      what the actors ask for and what the cluster has.
 
     Requires `ray.init()` to have run. Cost per unit on the driver: one `process.remote`, one `ray.get` of a record
     of ~1 KB, and a share of a `ray.wait` over all refs in flight (see docs/SCALING.md).
@@ -457,6 +504,7 @@ def schedule_units(
             bar=bar,
             tick_s=tick_s,
             log_every_s=log_every_s,
+            start_timeout_s=start_timeout_s,
         )
         return scheduler.run()
     finally:

@@ -6,31 +6,50 @@
 The config and overrides are validated here first, so a wrong key fails before anything is sent. The cluster then
 runs `python jobs/cache_logits.py CONFIG [key=value ...]` from the uploaded working_dir (or `python -m kdcache.cli
 cache CONFIG ...` when there is no working_dir: kdcache installed in the cluster's image, the config path valid
-there). Inside the job the driver joins the cluster it runs on (`cluster.address=auto` is added when the config
-leaves it null). The runtime_env comes from the config (`cluster.runtime_env`) merged with the flags
-(--working-dir, --pip, --env, --runtime-env-json); flags win.
+there). Inside the job, `cluster.address: null` joins the cluster the job runs on (job.py). The runtime_env comes from
+the config (`cluster.runtime_env`) merged with the flags (--working-dir, --pip, --env, --runtime-env-json); flags win.
+
+Local paths in the config (teacher.model, data.tokenizer, data.source, output.uri) are resolved here, against the
+current directory as `kdcache cache` would, and checked against what Ray will upload (its own walk of the
+working_dir: runtime_env excludes, .gitignore, .rayignore): an input inside the upload is passed to the job relative
+to the working_dir; one the cluster would not see (outside the working_dir, or excluded from the upload, like the
+demo's `.kdcache/`) fails here naming the key, the path and what excludes it. A relative output.uri becomes absolute
+(the job's working directory is a temporary copy on the cluster), with a warning that the nodes must share that
+filesystem; absolute local paths get the same warning. `check_local_inputs` is the job-side half, for jobs started
+with `ray job submit`: a missing input fails naming its key instead of a library's traceback.
 
 Credentials do not belong in the config: a config inside working_dir is uploaded to the cluster with it. Give the
 cluster's nodes credentials through their environment, an instance role or `--env` (which the job server keeps).
-On a cluster with token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN as for `ray job submit`.
+On a cluster with token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as for
+`ray job submit`; without them the job server's refusal is reported as one error line saying so.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcache.config import SECRET_HOLDERS, load_config, redact_secrets, redact_urls
+from kdcache.config import SECRET_HOLDERS, KDCacheConfig, load_config, redact_secrets, redact_urls
 from kdcache.errors import ConfigError, SubmitError
 
-__all__ = ["JOB_SCRIPT", "Submission", "build_submission", "follow_commands", "submit", "wait_for_job"]
+__all__ = [
+    "JOB_SCRIPT",
+    "Submission",
+    "build_submission",
+    "check_local_inputs",
+    "follow_commands",
+    "submit",
+    "wait_for_job",
+]
 
 log = logging.getLogger("kdcache.capture.submit")
 
@@ -39,6 +58,13 @@ DEFAULT_EXCLUDES = [".git", ".venv", ".kdcache", "**/__pycache__", "*.egg-info"]
 CREDENTIAL_KEYS = ("key", "secret", "token", "password", "credentials", "access_key", "secret_key", "session_token")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 JOB_CLIENT: Any = None  # the client class; None: ray.job_submission.JobSubmissionClient (tests put a fake here)
+INPUT_KEYS = ("teacher.model", "data.tokenizer", "data.source")  # config keys that may name local inputs
+ELSEWHERE = "a location every node reads (s3://..., a hub id, or an absolute path on storage all nodes mount)"
+AUTH_HELP = (
+    "the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (or "
+    "RAY_AUTH_TOKEN_PATH=<a file holding it>) in this shell, as for `ray job submit`; `ray get-auth-token` on the "
+    "head node prints the token"
+)
 
 
 @dataclass
@@ -90,8 +116,6 @@ def build_submission(
     """
     overrides = list(overrides or [])
     cfg = load_config(config, overrides)  # fail here, naming the key, not minutes later on the cluster
-    if cfg.cluster.address is None:
-        overrides.append("cluster.address=auto")  # the job's driver joins the cluster it runs on
     env = _merge_runtime_env(getattr(cfg.cluster, "runtime_env", None) or {}, runtime_env or {})
     if working_dir is not None:
         env["working_dir"] = str(working_dir)
@@ -102,6 +126,7 @@ def build_submission(
     if "working_dir" in env:
         env.setdefault("excludes", list(DEFAULT_EXCLUDES))
     config_arg, command = _entrypoint_parts(Path(config), env.get("working_dir"))
+    overrides += _resolve_local_paths(cfg, env)
     _warn_about_credentials(cfg.output.storage_options, overrides)
     return Submission(
         entrypoint=shlex.join([*command, config_arg, *overrides]),
@@ -154,6 +179,169 @@ def _entrypoint_parts(config: Path, working_dir: str | None) -> tuple[str, list[
     return relative.as_posix(), ["python", "-m", "kdcache.cli", "cache"]
 
 
+def _config_value(cfg: KDCacheConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _names_local_path(key: str, value: str) -> bool:
+    """Whether a config value names a local path (not a URL, not a hub id such as `org/model`)."""
+    if not value or ("://" in value and not value.startswith("file://")):
+        return False
+    if key in ("data.source", "output.uri"):
+        return True
+    value = value.removeprefix("file://")
+    return os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") >= 2 or os.path.exists(value)
+
+
+def _local_inputs(cfg: KDCacheConfig) -> list[tuple[str, list[str]]]:
+    """(key, local path patterns) of each config key that names local inputs."""
+    found = []
+    for key in INPUT_KEYS:
+        value = _config_value(cfg, key)
+        values = [value] if isinstance(value, str) else list(value or [])
+        local = [os.path.expanduser(v.removeprefix("file://")) for v in values if _names_local_path(key, v)]
+        if local:
+            found.append((key, local))
+    return found
+
+
+def _matches(pattern: Path) -> list[Path]:
+    """The files and folders a local path or glob names (folders of files for data.source are walked later)."""
+    return [Path(p) for p in sorted(glob.glob(str(pattern), recursive=True))]
+
+
+def _files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _resolve_local_paths(cfg: KDCacheConfig, env: dict[str, Any]) -> list[str]:
+    """Check every local path of the config against what the cluster will see; return overrides that pass each
+    input to the job relative to the working_dir (and a relative output.uri as an absolute path).
+
+    Raises ConfigError naming the key and the path when the cluster would not see an input."""
+    cwd = Path.cwd()
+    working_dir = env.get("working_dir")
+    root = Path(working_dir).resolve() if working_dir and "://" not in str(working_dir) else None
+    uploaded = _uploaded_paths(root, list(env.get("excludes") or [])) if root is not None else None
+    overrides: list[str] = []
+    shared: list[str] = []  # local paths the nodes must see through a shared filesystem
+    for key, patterns in _local_inputs(cfg):
+        job_values = []
+        for pattern in patterns:
+            absolute = (cwd / pattern).resolve() if not os.path.isabs(pattern) else Path(pattern)
+            if root is None or not absolute.is_relative_to(root):
+                if not os.path.isabs(pattern):
+                    where = f"outside --working-dir {root}" if root is not None else "relative, with no --working-dir"
+                    raise ConfigError(
+                        f"{key}: {pattern} ({absolute}) is {where}: the cluster will not see it. Put it inside the "
+                        f"working dir (uploaded with the job), or give {ELSEWHERE}"
+                    )
+                shared.append(f"{key}={pattern}")
+                job_values.append(pattern)
+                continue
+            matched = _matches(absolute)
+            if not matched:
+                raise ConfigError(f"{key}: {pattern} matches nothing here ({absolute}); the cluster would not see it")
+            missing = next(
+                (f for m in matched for f in _files_under(m) if uploaded is not None and f not in uploaded), None
+            )
+            if missing is not None:
+                raise ConfigError(
+                    f"{key}: {pattern} is inside --working-dir {root} but Ray does not upload "
+                    f"{missing.relative_to(root)}: {_why_excluded(root, missing, list(env.get('excludes') or []))}; "
+                    f"the cluster will not see it. Move it to a folder that is uploaded, or give {ELSEWHERE}"
+                )
+            job_values.append(absolute.relative_to(root).as_posix())
+        value = _config_value(cfg, key)
+        job_value = job_values[0] if isinstance(value, str) else job_values
+        if job_value != value and len(job_values) == len(value if isinstance(value, list) else [value]):
+            overrides.append(f"{key}={json.dumps(job_value)}")
+    uri = cfg.output.uri
+    if _names_local_path("output.uri", uri):
+        local = os.path.expanduser(uri.removeprefix("file://"))
+        absolute = (cwd / local).resolve() if not os.path.isabs(local) else Path(local)
+        if str(absolute) != uri:
+            overrides.append(f"output.uri={json.dumps(str(absolute))}")  # not into the job's temporary copy
+        shared.append(f"output.uri={absolute}")
+        if root is not None and absolute.is_relative_to(root) and absolute != root:
+            env["excludes"] = [*env.get("excludes", []), "/" + absolute.relative_to(root).as_posix()]
+    if shared:
+        log.warning(
+            "%s: local path(s) the job reads or writes as they are: every node of the cluster must see them (the "
+            "same machine, or a filesystem all nodes mount); otherwise use %s",
+            ", ".join(shared),
+            ELSEWHERE,
+        )
+    return overrides
+
+
+def _uploaded_paths(root: Path, excludes: list[str]) -> set[Path] | None:
+    """Every file and folder Ray's working_dir upload of `root` takes, by Ray's own walk (its default excludes,
+    `excludes`, .gitignore unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1, .rayignore). None: this Ray has no such walk."""
+    try:
+        from ray._private import ray_constants
+        from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+    except ImportError:
+        return None
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    patterns = [*ray_constants.get_runtime_env_default_excludes(), *excludes]
+    found: set[Path] = set()
+    try:
+        _dir_travel(
+            root, [_get_excludes(root, patterns)], found.add, include_gitignore=include_gitignore, logger=log
+        )  # its notes about ignore files go to kdcache's log (shown with -v), not to the terminal
+    except TypeError:  # another Ray version's signature
+        log.warning("cannot check which files this Ray version uploads with --working-dir; not checked")
+        return None
+    return {p.resolve() for p in found}
+
+
+def _why_excluded(root: Path, path: Path, excludes: list[str]) -> str:
+    """Which rule leaves `path` out of the upload: the first of its folders (from the top) that a pattern matches."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _get_excludes, _get_ignore_file
+
+    patterns = [*ray_constants.get_runtime_env_default_excludes(), *excludes]
+    parts = path.relative_to(root).parts
+    for depth in range(1, len(parts) + 1):
+        target = root.joinpath(*parts[:depth])
+        for pattern in patterns:
+            if _get_excludes(root, [pattern])(target):
+                return f"{target.relative_to(root)} matches {pattern!r} of the runtime_env excludes"
+        for folder in [root, *(root.joinpath(*parts[:i]) for i in range(1, depth))]:
+            for name in (".gitignore", ".rayignore"):
+                matcher: Callable[[Path], bool] | None = _get_ignore_file(folder, name)
+                if matcher is not None and matcher(target):
+                    return f"{target.relative_to(root)} is ignored by {folder / name}"
+    return "excluded from the upload"
+
+
+def check_local_inputs(cfg: KDCacheConfig, *, in_ray_job: bool) -> None:
+    """Fail naming the key when a local input of the config does not exist (the job-side check: a job started with
+    `ray job submit` runs in the uploaded copy of its working_dir, which lacks what the upload left out)."""
+    hint = (
+        " This runs as a Ray job in the uploaded copy of its working_dir, which leaves out .gitignore'd files, "
+        ".rayignore'd files and runtime_env excludes; `kdcache submit` checks this before submitting."
+        if in_ray_job
+        else ""
+    )
+    for key, patterns in _local_inputs(cfg):
+        for pattern in patterns:
+            if not _matches(Path(pattern)):
+                raise ConfigError(
+                    f"{key}: {pattern} does not exist (in {Path.cwd()}); give an existing local path, or "
+                    f"{ELSEWHERE}.{hint}"
+                )
+    uri = cfg.output.uri
+    if in_ray_job and _names_local_path("output.uri", uri) and not os.path.isabs(uri.removeprefix("file://")):
+        raise ConfigError(
+            f"output.uri: {uri} is relative: in a Ray job it would land in the job's temporary copy of the "
+            f"working_dir and be lost; give an absolute path every node sees, or s3://... (`kdcache submit` "
+            "makes it absolute for you)"
+        )
+
+
 def _warn_about_credentials(storage_options: dict[str, Any], overrides: list[str]) -> None:
     named = [k for k in storage_options if k.lower() in CREDENTIAL_KEYS]
     named += [
@@ -193,12 +381,24 @@ def submit(
                 submission_id=submission.submission_id,
             )
             return client, job_id
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:
             if "No available agent" in str(exc) and time.monotonic() < deadline:
                 log.info("job server %s: no job agent yet; retrying", address)
                 time.sleep(2.0)
                 continue
-            raise SubmitError(f"job server {address}: submission failed: {exc}") from exc
+            raise _job_server_error(address, "submission failed", exc) from None
+
+
+def _job_server_error(address: str, what: str, exc: BaseException) -> SubmitError:
+    """One clear error for what the job server or the way to it refused (never a traceback)."""
+    if type(exc).__name__ == "AuthenticationError":  # ray.exceptions.AuthenticationError (Ray >= 2.5x)
+        return SubmitError(f"job server {address}: {what}: authentication failed: {AUTH_HELP}")
+    if isinstance(exc, (OSError, ConnectionError)) or type(exc).__module__.startswith(("requests", "urllib3")):
+        return SubmitError(
+            f"job server {address}: {what}: cannot reach it ({type(exc).__name__}: {str(exc)[:300]}); check --address "
+            "(the head's dashboard URL, port 8265 by default) and that the cluster runs"
+        )
+    return SubmitError(f"job server {address}: {what}: {type(exc).__name__}: {exc}")
 
 
 def follow_commands(job_id: str, address: str) -> str:
@@ -236,7 +436,10 @@ def run_submit(args: Any, out=None) -> int:
             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS also work)"
         )
     env_vars = dict(_key_value(item, "--env") for item in args.env)
-    runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
+    try:
+        runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--runtime-env-json: not valid JSON ({exc})") from None
     submission = build_submission(
         args.config,
         args.overrides,
@@ -253,8 +456,14 @@ def run_submit(args: Any, out=None) -> int:
     print(f"Submitted kdcache job {job_id} to {address}\n{follow_commands(job_id, address)}", file=out, flush=True)
     if not args.wait:
         return 0
-    status = wait_for_job(client, job_id)
-    print(client.get_job_logs(job_id)[-20000:], file=out)
+    try:
+        status = wait_for_job(client, job_id)
+        logs = client.get_job_logs(job_id)
+    except SubmitError:
+        raise
+    except Exception as exc:
+        raise _job_server_error(address, f"following job {job_id}", exc) from None
+    print(logs[-20000:], file=out)
     print(f"job {job_id}: {status}", file=out)
     return 0 if status == "SUCCEEDED" else 1
 

@@ -23,7 +23,8 @@ Usage::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -103,6 +104,20 @@ def resolve_dtype(dtype: str, device: torch.device, *, config_dtype: torch.dtype
     return _DTYPES[dtype]
 
 
+@contextmanager
+def _remote_code_refusal(name_or_path: str) -> Iterator[None]:
+    """transformers refuses a checkpoint that ships its own code unless told to trust it: name the key that does."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(
+            f"teacher.trust_remote_code: {name_or_path} ships its own Python code (auto_map in its config), which "
+            "kdcache runs only with teacher.trust_remote_code: true; set it if you trust that code"
+        ) from None
+
+
 def default_chunk_bytes(device: str | torch.device) -> int:
     """Bytes of float32 logits per lm_head chunk when ``chunk_bytes`` is not set: 64 MiB on CPU, 1 GiB elsewhere."""
     return CHUNK_BYTES_BY_DEVICE.get(torch.device(device).type, ACCELERATOR_CHUNK_BYTES)
@@ -112,7 +127,8 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     """Load the teacher's tokenizer with ``AutoTokenizer`` (hub id or local directory)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with _remote_code_refusal(name_or_path):
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def read_model_info(
@@ -129,7 +145,8 @@ def read_model_info(
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with _remote_code_refusal(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     text = config.get_text_config(decoder=True)
     dtype = _config_dtype(config)
     return {
@@ -218,7 +235,8 @@ class Teacher:
         if device_map is not None and device is not None:
             raise ConfigError("Teacher: give device or device_map, not both")
         self.device = torch.device(device) if device is not None else _default_device()
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        with _remote_code_refusal(name_or_path):
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         self.dtype = resolve_dtype(dtype, self.device, config_dtype=_config_dtype(config))
         self.model = AutoModelForCausalLM.from_pretrained(
             name_or_path,

@@ -138,7 +138,12 @@ class UnitWorker:
             revision=None if data.tokenizer else t.revision,
             trust_remote_code=t.trust_remote_code,
         )
-        self.store = Store(settings.output.uri, settings.output.storage_options)
+        self.store = Store(
+            settings.output.uri,
+            settings.output.storage_options,
+            retries=settings.output.store_retries,
+            base_delay_s=settings.output.store_backoff_s,
+        )
         self.format = get_format(settings.output.format)
         # Every input id must index the teacher's embedding: checked per document, before the int32 windows (an
         # id >= 2**32 would wrap) and before the forward (where it would be an IndexError, retried as if transient).
