@@ -16,7 +16,7 @@ import torch
 from kdcache.capture.targets import select_topk
 from kdcache.codec import CodecParams
 from kdcache.formats.parquet import SUFFIX, ShardWriter
-from kdcache.manifest import INDEX_KEY, build_manifest, dumps, shard_key
+from kdcache.manifest import FORMAT_VERSION, INDEX_KEY, build_manifest, dumps, shard_key
 from kdcache.store import Store
 
 __all__ = ["fake_logits", "write_fake_cache"]
@@ -47,7 +47,7 @@ def write_fake_cache(
     rng = np.random.default_rng(seed)
     per_unit = [seqs_per_unit] * num_units if isinstance(seqs_per_unit, int) else list(seqs_per_unit)
     inputs = {
-        "format_version": 2,
+        "format_version": FORMAT_VERSION,
         "teacher": {
             "model": "fake",
             "revision": None,
