@@ -399,8 +399,8 @@ def _check(
         for c in range(group.num_columns):
             chunk = group.column(c)
             col = wanted.get(chunk.path_in_schema.split(".", 1)[0])
-            if col is None:
-                continue  # not read: never decompressed
+            if col is None or chunk.num_values == 0:
+                continue  # not read (never decompressed), or Arrow reads no page of it
             start = chunk.data_page_offset
             if chunk.has_dictionary_page and chunk.dictionary_page_offset and 0 < chunk.dictionary_page_offset < start:
                 start = chunk.dictionary_page_offset
