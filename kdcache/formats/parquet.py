@@ -407,7 +407,7 @@ def _check(
             length = chunk.total_compressed_size
             if start < 0 or length < 0 or start + length > size:
                 raise ValueError(f"column {col.name!r} lies outside the file")
-            limit = rows * col.row_bytes + _CHUNK_SLACK
+            limit = rows * (col.row_bytes + 4) + _CHUNK_SLACK  # + 4: dictionary indices, when a writer uses them
             try:
                 parquet_page_bytes(_byte_range(source, start, length), limit)
             except ValueError as exc:

@@ -393,6 +393,8 @@ class KDCacheDataset(IterableDataset):
                 ]
             )
             real = pos < order.num_sequences
+            for window in np.unique(order.window_of(pos[real])).tolist():  # sized by the counts of real shards only
+                self.reader.check_unit_sizes(order.window_units_of(window))
             unit_idx, local = np.full(pos.shape, -1), np.full(pos.shape, -1)
             unit_idx[real], local[real] = order.lookup(pos[real])
             for row, b in enumerate(chunk):

@@ -129,6 +129,15 @@ class LocalShardCache:
             self._warn("touch", "%s: cannot touch local shard copies (%s)", exc)
         return data
 
+    def size_of(self, unit: dict) -> int | None:
+        """The size of the local copy of a unit's shard when it is there (None: absent or unreadable)."""
+        if self.disabled:
+            return None
+        try:
+            return os.stat(self.path(unit["sha256"])).st_size
+        except OSError:
+            return None
+
     def put(self, sha256: str, data: bytes | memoryview) -> None:
         """Keep `data` (already verified by the caller) as the shard with this sha256, then evict down to the limit."""
         if len(data) > self.max_bytes or self.disabled:

@@ -90,6 +90,7 @@ class CacheReader:
         self.num_sequences: int = sum(u["num_sequences"] for u in self.units)
         self.num_tokens: int = sum(u["num_tokens"] for u in self.units)
         self.num_target_tokens: int = sum(u["num_target_tokens"] for u in self.units)
+        self._sized: set[int] = set()  # units whose shard size was checked (`check_unit_sizes`)
 
     def _layout(self, unit: dict[str, Any]) -> dict[str, Any]:
         """What the format readers check a unit's shard against: the cache's layout and the unit's counts."""
@@ -100,6 +101,27 @@ class CacheReader:
             "num_samples": self.num_samples,
             "counts": ShardCounts(unit["num_tokens"], unit["num_sequences"], unit["num_target_tokens"]),
         }
+
+    def check_unit_sizes(self, indices: Any) -> None:
+        """Check that the shards of these units (manifest indices) have the byte sizes their entries record (once
+        per unit and process): what a reader does before it sizes anything (an epoch's order, say) by the units'
+        counts, which the manifest validates against those sizes. Raises `CorruptShardError` naming the shard."""
+        for index in indices:
+            index = int(index)
+            if index in self._sized:
+                continue
+            unit = self.units[index]
+            url = self.store.url(unit["path"])
+            local = self.local_cache.size_of(unit) if self.local_cache is not None else None
+            try:
+                size = local if local is not None else self.store.size(unit["path"])
+            except FileNotFoundError:
+                raise CorruptShardError(f"{url}: shard of unit {unit['unit_id']} is missing") from None
+            except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+                raise CorruptShardError(f"{url}: cannot read the shard of unit {unit['unit_id']} ({exc})") from None
+            if size != unit["bytes"]:
+                raise CorruptShardError(f"{url}: shard has {size} bytes, the manifest records {unit['bytes']}")
+            self._sized.add(index)
 
     def read_unit_bytes(self, unit: dict[str, Any]) -> bytes | memoryview:
         """The shard's bytes (bytes-like), checked against its recorded size and checksum (from the local cache when it
