@@ -261,13 +261,17 @@ def test_huge_byte_size_allocates_nothing(tmp_path, reader):
 
 def _parquet_with_extra_column(path: Path, name: str, rows_bytes: int) -> bytes:
     """The shard at `path` plus a column `name` whose rows all hold the same `rows_bytes` zeros: dictionary-encoded,
-    so a few KB on disk, and N * rows_bytes decoded."""
+    so a few KB on disk, and N * rows_bytes decoded (what kdcache's reader before format v3 did: it read every
+    column)."""
     table = pq.read_table(path)
     value = pa.array([bytes(rows_bytes)], pa.binary())
     column = pa.DictionaryArray.from_arrays(pa.array(np.zeros(table.num_rows, np.int32)), value)
     table = table.append_column(name, column)
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", use_dictionary=[name], dictionary_pagesize_limit=2 * rows_bytes)
+    pq.write_table(
+        table, sink, compression="zstd", use_dictionary=[name], dictionary_pagesize_limit=2 * rows_bytes,
+        store_schema=False,  # else pyarrow reads the column back as a (small) DictionaryArray, not decoded
+    )  # fmt: skip
     return sink.getvalue()
 
 
@@ -330,8 +334,7 @@ def test_zarr_unknown_member_and_array_bombs_are_never_decompressed(tmp_path):
     manifest = build_cache(tmp_path, fmt="zarr", num_units=1, seqs_per_unit=8)
     path = tmp_path / manifest["units"][0]["path"]
     # an unknown zip member (deflated: 512 MiB of zeros in ~0.5 MB, more than the margin) and an unknown array whose
-    # one chunk is a zstd
-    # frame of 1 GiB
+    # one chunk is a zstd frame of 1 GiB
     meta = {
         "zarr_format": 3,
         "node_type": "array",
