@@ -522,3 +522,13 @@ def test_read_only_local_cache_does_not_stop_reading(tmp_path, monkeypatch):
         assert cache.local_cache.disabled and len(list(cache.iter_sequences())) == len(want)
     finally:
         fs.rm("/ro-test", recursive=True)
+
+
+def test_report_refuses_malformed_telemetry_with_a_message(tmp_path, capsys):
+    build_cache(tmp_path / "c", num_units=1)
+    _edit_manifest(
+        tmp_path / "c", _set("stats.telemetry", {"entropy": {"count": 3, "bin_edges": "wide", "counts": 1}})
+    )
+    assert main(["report", str(tmp_path / "c"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdcache: error: ") and "malformed statistics or telemetry" in err and "Traceback" not in err
