@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from kdcache.codec import (
     CodecParams,
-    decode_planar_gaps,
+    decode_ids,
     dequantize_logprobs,
     gap_planes,
     planar_to_values,
@@ -52,7 +52,14 @@ from kdcache.codec import (
 from kdcache.formats.base import BufferedShardWriter, ShardCounts, ShardData, expand_rows
 from kdcache.formats.limits import parquet_page_bytes
 from kdcache.formats.memory import pooled_empty
-from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, sequence_bounds, steps_from_planar
+from kdcache.formats.rows import (
+    RaggedSamples,
+    UnitRows,
+    logprob_table,
+    sequence_bounds,
+    step_work_dtype,
+    steps_in_place,
+)
 
 __all__ = [
     "GAP_SLICE",
@@ -74,6 +81,7 @@ SUFFIX = ".parquet"
 ROW_GROUP_TOKENS = 65536  # tokens per row group (rounded up to whole sequences)
 GAP_SLICE = 16  # positions per target_gaps_p{p}_{j} column
 _MAX_PLANES = 4  # gaps are < 2**32
+_ASSEMBLY_ROWS = 2048  # rows per block when gaps are assembled from their slices (the block stays in cache)
 _CHUNK_SLACK = 1 << 16  # bytes a column chunk may decompress to beyond its per-row bound (dictionary, headers)
 _THRIFT_LIMITS = {"thrift_string_size_limit": 1 << 24, "thrift_container_size_limit": 1 << 20}
 
@@ -365,7 +373,8 @@ def _check(
     Parquet types; the row count is the declared one; the pages of the columns to be read (`only`, default all
     declared) claim at most a bound linear in the declared tokens. Raises ValueError naming what is wrong."""
     pf = _open(source)
-    names = pf.schema_arrow.names
+    arrow_schema = pf.schema_arrow  # built anew by every access
+    names = arrow_schema.names
     planes = 0
     while planes < _MAX_PLANES and f"target_gaps_p{planes}_0" in names:
         planes += 1
@@ -377,7 +386,7 @@ def _check(
     for col in declared:
         if col.name not in names:
             raise ValueError(f"lacks the column {col.name!r}")
-        arrow = pf.schema_arrow.field(col.name).type
+        arrow = arrow_schema.field(col.name).type
         ok = (
             pa.types.is_list(arrow) and arrow.value_type == col.arrow.value_type
             if pa.types.is_list(col.arrow)
@@ -462,6 +471,33 @@ def _gap_bytes(table: pa.Table, k: int, planes: int, mask: np.ndarray | None) ->
     out = pooled_empty((table.num_rows, planes * k), np.uint8)
     for name, p, j, width in _gap_slices(k, planes):
         out[:, p * k + j : p * k + j + width] = _fixed_binary_to_numpy(table.column(name))
+    if mask is not None:
+        out[~mask] = 0
+    return out
+
+
+def _gap_values(table: pa.Table, k: int, planes: int, dtype: np.dtype, mask: np.ndarray | None) -> np.ndarray:
+    """[N, k] gaps (pooled, `dtype`: uint16 or uint32) assembled from the gap slice columns, block by block and slice
+    by slice (the byte planes of a slice are shifted together in a small buffer, then written into place once);
+    zero where a position has no target. Raises ValueError if a gap does not fit `dtype`."""
+    n, width = table.num_rows, np.dtype(dtype).itemsize
+    columns = {(p, j): _fixed_binary_to_numpy(table.column(name)) for name, p, j, _ in _gap_slices(k, planes)}
+    for (p, _), column in columns.items():
+        if p >= width and column.any():
+            raise ValueError(f"gaps of {p + 1} bytes do not fit {np.dtype(dtype)} (vocabulary too small?)")
+    top = min(planes, width) - 1
+    out = pooled_empty((n, k), dtype)
+    work = np.empty((min(n, _ASSEMBLY_ROWS), GAP_SLICE), dtype=dtype)
+    for lo in range(0, n, _ASSEMBLY_ROWS):
+        hi = min(n, lo + _ASSEMBLY_ROWS)
+        for j in range(0, k, GAP_SLICE):
+            w = min(GAP_SLICE, k - j)
+            block = work[: hi - lo, :w]
+            np.copyto(block, columns[(top, j)][lo:hi])
+            for p in range(top - 1, -1, -1):
+                block <<= 8
+                block |= columns[(p, j)][lo:hi]
+            out[lo:hi, j : j + w] = block
     if mask is not None:
         out[~mask] = 0
     return out
@@ -609,8 +645,11 @@ def rows_from_table(
     mask = _target_mask(table, counts)
     starts, lengths, seq_ids = _sequences(table, counts)
     if k > 0:
-        gap_bytes = _gap_bytes(table, k, _planes_of(table), mask)
-        ids = gap_bytes if planar else steps_from_planar(gap_bytes, k, vocab_size)
+        planes = _planes_of(table)
+        if planar:
+            ids = _gap_bytes(table, k, planes, mask)
+        else:
+            ids = steps_in_place(_gap_values(table, k, planes, step_work_dtype(vocab_size), mask), vocab_size)
         codes = _codes(table, k, codec, mask)
     else:
         ids, codes = np.zeros((n, 0), np.uint16), np.zeros((n, 0), codec.code_dtype)
@@ -647,7 +686,7 @@ def decode_table(
     mask = _target_mask(table, counts)
     _sequences(table, counts)
     if k > 0:
-        target_ids = decode_planar_gaps(_gap_bytes(table, k, _planes_of(table), mask), k)
+        target_ids = decode_ids(_gap_values(table, k, _planes_of(table), np.dtype(np.uint32), mask))
         target_logprobs = dequantize_logprobs(_codes(table, k, codec, mask), codec)
         if mask is not None:
             target_ids[~mask], target_logprobs[~mask] = -1, -np.inf

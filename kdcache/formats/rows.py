@@ -33,7 +33,9 @@ __all__ = [
     "UnitRows",
     "logprob_table",
     "sequence_bounds",
+    "step_work_dtype",
     "steps_from_gaps",
+    "steps_in_place",
     "steps_from_planar",
 ]
 
@@ -58,6 +60,21 @@ def _gaps_to_steps(steps: np.ndarray, held: type) -> np.ndarray:
     steps += steps.dtype.type(1)
     steps[:, 0] -= steps.dtype.type(1)
     return steps.view(held)
+
+
+def step_work_dtype(vocab_size: int) -> np.dtype:
+    """The unsigned dtype id steps are computed in for ids below `vocab_size` (uint16 up to 2**16 ids, else uint32);
+    a format that assembles gaps itself writes them in this dtype and calls `steps_in_place`."""
+    return np.dtype(_step_dtype(vocab_size)[0])
+
+
+def steps_in_place(gaps: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[N, k] gaps in `step_work_dtype(vocab_size)`, an array the caller hands over -> the id steps (a view of it:
+    uint16, or int32 above 2**16 ids)."""
+    work, held = _step_dtype(vocab_size)
+    if gaps.dtype != work:
+        raise ValueError(f"steps_in_place: gaps must be {np.dtype(work)} for a vocabulary of {vocab_size}")
+    return _gaps_to_steps(gaps, held)
 
 
 def steps_from_planar(raw: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
