@@ -532,3 +532,11 @@ def test_report_refuses_malformed_telemetry_with_a_message(tmp_path, capsys):
     assert main(["report", str(tmp_path / "c"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kdcache: error: ") and "malformed statistics or telemetry" in err and "Traceback" not in err
+
+
+def test_ids_beyond_the_declared_vocabulary_are_refused(tmp_path):
+    """Gaps that need more byte planes than the manifest's padded vocabulary allows: a clear error, not wrapped ids."""
+    build_cache(tmp_path, vocab=70_000, k=1, num_units=1, seqs_per_unit=10)  # top-1 ids above 65,535 (seeded)
+    _edit_manifest(tmp_path, _set("fingerprint_inputs.teacher.padded_vocab_size", 300))
+    with pytest.raises(CorruptShardError, match="do not fit uint16"):
+        list(KDCacheDataset(str(tmp_path), batch_size=2, prefetch_units=0))
