@@ -540,3 +540,27 @@ def test_ids_beyond_the_declared_vocabulary_are_refused(tmp_path):
     _edit_manifest(tmp_path, _set("fingerprint_inputs.teacher.padded_vocab_size", 300))
     with pytest.raises(CorruptShardError, match="do not fit uint16"):
         list(KDCacheDataset(str(tmp_path), batch_size=2, prefetch_units=0))
+
+
+@pytest.mark.parametrize("damage", ["nulls disagree", "samples disagree"])
+def test_parquet_columns_that_disagree_are_refused(tmp_path, damage):
+    manifest = build_cache(tmp_path, mode="hybrid", masked=0.3, num_units=1)
+    path = tmp_path / manifest["units"][0]["path"]
+    table = pq.read_table(path)
+    if damage == "nulls disagree":  # a target column with a value where the others are null
+        name, column = "entropy", table.column("entropy").fill_null(0.0)
+        message = "column 'entropy' has 0 nulls"
+    else:  # one draw count too many in the first token with samples
+        name = "sample_counts"
+        values = table.column(name).to_pylist()
+        first = next(i for i, v in enumerate(values) if v)
+        values[first] += b"\x01"
+        column, message = pa.array(values, pa.binary()), "do not hold one entry per sampled id"
+    table = table.set_column(table.column_names.index(name), name, column)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    _replace_shard(tmp_path, 0, sink.getvalue())
+    with pytest.raises(CorruptShardError, match=message):
+        list(open_cache(str(tmp_path)).iter_sequences())
+    report = verify_cache(str(tmp_path), deep=True)
+    assert not report.ok and message in str(report.problems)
