@@ -69,7 +69,7 @@ def write_fake_cache(
     units = []
     next_id = 1000 + seed * 100_000
     for u, n in enumerate(per_unit):
-        writer = ShardWriter(k=k, num_temperatures=len(temperatures))
+        writer = ShardWriter(k=k, num_temperatures=len(temperatures), vocab_size=vocab)
         for _ in range(n):
             length = int(rng.integers(min_len, max_len + 1))
             seq_id = next_id
