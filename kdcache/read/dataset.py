@@ -125,7 +125,8 @@ class KDCacheDataset(IterableDataset):
 
     Batch (a dict; B = batch_size, L = length, k' = top_k or the cache's k, nT = temperatures):
         `input_ids`, `attention_mask`, `labels` [B, L] int64 (labels: next token, -100 at padding and at each
-        sequence's last position); `loss_mask` [B, L] bool (positions with teacher targets); `target_ids` [B, L, k']
+        sequence's last position, and where the cache stores no target); `loss_mask` [B, L] bool (positions with
+        teacher targets: attention mask AND the cache's target mask); `target_ids` [B, L, k']
         int64 ascending; `target_logprobs` [B, L, k'] float32 (-inf at padding entries); `tail_logprob` [B, L]
         float32; `log_normalizers`, `tail_logprobs` [B, L, nT] float32; `entropy` [B, L] float32 (T = 1);
         `seq_id` [B] int64 (-1 for padded rows); `batch_index` [] int64 (global batch index in the epoch);
