@@ -498,3 +498,27 @@ def test_positions_without_targets_cost_no_target_bytes(tmp_path, fmt):
     assert 0.4 < half_targets / full["units"][0]["num_tokens"] < 0.6
     # bytes per target position stay the same: the half-masked cache stores about half the target bytes
     assert half_bytes / half_targets == pytest.approx(full_bytes / full_targets, rel=0.15)
+
+
+def test_all_zero_top_planes_are_skipped_on_read(tmp_path):
+    """A shard stores the vocabulary's gap planes; rows for batching carry only the planes in use (compact batches
+    ship fewer bytes), decoded to the same ids."""
+    from kdcache.capture.targets import TokenTargets
+
+    writer = get_format("parquet").ShardWriter(k=4, num_temperatures=1, vocab_size=70_000)
+    ids = np.array([[1, 5, 9, 200], [0, 2, 3, 4]])
+    lps = np.full((2, 4), -1.5, np.float32)
+    writer.add(7, np.array([3, 4]), TokenTargets(ids, lps, np.zeros((2, 1)), np.full((2, 1), -2.0), np.ones(2)))
+    data = writer.finish()
+    names = pq.read_schema(io.BytesIO(data)).names
+    assert [n for n in names if n.startswith("target_gaps")] == [
+        "target_gaps_p0_0",
+        "target_gaps_p1_0",
+        "target_gaps_p2_0",
+    ]
+    codec = CodecParams()
+    rows = get_format("parquet").read_rows(data, k=4, num_temperatures=1, codec=codec, vocab_size=70_000, planar=True)
+    assert rows.target_ids.shape == (2, 4)  # one plane of 4 gaps per row
+    steps = get_format("parquet").read_rows(data, k=4, num_temperatures=1, codec=codec, vocab_size=70_000)
+    np.testing.assert_array_equal(np.cumsum(steps.target_ids, axis=1), ids)
+    np.testing.assert_array_equal(get_format("parquet").read_shard(data, k=4, num_temperatures=1).target_ids, ids)
