@@ -4,7 +4,9 @@
     PYTHONPATH=/tmp/v2 python bench/decode.py --label v2     # another kdcache (e.g. `git archive fc05e8a | tar -x`)
 
 Writes one Parquet and one Zarr shard of synthetic LLM-like targets (bench/storage.py's generator: V = 128,256,
-k = 64, one temperature, 16,384 tokens in sequences of 1,024) with the kdcache found on the path, then times
+k = 64, one temperature, `--tokens` 65,536 tokens: one default row group, so fixed costs per file and column weigh
+as in a real shard; generated once, ~3 minutes, and kept in `--targets-dir`) in sequences of 1,024 with the kdcache
+found on the path, then times
 `read_shard` (every column decoded: int64 ids, float32 log-probs) and `read_rows` (compact rows for batching: id
 steps and codes; `planar`: the gap bytes for compact batches) from bytes, best of `--repeats`, in process CPU time
 (one thread), so a busy machine skews it little. Run two trees alternately, several rounds, to compare them. Prints one
@@ -28,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", default="this tree")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--targets", type=Path, default=Path("/tmp/kdcache-decode-targets.npz"), help="cache file")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens in the shard")
+    parser.add_argument("--targets-dir", type=Path, default=Path("/tmp"), help="where the generated targets are kept")
     args = parser.parse_args()
     import pyarrow as pa
 
@@ -37,15 +40,16 @@ def main() -> None:
     from kdcache.codec import CodecParams
     from kdcache.formats import get_format
 
-    if not args.targets.exists():  # the generator of bench/storage.py (this tree's), once
+    targets = args.targets_dir / f"kdcache-decode-targets-{args.tokens}.npz"
+    if not targets.exists():  # the generator of bench/storage.py (this tree's), once
         sys.path.insert(0, str(REPO / "bench"))
         import storage
 
-        t = storage.synthetic_teacher(128256, 16384)
+        t = storage.synthetic_teacher(128256, args.tokens)
         ids, lps, tails = storage._sorted_head(t, 64)
-        np.savez(args.targets, ids=ids, lps=lps, tails=tails[:, :1], norms=t.log_normalizers[:, :1], ent=t.entropy,
+        np.savez(targets, ids=ids, lps=lps, tails=tails[:, :1], norms=t.log_normalizers[:, :1], ent=t.entropy,
                  inp=t.input_ids)  # fmt: skip
-    d = np.load(args.targets)
+    d = np.load(targets)
     n, k = d["ids"].shape
     out = {"label": args.label}
     for name in ("parquet", "zarr"):
