@@ -6,11 +6,10 @@
 Writes one Parquet and one Zarr shard of synthetic LLM-like targets (bench/storage.py's generator: V = 128,256,
 k = 64, one temperature, `--tokens` 65,536 tokens: one default row group, so fixed costs per file and column weigh
 as in a real shard; generated once, ~3 minutes, and kept in `--targets-dir`) in sequences of 1,024 with the kdcache
-found on the path, then times
-`read_shard` (every column decoded: int64 ids, float32 log-probs) and `read_rows` (compact rows for batching: id
-steps and codes; `planar`: the gap bytes for compact batches) from bytes, best of `--repeats`, in process CPU time
-(one thread), so a busy machine skews it little. Run two trees alternately, several rounds, to compare them. Prints one
-JSON line.
+found on the path, then times the writer (`add` + `finish`: encode), `read_shard` (every column decoded: int64 ids,
+float32 log-probs) and `read_rows` (compact rows for batching: id steps and codes; `planar`: the gap bytes for
+compact batches) from bytes, best of `--repeats`, in process CPU time (one thread), so a busy machine skews it
+little. Run two trees alternately, several rounds, to compare them. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -49,21 +48,27 @@ def main() -> None:
         ids, lps, tails = storage._sorted_head(t, 64)
         np.savez(targets, ids=ids, lps=lps, tails=tails[:, :1], norms=t.log_normalizers[:, :1], ent=t.entropy,
                  inp=t.input_ids)  # fmt: skip
-    d = np.load(targets)
+    d = dict(np.load(targets))  # NpzFile reads an array anew at every access
     n, k = d["ids"].shape
     out = {"label": args.label}
     for name in ("parquet", "zarr"):
         fmt = get_format(name)
-        try:
-            writer = fmt.ShardWriter(k=k, num_temperatures=1, vocab_size=128256)
-        except TypeError:  # a kdcache before format v3
-            writer = fmt.ShardWriter(k=k, num_temperatures=1)
-        for s in range(0, n, 1024):
-            rows = slice(s, s + 1024)
-            head = TokenTargets(d["ids"][rows], d["lps"][rows], d["norms"][rows], d["tails"][rows], d["ent"][rows])
-            writer.add(s, d["inp"][rows], head)
-        data = writer.finish()
+
+        def encode(fmt=fmt) -> bytes:
+            try:
+                writer = fmt.ShardWriter(k=k, num_temperatures=1, vocab_size=128256)
+            except TypeError:  # a kdcache before format v3
+                writer = fmt.ShardWriter(k=k, num_temperatures=1)
+            for s in range(0, n, 1024):
+                r = slice(s, s + 1024)
+                writer.add(
+                    s, d["inp"][r], TokenTargets(d["ids"][r], d["lps"][r], d["norms"][r], d["tails"][r], d["ent"][r])
+                )
+            return writer.finish()
+
+        data = encode()
         codec = CodecParams()
+        out[f"{name} encode ns/token"] = min(_cpu(encode) for _ in range(max(1, args.repeats // 3))) / n * 1e9
 
         out[f"{name} bytes/token"] = len(data) / n
         layout = {"k": k, "num_temperatures": 1, "codec": codec}
@@ -74,6 +79,12 @@ def main() -> None:
                 _best(fmt.read_rows, data, rows, args.repeats) / n * 1e9
             )
     print(json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in out.items()}))
+
+
+def _cpu(fn) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 def _best(fn, data: bytes, kwargs: dict, repeats: int) -> float:
