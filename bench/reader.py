@@ -98,7 +98,7 @@ def build_cache(uri: str, *, tokens: int, vocab: int, k: int, seq_len: int, unit
     }
     entries, seq_id = [], 0
     for u, n in enumerate(per_unit):
-        writer = ShardWriter(k=k, num_temperatures=len(TEMPERATURES))
+        writer = ShardWriter(k=k, num_temperatures=len(TEMPERATURES), vocab_size=vocab)  # as the worker writes
         for _ in range(n):
             ids = np.cumsum(rng.integers(1, vocab // k, size=(seq_len, k)), axis=1) - 1  # ascending, < vocab
             lps = -0.5 - rng.exponential(3.0, size=(seq_len, k)).astype(np.float32)

@@ -27,6 +27,13 @@ stored tail, renormalized): the distribution a forward-KL-with-tail loss sees.
 Baselines measured on the same targets: ``raw`` int64 ids + float32 log-probs (12 bytes per entry, uncompressed);
 ``u32+f16+zstd`` (ids as the teacher emits them, in probability order, uint32, and float16 log-probs, each column
 zstd level 3); ``floor`` log2 C(V, k) / k / 8 bytes per entry for the ids.
+
+Parquet layouts (k = 64, the first synthetic source of each vocabulary, not with --quick unless asked): the head's
+gaps and the float16 side columns stored each way a format could store them, with the bytes, the time pyarrow takes
+to read the column(s) back (one thread, CPU time, best of the repeats) and whether DuckDB (`SELECT *`) and polars
+(`read_parquet`) read them (blank when they are not installed). Format v3 stores the gaps as 16-position slices of
+each byte plane and the float16 columns PLAIN; v2 used BYTE_STREAM_SPLIT on fixed-length byte arrays, which neither
+DuckDB nor polars decodes.
 """
 
 from __future__ import annotations
@@ -252,16 +259,11 @@ def _best(fn, repeats: int) -> float:
 
 
 def parquet_columns(data: bytes) -> dict[str, int]:
-    """Compressed bytes per column (all row groups), plus 'overhead' (footer, headers: the rest of the file)."""
-    import pyarrow.parquet as pq
+    """Compressed bytes per column (all row groups; the head's byte-plane columns summed as target_gaps and
+    target_codes), plus 'overhead' (footer, headers: the rest of the file)."""
+    from kdcache.formats.parquet import column_bytes
 
-    md = pq.ParquetFile(io.BytesIO(data)).metadata
-    sizes: dict[str, int] = {}
-    for g in range(md.num_row_groups):
-        for c in range(md.num_columns):
-            col = md.row_group(g).column(c)
-            name = col.path_in_schema.split(".")[0]
-            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    sizes = column_bytes(data)
     sizes["overhead"] = len(data) - sum(sizes.values())
     return sizes
 
@@ -348,8 +350,10 @@ def id_codings(t: Targets, k: int) -> dict[str, float]:
     offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
     out = {
         "floor": floor_bytes(t.vocab, k),
-        "parquet planar gaps BSS (v1)": parquet(fixed(values_to_planar(gaps, gap_planes(gaps))), "BYTE_STREAM_SPLIT"),
-        "parquet u32 gaps BSS (before)": parquet(fixed(gaps.astype("<u4")), "BYTE_STREAM_SPLIT"),
+        "parquet planar gaps BSS (format v2)": parquet(
+            fixed(values_to_planar(gaps, gap_planes(gaps))), "BYTE_STREAM_SPLIT"
+        ),
+        "parquet u32 gaps BSS": parquet(fixed(gaps.astype("<u4")), "BYTE_STREAM_SPLIT"),
         "parquet list<int32> ids DELTA_BINARY_PACKED": parquet(
             pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1).astype(np.int32))), "DELTA_BINARY_PACKED"
         ),
@@ -375,7 +379,121 @@ def id_codings(t: Targets, k: int) -> dict[str, float]:
     return out
 
 
-def run(quick: bool, demo_dir: Path) -> dict[str, Any]:
+def _layout_table(t: Targets, k: int) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+    """{layout: (columns, encodings)}: the head's gaps (and, separately, the float16 side columns) as each candidate
+    layout stores them, in sequences of SEQ_LEN tokens like the shards."""
+    import pyarrow as pa
+
+    from kdcache.codec import encode_ids, gap_planes, values_to_planar
+
+    ids, _, tails = _sorted_head(t, k)
+    n = len(ids)
+    gaps = encode_ids(ids)
+    planes = gap_planes(np.array([t.vocab - 1]))  # as the writer picks them: from the vocabulary
+    planar = values_to_planar(gaps, planes)
+
+    def fixed(raw: np.ndarray) -> pa.Array:
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(raw.shape[1]), n, [None, pa.py_buffer(raw)])
+
+    def lists(values: np.ndarray) -> pa.Array:
+        values = np.ascontiguousarray(values)
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1).view(np.int32)), values.shape[1])
+
+    plane = [planar[:, p * k : (p + 1) * k] for p in range(planes)]
+    bss, plain = "BYTE_STREAM_SPLIT", "PLAIN"
+    out: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+        "gaps: planar FLBA(P*k), BYTE_STREAM_SPLIT (format v2)": ({"g": fixed(planar)}, {"g": bss}),
+        "gaps: planar FLBA(P*k), PLAIN": ({"g": fixed(planar)}, {"g": plain}),
+        "gaps: one FLBA(k) per plane, PLAIN": (
+            {f"g{p}": fixed(plane[p]) for p in range(planes)},
+            {f"g{p}": plain for p in range(planes)},
+        ),
+        "gaps: fixed_size_list<int32>[k], BYTE_STREAM_SPLIT": ({"g": lists(gaps)}, {"g.list.element": bss}),
+        "gaps: k/8 fixed_size_list<int32>[8], BYTE_STREAM_SPLIT": (
+            {f"g{j}": lists(gaps[:, j : j + 8]) for j in range(0, k, 8)},
+            {f"g{j}.list.element": bss for j in range(0, k, 8)},
+        ),
+        "gaps: int64 words (8 positions of a plane), BYTE_STREAM_SPLIT": (
+            {
+                f"g{p}_{j}": pa.array(np.ascontiguousarray(plane[p][:, j : j + 8]).view("<i8").reshape(-1))
+                for p in range(planes)
+                for j in range(0, k, 8)
+            },
+            {f"g{p}_{j}": bss for p in range(planes) for j in range(0, k, 8)},
+        ),  # fmt: skip
+        "gaps: 16-position slices FLBA(16) per plane, PLAIN (format v3)": (
+            {f"g{p}_{j}": fixed(plane[p][:, j : j + 16]) for p in range(planes) for j in range(0, k, 16)},
+            {f"g{p}_{j}": plain for p in range(planes) for j in range(0, k, 16)},
+        ),
+    }
+    half = {"tail": pa.array(tails[:, 0].astype(np.float16)), "entropy": pa.array(t.entropy.astype(np.float16))}
+    rounded = {name: pa.array(a.to_numpy().astype(np.float32)) for name, a in half.items()}
+    out["float16 side columns: FLOAT16, BYTE_STREAM_SPLIT (format v2)"] = (half, {c: bss for c in half})
+    out["float16 side columns: FLOAT16, PLAIN (format v3)"] = (half, {c: plain for c in half})
+    out["float16 side columns: FLOAT of the float16 values, BYTE_STREAM_SPLIT"] = (rounded, {c: bss for c in half})
+    return out
+
+
+def layouts(t: Targets, k: int, repeats: int) -> list[dict[str, Any]]:
+    """Bytes, pyarrow read time and DuckDB / polars readability of each candidate Parquet layout (`_layout_table`)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(t.ids)
+    seq_ids = np.repeat(np.arange(-(-n // SEQ_LEN)), SEQ_LEN)[:n]
+    rows = []
+    for name, (columns, encodings) in _layout_table(t, k).items():
+        sink = io.BytesIO()
+        table = pa.table({"seq_id": seq_ids, **columns})
+        pq.write_table(
+            table, sink, compression="zstd", compression_level=3, use_dictionary=["seq_id"], column_encoding=encodings
+        )
+        data = sink.getvalue()
+        sizes = parquet_columns(data)
+        stored = sum(v for c, v in sizes.items() if c not in ("seq_id", "overhead"))
+        names = list(columns)
+        read_s = float("inf")
+        for _ in range(repeats):
+            cpu = time.process_time()
+            pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(columns=names, use_threads=False)
+            read_s = min(read_s, time.process_time() - cpu)
+        row = {"layout": name, "k": k, "vocab": t.vocab, "bytes_per_token": stored / n}
+        row |= {"bytes_per_entry": stored / n / k, "read_ns_per_token": read_s / n * 1e9}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "layout.parquet"
+            path.write_bytes(data)
+            row |= {"duckdb": _reads(_duckdb_reads, path), "polars": _reads(_polars_reads, path)}
+        rows.append(row)
+    return rows
+
+
+def _duckdb_reads(path: Path) -> None:
+    import duckdb
+
+    duckdb.sql(f"SELECT * FROM read_parquet('{path}')").fetchall()
+
+
+def _polars_reads(path: Path) -> None:
+    import polars
+
+    polars.read_parquet(path)
+
+
+def _reads(fn, path: Path) -> str:
+    """'yes', 'no' (the reader raised) or '' (not installed)."""
+    try:
+        fn(path)
+    except ImportError:
+        return ""
+    except Exception:
+        return "no"
+    return "yes"
+
+
+def run(quick: bool, demo_dir: Path, with_layouts: bool | None = None) -> dict[str, Any]:
     single_core()
     repeats = 1 if quick else 3
     vocabs = [32000] if quick else [32000, 128256]
@@ -394,6 +512,7 @@ def run(quick: bool, demo_dir: Path) -> dict[str, Any]:
         "tokens": n_tokens,
         "rows": [],
         "ids": [],
+        "layouts": [],
         "sources": {},
     }
     for name, t in sources.items():
@@ -418,6 +537,8 @@ def run(quick: bool, demo_dir: Path) -> dict[str, Any]:
             results["rows"] += rows
             if k == 64 or quick:
                 results["ids"].append({"source": name, "k": k} | id_codings(t, k))
+            if (not quick if with_layouts is None else with_layouts) and k == 64 and name.startswith("synthetic"):
+                results["layouts"] += [{"source": name} | row for row in layouts(t, k, repeats)]
     results["goals"] = check_goals(results["rows"])
     return results
 
@@ -502,6 +623,17 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["|---|" + "---|" * len(results["ids"])]
         for key in names:
             out.append(f"| {key} | " + " | ".join(f"{r.get(key, float('nan')):.3f}" for r in results["ids"]) + " |")
+    if results["layouts"]:
+        out += ["", "Parquet layouts of the head's gaps and the float16 side columns (k = 64):", ""]
+        out += [
+            "| source | layout | B/token | B/entry | pyarrow read ns/token | DuckDB | polars |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results["layouts"]:
+            out.append(
+                f"| {r['source']} | {r['layout']} | {r['bytes_per_token']:.2f} | {r['bytes_per_entry']:.4f} | "
+                f"{r['read_ns_per_token']:.0f} | {r['duckdb']} | {r['polars']} |"
+            )
     if results["goals"]:
         g = results["goals"]
 
@@ -522,9 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: V=32000, k in {8, 64}, 1024 tokens")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--layouts", action="store_true", help="compare the Parquet layouts with --quick too")
     parser.add_argument("--demo-dir", type=Path, default=REPO / ".kdcache" / "demo" / "assets", help="demo teacher")
     args = parser.parse_args(argv)
-    results = run(args.quick, args.demo_dir)
+    results = run(args.quick, args.demo_dir, with_layouts=True if args.layouts else None)
     print(markdown(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")

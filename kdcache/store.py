@@ -206,6 +206,8 @@ class Store:
             return f"{self.root} is a file, and a kdcache cache is a folder: choose a folder path for it"
         if isinstance(exc, FileExistsError) and not self.is_local:
             return None
+        if isinstance(exc, IsADirectoryError):
+            return f"a folder is where a file should be ({reason}); move it, or choose another path for the cache"
         return f"a file is in the way ({reason}); a cache is a folder of folders: move the file or choose another path"
 
     def _count_retry(self) -> None:

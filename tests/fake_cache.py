@@ -16,7 +16,7 @@ import torch
 from kdcache.capture.targets import select_topk
 from kdcache.codec import CodecParams
 from kdcache.formats.parquet import SUFFIX, ShardWriter
-from kdcache.manifest import INDEX_KEY, build_manifest, dumps, shard_key
+from kdcache.manifest import FORMAT_VERSION, INDEX_KEY, build_manifest, dumps, shard_key
 from kdcache.store import Store
 
 __all__ = ["fake_logits", "write_fake_cache"]
@@ -41,13 +41,16 @@ def write_fake_cache(
     max_len: int = 12,
     seed: int = 0,
     tokenizer_hash: str = "fake-tokenizer",
+    masked: float = 0.0,
 ) -> dict[str, Any]:
-    """Write a complete cache (shards + index.json) of random sequences; returns the manifest."""
+    """Write a complete cache (shards + index.json) of random sequences; returns the manifest.
+
+    `masked`: the probability that a position has no target (a chat's prompt, say); 0 writes no target masks."""
     store = Store(uri)
     rng = np.random.default_rng(seed)
     per_unit = [seqs_per_unit] * num_units if isinstance(seqs_per_unit, int) else list(seqs_per_unit)
     inputs = {
-        "format_version": 2,
+        "format_version": FORMAT_VERSION,
         "teacher": {
             "model": "fake",
             "revision": None,
@@ -66,14 +69,16 @@ def write_fake_cache(
     units = []
     next_id = 1000 + seed * 100_000
     for u, n in enumerate(per_unit):
-        writer = ShardWriter(k=k, num_temperatures=len(temperatures))
+        writer = ShardWriter(k=k, num_temperatures=len(temperatures), vocab_size=vocab)
         for _ in range(n):
             length = int(rng.integers(min_len, max_len + 1))
             seq_id = next_id
             next_id += 1
-            t = select_topk(fake_logits(seq_id, length, vocab), k, list(temperatures))
+            mask = rng.random(length) >= masked if masked else None
+            logits = fake_logits(seq_id, length, vocab)
+            t = select_topk(logits if mask is None else logits[torch.from_numpy(mask)], k, list(temperatures))
             ids = rng.integers(0, vocab, size=length).astype(np.int32)
-            writer.add(seq_id, ids, t)
+            writer.add(seq_id, ids, t, target_mask=mask)
         data = writer.finish()
         unit_id = f"unit{u:04d}"
         path = shard_key(unit_id, "a0", SUFFIX)
@@ -87,6 +92,7 @@ def write_fake_cache(
                 "crc32": zlib.crc32(data),
                 "num_sequences": writer.num_sequences,
                 "num_tokens": writer.num_tokens,
+                "num_target_tokens": writer.num_target_tokens,
             }
         )
     manifest = build_manifest(

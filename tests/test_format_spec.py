@@ -1,6 +1,8 @@
 """docs/FORMAT.md is complete: a reader written from it alone (json, hashlib, pyarrow / zarr, numpy; no kdcache
 decode function) returns exactly what kdcache's reader returns, for Parquet and Zarr shards, in topk, sample and
-hybrid modes, with u8, u16 and f32 log-probs. Also: Parquet row groups never split a sequence.
+hybrid modes, with u8, u16 and f32 log-probs, with and without positions that carry no target. Also: Parquet row
+groups never split a sequence; DuckDB and polars read every column of every kind of Parquet shard, and join targets
+to tokens; a half-masked cache stores about half the target bytes.
 
 `build_cache` (real shards from kdcache's writers, random targets, no model) is shared with test_verify.py.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,7 +27,7 @@ from fake_cache import write_fake_cache
 from kdcache.capture.targets import sample_targets, select_topk
 from kdcache.codec import CodecParams
 from kdcache.formats import get_format
-from kdcache.manifest import INDEX_KEY, build_manifest, dumps, shard_key
+from kdcache.manifest import FORMAT_VERSION, INDEX_KEY, build_manifest, dumps, shard_key
 from kdcache.read.reader import open_cache
 from kdcache.store import Store
 
@@ -45,8 +48,13 @@ def build_cache(
     temperatures: tuple[float, ...] = (1.0, 2.0),
     row_group_tokens: int = 65536,
     seed: int = 0,
+    masked: float = 0.0,
+    min_len: int = 2,
+    max_len: int = 20,
 ) -> dict[str, Any]:
-    """A complete cache of random sequences written with kdcache's shard writers; returns the manifest."""
+    """A complete cache of random sequences written with kdcache's shard writers; returns the manifest.
+
+    `masked`: the probability that a position carries no target (0: no sequence gets a target mask)."""
     store = Store(str(root))
     codec = CodecParams.for_logprobs(logprobs)
     stored_k = 0 if mode == "sample" else k
@@ -59,7 +67,7 @@ def build_cache(
     if mode != "topk":
         targets.update(samples=num_samples, seed=seed)
     inputs = {
-        "format_version": 2,
+        "format_version": FORMAT_VERSION,
         "teacher": {"model": "fake", "revision": None, "dtype": "float32", "padded_vocab_size": vocab},
         "tokenizer": {"name": "fake", "hash": "fake", "vocab_size": vocab},
         "targets": targets,
@@ -79,18 +87,22 @@ def build_cache(
             num_samples=num_samples if mode != "topk" else 0,
             codec=codec,
             row_group_tokens=row_group_tokens,
-            metadata={"unit_id": f"unit{u:04d}", "format_version": 2},
+            metadata={"unit_id": f"unit{u:04d}", "format_version": FORMAT_VERSION},
+            vocab_size=vocab,
         )
         for s in range(seqs_per_unit):
-            length = int(rng.integers(2, 20))
-            logits = torch.randn(length, vocab, generator=gen) * 3.0
+            length = int(rng.integers(min_len, max_len))
+            mask = rng.random(length) >= masked if masked else None
+            rows = length if mask is None else int(mask.sum())
+            logits = torch.randn(rows, vocab, generator=gen) * 3.0
             if mode == "topk":
                 head, samples = select_topk(logits, k, list(temperatures)), None
             else:
                 head, samples = sample_targets(
                     logits, num_samples=num_samples, head=stored_k, temperatures=list(temperatures), generator=gen
                 )
-            writer.add(seed * 10_000 + u * 100 + s, rng.integers(0, vocab, size=length), head, samples)
+            ids = rng.integers(0, vocab, size=length)
+            writer.add(seed * 10_000 + u * 100 + s, ids, head, samples, target_mask=mask)
         data = writer.finish()
         path = shard_key(f"unit{u:04d}", "a0", writer_cls.SUFFIX)
         store.write_bytes(path, data)
@@ -103,6 +115,7 @@ def build_cache(
                 "crc32": zlib.crc32(data),  # as the worker records it (readers check it on every read)
                 "num_sequences": writer.num_sequences,
                 "num_tokens": writer.num_tokens,
+                "num_target_tokens": writer.num_target_tokens,
             }
         )
     fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -165,36 +178,50 @@ def _ragged(lengths: np.ndarray, flat_gaps: np.ndarray, counts: np.ndarray, lps:
 def _parquet_tokens(raw: bytes, k: int, n_temps: int, codec: dict[str, Any]) -> dict[str, np.ndarray]:
     t = pq.read_table(io.BytesIO(raw))
     n = t.num_rows
+    mask = t.column("log_normalizer_0").is_valid().to_numpy(zero_copy_only=False)  # positions with targets
+
+    def floats(name: str) -> np.ndarray:
+        col = t.column(name)
+        assert col.type in (pa.float32(), pa.float16()), name
+        return np.where(mask, col.to_numpy(zero_copy_only=False), np.nan).astype(np.float32)
+
     out: dict[str, np.ndarray] = {
         "seq_id": t.column("seq_id").to_numpy(),
         "input_ids": t.column("input_id").to_numpy(),
-        "log_normalizers": np.stack([t.column(f"log_normalizer_{j}").to_numpy() for j in range(n_temps)], 1),
-        "tail_logprobs": np.stack([t.column(f"tail_logprob_{j}").to_numpy() for j in range(n_temps)], 1),
-        "entropy": t.column("entropy").to_numpy(),
+        "loss_mask": mask,
+        "log_normalizers": np.stack([floats(f"log_normalizer_{j}") for j in range(n_temps)], 1),
+        "tail_logprobs": np.stack([floats(f"tail_logprob_{j}") for j in range(n_temps)], 1),
+        "entropy": floats("entropy"),
     }
-    assert out["tail_logprobs"].dtype == out["entropy"].dtype == np.float16  # FLOAT16 columns, read as float32
-    out |= {
-        "tail_logprobs": out["tail_logprobs"].astype(np.float32),
-        "entropy": out["entropy"].astype(np.float32),
-    }
+    assert t.column("tail_logprob_0").type == t.column("entropy").type == pa.float16()  # FLOAT16, read as float32
 
     def fixed(name: str) -> np.ndarray:
         a = t.column(name).combine_chunks()
         w = a.type.byte_width
+        assert a.null_count == n - mask.sum()
         return np.frombuffer(a.buffers()[1], np.uint8)[a.offset * w : (a.offset + n) * w].reshape(n, w)
 
     if k > 0:
-        out["target_ids"] = _ids_from_gaps(_planar(fixed("target_gaps"), k, np.uint32))
-        out["target_logprobs"] = _logprobs(_planar(fixed("target_codes"), k, np.uint32), codec)
+        planes = sum(1 for name in t.column_names if name.startswith("target_gaps_p") and name.endswith("_0"))
+        gaps = np.zeros((n, k), np.uint32)
+        for p in range(planes):
+            plane = np.concatenate([fixed(f"target_gaps_p{p}_{j}") for j in range(0, k, 16)], axis=1)
+            gaps |= plane.astype(np.uint32) << np.uint32(8 * p)
+        code_planes = sum(1 for name in t.column_names if name.startswith("target_codes_p"))
+        codes = np.zeros((n, k), np.uint32)
+        for p in range(code_planes):
+            codes |= fixed(f"target_codes_p{p}").astype(np.uint32) << np.uint32(8 * p)
+        out["target_ids"] = _ids_from_gaps(gaps)
+        out["target_logprobs"] = _logprobs(codes, codec)
     else:
         out["target_ids"], out["target_logprobs"] = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
     if "sample_gaps" in t.column_names:
-        lists = t.column("sample_gaps").to_pylist()
+        lists = [x or [] for x in t.column("sample_gaps").to_pylist()]
         lengths = np.array([len(x) for x in lists])
         flat = np.array([g for x in lists for g in x], dtype=np.int64).astype(np.uint32)
-        counts = np.frombuffer(b"".join(t.column("sample_counts").to_pylist()), np.uint8)
+        counts = np.frombuffer(b"".join(x or b"" for x in t.column("sample_counts").to_pylist()), np.uint8)
         width = {"u8": "u1", "u16": "<u2", "f32": "<f4"}[codec["logprobs"]]
-        codes = np.frombuffer(b"".join(t.column("sample_codes").to_pylist()), width)
+        codes = np.frombuffer(b"".join(x or b"" for x in t.column("sample_codes").to_pylist()), width)
         out["sample_ids"], out["sample_counts"], out["sample_logprobs"] = _ragged(
             lengths, flat, counts, _logprobs(codes, codec)
         )
@@ -208,24 +235,36 @@ def _zarr_tokens(path: Path, k: int, n_temps: int, codec: dict[str, Any]) -> dic
     g = zarr.open_group(store, mode="r")
     offsets = g["seq_offsets"][:]
     n = int(offsets[-1])
+    mask = g["target_mask"][:]
+    r = int(mask.sum())
+
+    def per_token(values: np.ndarray) -> np.ndarray:  # target-position rows -> token rows (NaN elsewhere)
+        assert len(values) == r
+        out = np.full((n, *values.shape[1:]), np.nan, np.float32)
+        out[mask] = values
+        return out
+
     out = {
         "seq_id": np.repeat(g["seq_id"][:], np.diff(offsets)),
         "input_ids": g["input_id"][:],
-        "log_normalizers": g["log_normalizers"][:],
-        "tail_logprobs": g["tail_logprobs"][:].astype(np.float32),
-        "entropy": g["entropy"][:].astype(np.float32),
+        "loss_mask": mask,
+        "log_normalizers": per_token(g["log_normalizers"][:]),
+        "tail_logprobs": per_token(g["tail_logprobs"][:].astype(np.float32)),
+        "entropy": per_token(g["entropy"][:].astype(np.float32)),
     }
     if k > 0:
-        out["target_ids"] = _ids_from_gaps(g["target_gaps"][:])
-        out["target_logprobs"] = _logprobs(g["target_codes"][:], codec)
+        ids = np.zeros((n, k), np.int64)
+        ids[mask] = _ids_from_gaps(g["target_gaps"][:])
+        lps = np.zeros((n, k), np.float32)
+        lps[mask] = _logprobs(g["target_codes"][:], codec)
+        out["target_ids"], out["target_logprobs"] = ids, lps
     else:
         out["target_ids"], out["target_logprobs"] = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
     if "sample_lengths" in g:
+        lengths = np.zeros(n, np.int64)
+        lengths[mask] = g["sample_lengths"][:]
         out["sample_ids"], out["sample_counts"], out["sample_logprobs"] = _ragged(
-            g["sample_lengths"][:].astype(np.int64),
-            g["sample_gaps"][:],
-            g["sample_counts"][:],
-            _logprobs(g["sample_codes"][:], codec),
+            lengths, g["sample_gaps"][:], g["sample_counts"][:], _logprobs(g["sample_codes"][:], codec)
         )
     store.close()
     assert out["input_ids"].shape == (n,)
@@ -235,7 +274,7 @@ def _zarr_tokens(path: Path, k: int, n_temps: int, codec: dict[str, Any]) -> dic
 def spec_read(root: Path) -> list[dict[str, Any]]:
     """Every sequence of a local cache, read as docs/FORMAT.md says."""
     manifest = json.loads((root / "index.json").read_text())
-    assert manifest["format"] == "kdcache" and manifest["format_version"] == 2 and manifest["complete"]
+    assert manifest["format"] == "kdcache" and manifest["format_version"] == 3 and manifest["complete"] is True
     inputs = manifest["fingerprint_inputs"]
     codec = inputs["codec"]
     assert codec["name"] == "topk-gap" and codec["version"] == 2
@@ -259,6 +298,7 @@ def spec_read(root: Path) -> list[dict[str, Any]]:
                     s[name] = s[name][:, :width]
             sequences.append(s)
         assert len(starts) - 1 == unit["num_sequences"] and len(seq) == unit["num_tokens"]
+        assert int(tokens["loss_mask"].sum()) == unit["num_target_tokens"]
     return sequences
 
 
@@ -268,16 +308,23 @@ def assert_same_as_reader(root: Path) -> int:
     assert len(spec) == len(ours) > 0
     for a, b in zip(spec, ours):
         assert a["seq_id"] == int(b["seq_id"])
+        mask = a["loss_mask"]
         for name, value in a.items():
             if name == "seq_id":
                 continue
             got = b[name]
+            if name.startswith(("target_", "log_normalizers", "tail_logprobs", "entropy")):
+                # the spec leaves positions without a target undefined; kdcache fills them (FORMAT.md section 8)
+                fill = {"target_ids": -1, "target_logprobs": -np.inf, "tail_logprobs": -np.inf}.get(name, 0.0)
+                assert got.shape == value.shape, name
+                assert (got[~mask] == fill).all(), name
+                got, value = got[mask], value[mask]
             if name.startswith("sample_"):  # kdcache pads to the shard's widest token; compare the valid part
                 got = got[:, : value.shape[1]]
                 assert not (b["sample_counts"][:, value.shape[1] :] > 0).any()
             assert got.shape == value.shape, name
             np.testing.assert_array_equal(got, value, err_msg=name)
-        np.testing.assert_array_equal(b["tail_logprob"], a["tail_logprobs"][:, 0])
+        np.testing.assert_array_equal(b["tail_logprob"][mask], a["tail_logprobs"][mask, 0])
     return len(spec)
 
 
@@ -300,12 +347,14 @@ def test_spec_reader_matches(tmp_path, fmt, mode, logprobs):
     assert assert_same_as_reader(tmp_path) == 6
 
 
-def test_parquet_gap_planes_follow_the_largest_gap(tmp_path):
-    build_cache(tmp_path, vocab=2000)  # gaps < 2000, some above 255: two planes
-    small = pq.read_table(tmp_path / "shards" / "unit0000-a0.parquet")
-    assert small.schema.field("target_gaps").type.byte_width == 2 * 6
-    meta = json.loads(small.schema.metadata[b"kdcache"])
-    assert meta["gap_planes"] == 2 and meta["codec"]["logprobs"] == "u8" and meta["unit_id"] == "unit0000"
+def test_parquet_gap_planes_follow_the_vocabulary(tmp_path):
+    build_cache(tmp_path, vocab=70_000, k=20)  # ids < 70,000 need three byte planes, whatever the largest gap
+    table = pq.read_table(tmp_path / "shards" / "unit0000-a0.parquet")
+    gaps = [name for name in table.column_names if name.startswith("target_gaps")]
+    assert gaps == [f"target_gaps_p{p}_{j}" for p in range(3) for j in (0, 16)]
+    assert [table.schema.field(name).type.byte_width for name in gaps[:2]] == [16, 4]
+    meta = json.loads(table.schema.metadata[b"kdcache"])
+    assert meta["gap_planes"] == 3 and meta["codec"]["logprobs"] == "u8" and meta["unit_id"] == "unit0000"
 
 
 def test_row_groups_never_split_a_sequence(tmp_path):
@@ -366,3 +415,110 @@ def _encode_for_test(lp: np.ndarray, codec: CodecParams) -> np.ndarray:
 
     codes = quantize_logprobs(lp, codec)
     return codes.view("<u4") if codec.logprobs == "f32" else codes
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+@pytest.mark.parametrize("mode, logprobs", [("topk", "u8"), ("hybrid", "u16"), ("sample", "f32")])
+def test_spec_reader_matches_with_positions_without_targets(tmp_path, fmt, mode, logprobs):
+    manifest = build_cache(tmp_path, fmt=fmt, mode=mode, logprobs=logprobs, masked=0.4, seqs_per_unit=4)
+    units = manifest["units"]
+    assert 0 < sum(u["num_target_tokens"] for u in units) < sum(u["num_tokens"] for u in units)
+    assert manifest["stats"]["num_target_tokens"] == sum(u["num_target_tokens"] for u in units)
+    assert assert_same_as_reader(tmp_path) == 8
+
+
+def _duckdb_and_polars(path: Path) -> tuple[Any, Any]:
+    import duckdb
+    import polars as pl
+
+    relation = duckdb.sql(f"SELECT * FROM read_parquet('{path}')")
+    table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+    return table, pl.read_parquet(path)
+
+
+@pytest.mark.parametrize(
+    "mode, logprobs, masked", [("topk", "u8", 0.0), ("topk", "u16", 0.3), ("topk", "f32", 0.0), ("hybrid", "u8", 0.3)]
+)
+def test_duckdb_and_polars_read_every_column(tmp_path, mode, logprobs, masked):
+    build_cache(tmp_path, mode=mode, logprobs=logprobs, masked=masked, num_units=1, vocab=70_000, k=20)
+    path = tmp_path / "shards" / "unit0000-a0.parquet"
+    ours = pq.read_table(path)
+    duck, polars_frame = _duckdb_and_polars(path)
+    assert duck.column_names == polars_frame.columns == ours.column_names
+    for name in ours.column_names:  # the same values, nulls included (DuckDB/polars widen FLOAT16 to FLOAT)
+        expected = ours.column(name).to_pylist()
+        got_duck, got_polars = duck.column(name).to_pylist(), polars_frame[name].to_list()
+        if ours.schema.field(name).type == pa.float16():
+            expected = [None if v is None else float(v) for v in expected]
+        assert got_duck == expected, name
+        assert got_polars == expected, name
+
+
+def test_duckdb_and_polars_join_targets_to_tokens(tmp_path):
+    import duckdb
+    import polars as pl
+
+    build_cache(tmp_path, mode="topk", masked=0.5, num_units=2, seqs_per_unit=3)
+    ours = [s for s in open_cache(str(tmp_path)).iter_sequences()]
+    want = [
+        (int(s["seq_id"]), int(tok), float(tail))
+        for s in ours
+        for tok, tail, m in zip(s["input_ids"], s["tail_logprob"], s["loss_mask"])
+        if m
+    ]
+    glob = f"{tmp_path}/shards/*.parquet"
+    sql = (
+        "SELECT seq_id, input_id, tail_logprob_0 FROM read_parquet(?, file_row_number = true, filename = true) "
+        "WHERE log_normalizer_0 IS NOT NULL ORDER BY filename, file_row_number"
+    )
+    got = [(a, b, float(c)) for a, b, c in duckdb.execute(sql, [glob]).fetchall()]
+    assert got == want and len(want) == sum(int(s["loss_mask"].sum()) for s in ours)
+    frame = pl.concat([pl.read_parquet(p) for p in sorted((tmp_path / "shards").glob("*.parquet"))])
+    trained = frame.filter(pl.col("log_normalizer_0").is_not_null()).select("seq_id", "input_id", "tail_logprob_0")
+    assert [(a, b, float(c)) for a, b, c in trained.iter_rows()] == want
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+def test_positions_without_targets_cost_no_target_bytes(tmp_path, fmt):
+    fmt_module = get_format(fmt)
+
+    def target_bytes(root: Path, manifest: dict[str, Any]) -> tuple[float, int]:
+        total, kept = 0, 0
+        for unit in manifest["units"]:
+            sizes = fmt_module.column_bytes((root / unit["path"]).read_bytes())
+            total += sum(v for name, v in sizes.items() if name not in ("seq_id", "seq_offsets", "input_id"))
+            kept += unit["num_target_tokens"]
+        return total, kept
+
+    common = {"fmt": fmt, "num_units": 1, "seqs_per_unit": 30, "min_len": 60, "max_len": 100, "k": 16}
+    full = build_cache(tmp_path / "full", **common)
+    half = build_cache(tmp_path / "half", masked=0.5, **common)
+    full_bytes, full_targets = target_bytes(tmp_path / "full", full)
+    half_bytes, half_targets = target_bytes(tmp_path / "half", half)
+    assert 0.4 < half_targets / full["units"][0]["num_tokens"] < 0.6
+    # bytes per target position stay the same: the half-masked cache stores about half the target bytes
+    assert half_bytes / half_targets == pytest.approx(full_bytes / full_targets, rel=0.15)
+
+
+def test_all_zero_top_planes_are_skipped_on_read(tmp_path):
+    """A shard stores the vocabulary's gap planes; rows for batching carry only the planes in use (compact batches
+    ship fewer bytes), decoded to the same ids."""
+    from kdcache.capture.targets import TokenTargets
+
+    writer = get_format("parquet").ShardWriter(k=4, num_temperatures=1, vocab_size=70_000)
+    ids = np.array([[1, 5, 9, 200], [0, 2, 3, 4]])
+    lps = np.full((2, 4), -1.5, np.float32)
+    writer.add(7, np.array([3, 4]), TokenTargets(ids, lps, np.zeros((2, 1)), np.full((2, 1), -2.0), np.ones(2)))
+    data = writer.finish()
+    names = pq.read_schema(io.BytesIO(data)).names
+    assert [n for n in names if n.startswith("target_gaps")] == [
+        "target_gaps_p0_0",
+        "target_gaps_p1_0",
+        "target_gaps_p2_0",
+    ]
+    codec = CodecParams()
+    rows = get_format("parquet").read_rows(data, k=4, num_temperatures=1, codec=codec, vocab_size=70_000, planar=True)
+    assert rows.target_ids.shape == (2, 4)  # one plane of 4 gaps per row
+    steps = get_format("parquet").read_rows(data, k=4, num_temperatures=1, codec=codec, vocab_size=70_000)
+    np.testing.assert_array_equal(np.cumsum(steps.target_ids, axis=1), ids)
+    np.testing.assert_array_equal(get_format("parquet").read_shard(data, k=4, num_temperatures=1).target_ids, ids)

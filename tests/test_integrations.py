@@ -171,7 +171,7 @@ def test_pyarrow_dataset_reads_the_shards(cache):
     table = pads.dataset(shard_paths(cache), format="parquet").to_table()
     assert table.num_rows == manifest["stats"]["num_tokens"]
     assert len(set(table.column("seq_id").to_pylist())) == manifest["stats"]["num_sequences"]
-    assert {"input_id", "target_gaps", "target_codes", "tail_logprob_0", "entropy"} <= set(table.column_names)
+    assert {"input_id", "target_gaps_p0_0", "target_codes_p0", "tail_logprob_0", "entropy"} <= set(table.column_names)
 
 
 def test_ray_data_reads_the_shards(cache, ray_session):
@@ -180,7 +180,7 @@ def test_ray_data_reads_the_shards(cache, ray_session):
     manifest = open_cache(cache).manifest
     ds = ray.data.read_parquet(shard_paths(cache))
     assert ds.count() == manifest["stats"]["num_tokens"]
-    assert "target_gaps" in ds.schema().names
+    assert "target_gaps_p0_0" in ds.schema().names
     rows = ds.select_columns(["seq_id"]).take_all()
     assert len({r["seq_id"] for r in rows}) == manifest["stats"]["num_sequences"]
 

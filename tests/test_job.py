@@ -144,16 +144,19 @@ def test_cache_is_plain_parquet_and_json(finished_cache):
     """pyarrow alone reads the shards; the manifest is JSON with relative paths; no pickle anywhere."""
     _, manifest, out = finished_cache
     index = json.loads((out / "index.json").read_text())
-    total = 0
+    total, schemas = 0, set()
     for unit in index["units"]:
         path = out / unit["path"]
         assert not unit["path"].startswith("/") and path.stat().st_size == unit["bytes"]
         table = pq.read_table(path)
-        assert {"seq_id", "input_id", "target_gaps", "target_codes", "tail_logprob_0", "entropy"} <= set(
+        assert {"seq_id", "input_id", "target_gaps_p0_0", "target_codes_p0", "tail_logprob_0", "entropy"} <= set(
             table.column_names
         )
+        assert unit["num_target_tokens"] == unit["num_tokens"]  # the worker stores a target at every position
+        schemas.add(tuple(table.column_names))
         total += table.num_rows
         assert b"pickle" not in path.read_bytes()
+    assert len(schemas) == 1  # gap planes follow the vocabulary: one schema for every shard
     assert total == manifest["stats"]["num_tokens"]
 
 
@@ -164,9 +167,11 @@ def test_info_cli_json(finished_cache, capsys):
     for key in ("num_sequences", "num_tokens", "total_bytes", "k", "format", "complete", "fingerprint"):
         assert key in info
     assert info["k"] == 8 and info["complete"] is True and info["format"] == "parquet"
-    assert info["num_tokens"] == manifest["stats"]["num_tokens"]
+    assert info["num_tokens"] == manifest["stats"]["num_tokens"] == info["num_target_tokens"]
+    assert info["target_token_fraction"] == 1.0
     assert main(["info", str(out)]) == 0
-    assert "bytes/token" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bytes/token" in printed and "trained-token fraction 1.000" in printed
 
 
 def test_k_larger_than_vocab_fails_before_any_work(tiny_teacher, job_corpus, tmp_path):

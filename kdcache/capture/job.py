@@ -220,6 +220,7 @@ def run_cache_job(
         record = by_id[unit.unit_id]
         manifest_units.append(
             {key: record[key] for key in ("unit_id", "path", "bytes", "sha256", "num_sequences", "num_tokens")}
+            | {"num_target_tokens": record.get("num_target_tokens", record["num_tokens"])}
             | {"source": unit.url, "range": [unit.start, unit.stop], "padded_tokens": record.get("padded_tokens", 0)}
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
             | {k: record[k] for k in CHAT_COUNTS if k in record}

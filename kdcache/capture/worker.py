@@ -260,6 +260,7 @@ class UnitWorker:
             codec=s.codec,
             metadata={"fingerprint": s.fingerprint, "format_version": FORMAT_VERSION, "unit_id": unit["unit_id"]},
             row_group_tokens=s.output.row_group_tokens,
+            vocab_size=self.teacher.padded_vocab_size,  # the same Parquet columns in every shard of the cache
         )
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
@@ -326,7 +327,7 @@ class UnitWorker:
             "crc32": zlib.crc32(data),
             "num_sequences": writer.num_sequences,
             "num_tokens": writer.num_tokens,
-            "num_target_tokens": sum(num_rows),
+            "num_target_tokens": writer.num_target_tokens,
             "padded_tokens": padded,
             **counts,
             "telemetry": summarize_tokens(

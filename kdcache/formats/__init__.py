@@ -3,9 +3,14 @@
     fmt = get_format("zarr")          # or "parquet"; the manifest's `shard_format` names the cache's format
     writer = fmt.ShardWriter(k=64, num_temperatures=2, codec=codec)
     writer.add(seq_id, input_ids, head)          # head: `kdcache.formats.base.HeadRows` (e.g. a TokenTargets)
+    writer.add(seq_id, input_ids, head, target_mask=mask)  # targets at the True positions only (head: those rows)
     data: bytes = writer.finish()     # one immutable object per work unit, named shards/<unit>-<attempt>{fmt.SUFFIX}
-    shard = fmt.read_shard(data, k=64, num_temperatures=2, codec=codec)             # -> base.ShardData, decoded
-    rows = fmt.read_rows(data, k=64, num_temperatures=2, codec=codec, vocab_size=V)  # -> rows.UnitRows, compact
+    shard = fmt.read_shard(data, k=64, num_temperatures=2, codec=codec, counts=counts)   # -> base.ShardData
+    rows = fmt.read_rows(data, k=64, num_temperatures=2, codec=codec, vocab_size=V, counts=counts)  # -> UnitRows
+
+`counts` (`base.ShardCounts`: tokens, sequences, target positions, as the manifest declares them) bounds what a read
+may allocate and decompress; readers of a cache always pass it (and `num_samples`), tools reading a lone file may
+leave it out.
 
 Each format module has NAME, SUFFIX, ShardWriter (``add`` / ``encode_sequence`` + ``add_encoded`` / ``finish() ->
 bytes``, ``num_sequences``, ``num_tokens``), ``read_shard`` (every column decoded: `ShardData`), ``read_rows``

@@ -1,6 +1,10 @@
 """What every shard format shares: the decoded `ShardData`, and `TokenBuffer`, which encodes a unit's sequences
 into flat arrays (sorted gap-coded ids, log-prob codes, ragged samples) that a format then lays out on disk.
 
+Positions without a target (a chat's prompt, say): `target_mask` [T] bool names the positions that carry teacher
+targets; the head and sample rows cover those positions only, in position order, so a prompt position costs no
+encoding and no target bytes. A sequence given without a mask has a target at every position.
+
 Encoding a sequence (`encode_sequence`, pure numpy) and appending it (`add_encoded`, list appends) are separate
 steps, so a worker can encode on a background thread while its teacher computes the next batch, then append the
 encoded sequences in file order.
@@ -22,8 +26,10 @@ __all__ = [
     "EncodedSequence",
     "HeadRows",
     "SampleRows",
+    "ShardCounts",
     "ShardData",
     "TokenBuffer",
+    "expand_rows",
     "ragged_to_padded",
     "ragged_ids",
     "split_sequences",
@@ -51,9 +57,23 @@ class SampleRows(Protocol):
     logprobs: Any  # [T, m] teacher log-probs at T = 1, -inf = padding
 
 
+@dataclass(frozen=True)
+class ShardCounts:
+    """What a shard must hold, as its manifest entry declares it: readers check a shard's own counts against these
+    before decompressing anything, and bound every decompressed size by them."""
+
+    num_tokens: int
+    num_sequences: int
+    num_target_tokens: int
+
+
 @dataclass
 class ShardData:
-    """Decoded token rows of one shard (N tokens)."""
+    """Decoded token rows of one shard (N tokens).
+
+    Positions without a target (`target_mask` False) hold id -1, log-prob -inf, tail -inf (no mass), normalizer 0
+    and entropy 0 in the target arrays, and no samples.
+    """
 
     seq_ids: np.ndarray  # [N] int64
     input_ids: np.ndarray  # [N] int32
@@ -65,10 +85,19 @@ class ShardData:
     sample_ids: np.ndarray | None = None  # [N, m] int64, padding id 0 (sampled caches)
     sample_counts: np.ndarray | None = None  # [N, m] int32, 0 = padding
     sample_logprobs: np.ndarray | None = None  # [N, m] float32, -inf = padding
+    target_mask: np.ndarray | None = None  # [N] bool: the position carries targets (None: every position does)
+
+    def __post_init__(self) -> None:
+        if self.target_mask is None:
+            self.target_mask = np.ones(len(self.seq_ids), dtype=bool)
 
     @property
     def num_tokens(self) -> int:
         return len(self.seq_ids)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(np.count_nonzero(self.target_mask))
 
 
 def split_sequences(data: ShardData) -> list[tuple[int, slice]]:
@@ -98,6 +127,16 @@ def ragged_ids(lengths: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     return csum - starts - 1
 
 
+def expand_rows(mask: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
+    """Rows of the True positions of `mask` [N] -> [N, ...] with `fill` at the False ones (`values` itself when every
+    position is True)."""
+    if len(values) == len(mask):
+        return values
+    out = np.full((len(mask), *values.shape[1:]), fill, dtype=values.dtype)
+    out[mask] = values
+    return out
+
+
 @dataclass(frozen=True)
 class EncodedSequence:
     """One sequence encoded for a shard (see `TokenBuffer.encode_sequence`); `add_encoded` only appends it.
@@ -105,10 +144,16 @@ class EncodedSequence:
     Attributes:
         num_tokens: T, the sequence's length.
         parts: the sequence's rows of every flat array of `TokenBuffer.arrays` (same keys and dtypes).
+        num_target_tokens: positions with a target (T without a mask).
     """
 
     num_tokens: int
     parts: dict[str, np.ndarray]
+    num_target_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_target_tokens < 0:
+            object.__setattr__(self, "num_target_tokens", self.num_tokens)
 
 
 @dataclass
@@ -126,6 +171,7 @@ class TokenBuffer:
     codec: CodecParams = field(default_factory=CodecParams)
     num_sequences: int = 0
     num_tokens: int = 0
+    num_target_tokens: int = 0
     _parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def encode_sequence(
@@ -141,9 +187,11 @@ class TokenBuffer:
 
         Args:
             seq_id: the sequence's id. input_ids: ``[T]`` its tokens.
-            head: its head targets (``ids``, ``logprobs`` ``[T, k]``; ``log_normalizers``, ``tail_logprobs``
-                ``[T, nT]``; ``entropy`` ``[T]``); ids need not be sorted (they are sorted here).
-            samples: sampled caches only: ``ids``, ``counts``, ``logprobs`` ``[T, m]``, padded with count 0.
+            head: the head targets of its R target positions (``ids``, ``logprobs`` ``[R, k]``;
+                ``log_normalizers``, ``tail_logprobs`` ``[R, nT]``; ``entropy`` ``[R]``), in position order; ids
+                need not be sorted (they are sorted here).
+            samples: sampled caches only: ``ids``, ``counts``, ``logprobs`` ``[R, m]``, padded with count 0.
+            target_mask: ``[T]`` bool, True at the R positions that carry targets; None: every position (R = T).
 
         Reads only the buffer's settings, never its contents, so it may run on another thread while this buffer is
         being added to; `add_encoded` appends the result.
@@ -151,9 +199,16 @@ class TokenBuffer:
         Raises:
             ValueError: a shape does not match the settings, or sampled ids/counts cannot be stored.
         """
-        t = len(input_ids)
-        if target_mask is not None:  # STAND-IN for format v3 (branch `format` replaces it): see _standin_expand
-            head, samples = _standin_expand(seq_id, t, target_mask, head, samples)
+        n = len(input_ids)
+        if target_mask is None:
+            mask = np.ones(n, dtype=bool)
+        else:
+            mask = np.asarray(target_mask)
+            if mask.shape != (n,) or mask.dtype != np.bool_:
+                raise ValueError(
+                    f"sequence {seq_id}: target_mask must be a [{n}] bool array, got {mask.dtype} {mask.shape}"
+                )
+        t = n if target_mask is None else int(np.count_nonzero(mask))
         target_ids, target_logprobs = np.asarray(head.ids), np.asarray(head.logprobs)
         if target_ids.shape != (t, self.k) or target_logprobs.shape != (t, self.k):
             raise ValueError(f"sequence {seq_id}: targets must be [{t}, {self.k}], got {target_ids.shape}")
@@ -166,8 +221,9 @@ class TokenBuffer:
         ids, lps = sort_targets(target_ids, target_logprobs)
         part = {
             "seq_ids": np.array([seq_id], dtype=np.int64),
-            "seq_lengths": np.array([t], dtype=np.int64),
+            "seq_lengths": np.array([n], dtype=np.int64),
             "input_ids": np.asarray(input_ids, dtype=np.int32),
+            "target_mask": mask,
             "gaps": encode_ids(ids) if self.k else np.zeros((t, 0), np.uint32),
             "codes": quantize_logprobs(lps, self.codec),
             "log_normalizers": log_normalizers.astype(np.float32),
@@ -178,7 +234,7 @@ class TokenBuffer:
             if samples is None:
                 raise ValueError(f"sequence {seq_id}: a sampled shard needs the sequence's sampled targets")
             part.update(_encode_samples(seq_id, t, samples.ids, samples.counts, samples.logprobs, self.codec))
-        return EncodedSequence(num_tokens=t, parts=part)
+        return EncodedSequence(num_tokens=n, parts=part, num_target_tokens=t)
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
         """Append a sequence from `encode_sequence` of a buffer with the same settings (sequences stay in add order).
@@ -197,18 +253,21 @@ class TokenBuffer:
             self._parts.setdefault(name, []).append(value)
         self.num_sequences += 1
         self.num_tokens += encoded.num_tokens
+        self.num_target_tokens += encoded.num_target_tokens
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything added so far, concatenated in add order.
 
-        Keys: seq_ids [S] int64, seq_lengths [S] int64, input_ids [N] int32, gaps [N, k] uint32, codes [N, k]
-        (codec dtype), log_normalizers / tail_logprobs [N, nT] float32, entropy [N] float32, and for sampled
-        buffers sample_lengths [N] uint8, sample_gaps [M] uint32, sample_counts [M] uint8, sample_codes [M].
+        Keys: seq_ids [S] int64, seq_lengths [S] int64, input_ids [N] int32, target_mask [N] bool; over the R
+        target positions: gaps [R, k] uint32, codes [R, k] (codec dtype), log_normalizers / tail_logprobs [R, nT]
+        float32, entropy [R] float32, and for sampled buffers sample_lengths [R] uint8, sample_gaps [M] uint32,
+        sample_counts [M] uint8, sample_codes [M].
         """
         empty = {
             "seq_ids": np.zeros(0, np.int64),
             "seq_lengths": np.zeros(0, np.int64),
             "input_ids": np.zeros(0, np.int32),
+            "target_mask": np.zeros(0, bool),
             "gaps": np.zeros((0, self.k), np.uint32),
             "codes": np.zeros((0, self.k), self.codec.code_dtype),
             "log_normalizers": np.zeros((0, self.num_temperatures), np.float32),
@@ -264,7 +323,9 @@ class BufferedShardWriter:
         k: top-k entries per token; num_temperatures: number of stored temperatures (index 0 is T = 1);
         num_samples: draws per token (0: no sample columns); compression_level: zstd level;
         codec: log-prob coding; metadata: JSON-able dict stored in the file under "kdcache";
-        row_group_tokens: tokens per Parquet row group / Zarr chunk (whole sequences per row group).
+        row_group_tokens: tokens per Parquet row group / Zarr chunk (whole sequences per row group);
+        vocab_size: the teacher's padded vocabulary (every id is below it): Parquet stores the byte planes this
+            needs, so every shard of a cache has the same columns (None: the planes of the shard's largest gap).
     """
 
     k: int
@@ -274,6 +335,7 @@ class BufferedShardWriter:
     codec: CodecParams = field(default_factory=CodecParams)
     metadata: dict[str, Any] = field(default_factory=dict)
     row_group_tokens: int = 65536
+    vocab_size: int | None = None
     _buffer: TokenBuffer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -287,6 +349,11 @@ class BufferedShardWriter:
     def num_tokens(self) -> int:
         return self._buffer.num_tokens
 
+    @property
+    def num_target_tokens(self) -> int:
+        """Positions with targets so far (`num_tokens` unless sequences were added with a `target_mask`)."""
+        return self._buffer.num_target_tokens
+
     def add(
         self,
         seq_id: int,
@@ -297,8 +364,9 @@ class BufferedShardWriter:
         target_mask: np.ndarray | None = None,
     ) -> None:
         """Encode and append one sequence (arguments as `TokenBuffer.encode_sequence`)."""
-        encoded = self._buffer.encode_sequence(seq_id, input_ids, head, samples, target_mask=target_mask)
-        self._buffer.add_encoded(encoded)
+        self._buffer.add_encoded(
+            self._buffer.encode_sequence(seq_id, input_ids, head, samples, target_mask=target_mask)
+        )
 
     def encode_sequence(
         self,
@@ -318,42 +386,3 @@ class BufferedShardWriter:
 
     def finish(self) -> bytes:
         raise NotImplementedError
-
-
-def _standin_expand(
-    seq_id: int, t: int, target_mask: np.ndarray, head: HeadRows, samples: SampleRows | None
-) -> tuple[HeadRows, SampleRows | None]:
-    """STAND-IN for format v3 (to be replaced by branch `format`): scatter the rows of the True positions of
-    ``target_mask`` into full ``[T]`` rows so a v2 shard can hold them; positions without a target get filler rows
-    (ids 0..k-1 with log-prob -inf, zero normalizers, no samples). Nothing new is stored: the mask itself is lost."""
-    from types import SimpleNamespace
-
-    mask = np.asarray(target_mask, dtype=bool)
-    if mask.shape != (t,):
-        raise ValueError(f"sequence {seq_id}: target_mask must be [{t}] bool, got shape {mask.shape}")
-    n = int(mask.sum())
-    ids = np.asarray(head.ids)
-    if ids.shape[0] != n:
-        raise ValueError(f"sequence {seq_id}: {ids.shape[0]} head rows for {n} positions with a target")
-
-    def scatter(rows: Any, fill: Any) -> np.ndarray:
-        rows = np.asarray(rows)
-        out = np.empty((t, *rows.shape[1:]), dtype=rows.dtype)
-        out[...] = fill
-        out[mask] = rows
-        return out
-
-    k = ids.shape[1]
-    full_head = SimpleNamespace(
-        ids=scatter(ids, np.arange(k, dtype=ids.dtype)),
-        logprobs=scatter(head.logprobs, -np.inf),
-        log_normalizers=scatter(head.log_normalizers, 0.0),
-        tail_logprobs=scatter(head.tail_logprobs, 0.0),
-        entropy=scatter(head.entropy, 0.0),
-    )
-    if samples is None:
-        return full_head, None
-    full_samples = SimpleNamespace(
-        ids=scatter(samples.ids, 0), counts=scatter(samples.counts, 0), logprobs=scatter(samples.logprobs, -np.inf)
-    )
-    return full_head, full_samples

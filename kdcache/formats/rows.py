@@ -12,6 +12,9 @@ int64 ids with one fused cumsum straight into the batch. Or, for compact batches
 are decoded straight into the batch through the codec's table. A unit then costs about (2 or 4 + code bytes) * k +
 24 bytes per token (k = 64, V <= 64k: ~216 B) instead of ~12 k bytes for int64 ids and float32 log-probs. Sampled
 targets stay ragged as stored (`RaggedSamples`) and are padded per sequence when it is batched.
+
+Positions without a target (`target_mask` False) keep their rows, with zero steps / codes (their content is
+undefined: `kdcache.read.collate` overwrites them) and no sample entries.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ __all__ = [
     "UnitRows",
     "logprob_table",
     "sequence_bounds",
+    "step_work_dtype",
     "steps_from_gaps",
+    "steps_in_place",
     "steps_from_planar",
 ]
 
@@ -55,6 +60,21 @@ def _gaps_to_steps(steps: np.ndarray, held: type) -> np.ndarray:
     steps += steps.dtype.type(1)
     steps[:, 0] -= steps.dtype.type(1)
     return steps.view(held)
+
+
+def step_work_dtype(vocab_size: int) -> np.dtype:
+    """The unsigned dtype id steps are computed in for ids below `vocab_size` (uint16 up to 2**16 ids, else uint32);
+    a format that assembles gaps itself writes them in this dtype and calls `steps_in_place`."""
+    return np.dtype(_step_dtype(vocab_size)[0])
+
+
+def steps_in_place(gaps: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[N, k] gaps in `step_work_dtype(vocab_size)`, an array the caller hands over -> the id steps (a view of it:
+    uint16, or int32 above 2**16 ids)."""
+    work, held = _step_dtype(vocab_size)
+    if gaps.dtype != work:
+        raise ValueError(f"steps_in_place: gaps must be {np.dtype(work)} for a vocabulary of {vocab_size}")
+    return _gaps_to_steps(gaps, held)
 
 
 def steps_from_planar(raw: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
@@ -109,6 +129,19 @@ class RaggedSamples:
         )
 
 
+_ALL_TARGETS = np.ones(0, dtype=bool)  # grown on demand: the mask views of units without masked positions
+
+
+def _all_true(n: int) -> np.ndarray:
+    """A read-only [n] bool array of True (a view of one shared array)."""
+    global _ALL_TARGETS
+    if len(_ALL_TARGETS) < n:
+        grown = np.ones(max(n, 2 * len(_ALL_TARGETS), 4096), dtype=bool)
+        grown.setflags(write=False)
+        _ALL_TARGETS = grown
+    return _ALL_TARGETS[:n]
+
+
 @dataclass
 class UnitRows:
     """A unit's N token rows in S sequences (sequence s is rows [starts[s], starts[s] + lengths[s])).
@@ -116,7 +149,8 @@ class UnitRows:
     `ids_key` names what `target_ids` holds, and is the key a sequence carries them under: "target_steps" (ids =
     cumsum along the row) or "target_gap_planes" (the planar gap bytes [N, P * k] uint8, which compact batches
     decode on the GPU). `target_values` are log-prob codes (decode with `logprob_table`) when `values_are_codes`,
-    else float32 log-probs.
+    else float32 log-probs. `target_mask` [N] bool is True where a position carries targets (None: everywhere); the
+    target rows of the other positions are placeholders.
     """
 
     starts: np.ndarray  # [S] int64
@@ -131,21 +165,24 @@ class UnitRows:
     tail_logprobs: np.ndarray  # [N, nT] float32
     entropy: np.ndarray  # [N] float32
     samples: RaggedSamples | None = None
+    target_mask: np.ndarray | None = None  # [N] bool; None: every position has targets
 
     @property
     def num_sequences(self) -> int:
         return len(self.starts)
 
     def sequence(self, index: int) -> dict[str, Any]:
-        """Sequence `index` (file order) as views: `seq_id`, `input_ids` [T], `target_steps` [T, k] (or
-        `target_gap_planes` [T, P * k]), `target_codes` or `target_logprobs` [T, k], `log_normalizers` /
-        `tail_logprobs` [T, nT], `entropy` [T], and for sampled caches `sample_ids` / `sample_counts` /
-        `sample_logprobs` [T, m] (decoded here)."""
+        """Sequence `index` (file order) as views: `seq_id`, `input_ids` [T], `target_mask` [T] bool,
+        `target_steps` [T, k] (or `target_gap_planes` [T, P * k]), `target_codes` or `target_logprobs` [T, k],
+        `log_normalizers` / `tail_logprobs` [T, nT], `entropy` [T], and for sampled caches `sample_ids` /
+        `sample_counts` / `sample_logprobs` [T, m] (decoded here)."""
         start = int(self.starts[index])
         rows = slice(start, start + int(self.lengths[index]))
+        mask = _all_true(rows.stop - start) if self.target_mask is None else self.target_mask[rows]
         seq = {
             "seq_id": self.seq_ids[index],
             "input_ids": self.input_ids[rows],
+            "target_mask": mask,
             self.ids_key: self.target_ids[rows],
             "target_codes" if self.values_are_codes else "target_logprobs": self.target_values[rows],
             "log_normalizers": self.log_normalizers[rows],

@@ -21,8 +21,10 @@ Batch keys read (shapes per batch; ``k`` head entries, ``m`` samples, ``nT`` sto
   ``count / N`` for N draws with replacement from p (mode "sample"), or ``tail_mass * count / N`` for draws from p
   restricted to the ids outside the head and renormalised (mode "hybrid", where ``target_ids``/``target_logprobs`` hold
   the exact head). ``sample_logprobs`` is the teacher's log p at T = 1 of each sampled id.
-- ``loss_mask`` ``[B, T]`` bool or 0/1 (optional). Default: ``labels != -100`` when ``labels`` is present, else
-  ``attention_mask``, else every position.
+- ``loss_mask`` ``[B, T]`` bool or 0/1 (optional): the positions with teacher targets (`KDCacheDataset`: attention
+  mask AND the cache's target mask). Default: ``labels != -100`` when ``labels`` is present, else
+  ``attention_mask``, else every position. Every loss averages over it only; :func:`distillation_loss` also leaves
+  the positions outside it out of the CE term.
 - ``labels`` ``[B, T]`` int64 next-token labels (-100 = ignore), read by :func:`distillation_loss` for the CE term.
 - ``teacher_vocab_size`` (optional int): the teacher's padded vocabulary. A student with fewer columns raises
   ``ValueError``; without the key only the largest cached id is checked. Student columns past the teacher's vocabulary
@@ -476,5 +478,7 @@ def distillation_loss(
         total = total + alpha * temperature**2 * kd
     if alpha < 1.0:
         labels = _require(batch, "labels", "distillation_loss")
+        if batch.get("loss_mask") is not None:  # positions without a teacher target (a prompt) train no CE either
+            labels = labels.masked_fill(~_loss_mask(batch, labels.shape, labels.device), IGNORE_INDEX)
         total = total + (1.0 - alpha) * cross_entropy(student_logits, labels, chunk_tokens=chunk_tokens)
     return total

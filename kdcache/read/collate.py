@@ -11,6 +11,8 @@ Pure functions on numpy arrays, single-threaded so they do not compete with the 
 Conventions (the batch contract of `kdcache.losses`): position t holds the teacher's distribution over the token
 after `input_ids[t]`; `labels[t] = input_ids[t + 1]` (-100 at each sequence's last position and at padding); head
 entries with log-prob -inf are padding (id 0); `temperatures[0] == 1.0` is the temperature the head is expressed at.
+Positions without a teacher target (a cache written with target masks, e.g. a chat's prompt) are `loss_mask` False,
+hold what padding holds, and have label -100.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def collate_sequences(
         seqs: B entries; each holds `seq_id`, `input_ids` [T], `target_ids` [T, k] (any integer dtype) or
             `target_steps` [T, k] (uint16 / int32, the ids are their cumsum along the row), either
             `target_logprobs` [T, k] float32 or `target_codes` [T, k] (unsigned codes, see `logprob_table`),
-            `log_normalizers`/`tail_logprobs` [T, nT] and `entropy` [T]. None makes a row with no real position.
+            `log_normalizers`/`tail_logprobs` [T, nT] and `entropy` [T], and optionally `target_mask` (or
+            `loss_mask`) [T] bool: the positions that carry targets (default: all). None makes a row with no real
+            position.
         pad_to: length L of every batch (a longer sequence raises ValueError); None pads to the longest (>= 1).
         logprob_table: [levels] float32, the log-prob of each code (`kdcache.formats.rows.logprob_table`); needed when
             a sequence carries `target_codes`.
@@ -70,7 +74,8 @@ def collate_sequences(
             Sequences that carry decoded ids or log-probs are collated as usual.
 
     Returns:
-        `input_ids`, `attention_mask`, `labels` [B, L] int64; `loss_mask` [B, L] bool; `target_ids` [B, L, k] int64
+        `input_ids`, `attention_mask`, `labels` [B, L] int64 (labels -100 also where a position has no target);
+        `loss_mask` [B, L] bool (attention mask AND target mask); `target_ids` [B, L, k] int64
         (0 at padding); `target_logprobs` [B, L, k] float32 (-inf at padding); `log_normalizers`, `tail_logprobs`
         [B, L, nT] float32 (0 at padding: all mass in the tail bucket); `entropy` [B, L] float32; `seq_id` [B] int64
         (-1 for a padded row). Sampled caches add `sample_ids` [B, L, m] int64, `sample_counts` [B, L, m] int32
@@ -147,10 +152,24 @@ def collate_sequences(
     out["attention_mask"] = valid.astype(np.int64)
     labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
     np.copyto(labels[:, :-1], out["input_ids"][:, 1:], where=pos[:-1] < lens[:, None] - 1)
+    # Every cached position carries teacher targets unless the cache masks some (the last one included: the teacher's
+    # next-token distribution after the window), so the KD mask is the attention mask AND the target mask.
+    loss_mask = valid.copy()
+    for i, (seq, n) in enumerate(zip(seqs, lengths)):
+        mask = None if seq is None else seq.get("target_mask", seq.get("loss_mask"))
+        if mask is not None and not mask.all():
+            loss_mask[i, :n] = mask
+    holes = valid & ~loss_mask
+    if holes.any():  # positions without a target hold what padding holds, and no label
+        labels[holes] = IGNORE_INDEX
+        out[id_key][holes] = 0
+        out[lp_key][holes] = 0 if lp_key == "target_codes" else -np.inf
+        for name, fill in copied:
+            out[name][holes] = fill
+        if sampled:
+            out["sample_ids"][holes], out["sample_counts"][holes], out["sample_logprobs"][holes] = 0, 0, -np.inf
     out["labels"] = labels
-    # Every cached position carries teacher targets, the last one included (the teacher's next-token distribution
-    # after the window), so the KD mask is the attention mask; only the hard-label CE lacks a target there.
-    out["loss_mask"] = valid
+    out["loss_mask"] = loss_mask
     out["seq_id"] = np.array([-1 if s is None else int(s["seq_id"]) for s in seqs], dtype=np.int64)
     return out
 

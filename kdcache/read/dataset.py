@@ -164,7 +164,8 @@ class KDCacheDataset(IterableDataset):
 
     Batch (a dict; B = batch_size, L = length, k' = top_k or the cache's k, nT = temperatures):
         `input_ids`, `attention_mask`, `labels` [B, L] int64 (labels: next token, -100 at padding and at each
-        sequence's last position); `loss_mask` [B, L] bool (positions with teacher targets); `target_ids` [B, L, k']
+        sequence's last position, and where the cache stores no target); `loss_mask` [B, L] bool (positions with
+        teacher targets: attention mask AND the cache's target mask); `target_ids` [B, L, k']
         int64 ascending; `target_logprobs` [B, L, k'] float32 (-inf at padding entries); `tail_logprob` [B, L]
         float32; `log_normalizers`, `tail_logprobs` [B, L, nT] float32; `entropy` [B, L] float32 (T = 1);
         `seq_id` [B] int64 (-1 for padded rows); `source` [B] int64 (index of the row's cache in the mixture, 0 for
@@ -494,6 +495,13 @@ class KDCacheDataset(IterableDataset):
         arithmetic only, nothing is read)."""
         world_size = self.world_size if world_size is None else world_size
         units = epoch_units(self._unit_counts, self._draws, seed=self.seed, epoch=epoch)
+
+        def check_sizes(
+            epoch_units_of_window: np.ndarray,
+        ) -> None:  # counts are backed by real shards (hostile caches)
+            for v in epoch_units_of_window.tolist():
+                self.readers[int(units.source[v])].check_unit_sizes([int(units.unit[v])])
+
         order = EpochOrder(
             units.count,
             seed=self.seed,
@@ -503,6 +511,7 @@ class KDCacheDataset(IterableDataset):
             num_partitions=num_partitions or self.partitions_for(epoch),
             batch_phases=self.batch_phases,
             global_batch_size=self.batch_size * world_size,
+            before_window=check_sizes,
         )
         return units, order
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -58,6 +58,8 @@ class EpochOrder:
         window_units: pieces of a partition whose sequences are shuffled together (>= 1); a reader holds about this
             many units per partition it reads.
         num_partitions, batch_phases, global_batch_size: the partition layout (`kdcache.read.partition`).
+        before_window: called with the units (indices into unit_counts) of a window before its order is built: a
+            reader checks there that those units' counts are backed by real shards (the arrays are sized by them).
 
     Attributes:
         unit_perm: [U] the units in reading order. piece_unit, piece_part, piece_start, piece_stop, piece_window:
@@ -76,6 +78,7 @@ class EpochOrder:
         num_partitions: int = 1,
         batch_phases: int = 1,
         global_batch_size: int = 1,
+        before_window: Callable[[np.ndarray], None] | None = None,
     ):
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
@@ -107,6 +110,7 @@ class EpochOrder:
         self._windows: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cached_windows = max(2, 2 * len(sizes))  # a batch meets about one window of each partition it reads
         self._lock = threading.Lock()
+        self._before_window = before_window
 
     def window(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """(piece [n], sequence row inside the piece's unit [n]) of the window's sequences, in reading order."""
@@ -115,6 +119,8 @@ class EpochOrder:
                 self._windows.move_to_end(window)
                 return self._windows[window]
         pieces = np.arange(self.window_first_piece[window], self.window_first_piece[window + 1])
+        if self._before_window is not None:
+            self._before_window(np.unique(self.piece_unit[pieces]))
         lengths = self.piece_stop[pieces] - self.piece_start[pieces]
         piece_col = np.repeat(pieces, lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)

@@ -6,10 +6,16 @@
         seq["target_ids"]       # [T, k] int64, ascending
         seq["target_logprobs"]  # [T, k] float32, teacher log-softmax at T=1
         seq["tail_logprob"]     # [T] float32, log of the mass outside the k ids
+        seq["loss_mask"]        # [T] bool, True where the position carries targets (every position, unless the
+                                # cache was written with target masks, e.g. a chat's prompt positions)
+
+Positions without a target hold id -1, log-prob -inf and tail -inf (no mass), normalizers and entropy 0, no samples.
 
 The reader reads `index.json` and the shards it names, never a listing; every shard is checked against the size and
 checksum recorded at commit (crc32; sha256 for caches that lack it), and a mismatch raises `CorruptShardError` naming
-the shard.
+the shard. The manifest is checked first (`kdcache.manifest.validate_manifest`), a local shard's size before any
+memory is sized by it, and a shard's contents against the counts its entry declares before they are decompressed
+(`kdcache.formats`): a hostile cache is refused with a message, not read into unbounded memory.
 
 Remote caches (s3://, gs://, memory://, ...) can keep the shards they fetch on local disk:
 `open_cache(uri, local_cache_dir="/nvme/kd", local_cache_bytes=100 * 2**30)` serves a shard from there when its
@@ -19,6 +25,7 @@ shards are evicted above the limit (`kdcache.read.localcache`). Caches on a loca
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +34,7 @@ import numpy as np
 from kdcache.codec import CodecParams
 from kdcache.errors import CacheMismatchError, CorruptShardError, KdcacheError
 from kdcache.formats import get_format
-from kdcache.formats.base import ShardData, split_sequences
+from kdcache.formats.base import ShardCounts, ShardData, split_sequences
 from kdcache.formats.memory import read_pooled
 from kdcache.formats.rows import UnitRows
 from kdcache.manifest import INDEX_KEY, read_manifest, shard_checksum_error
@@ -79,14 +86,42 @@ class CacheReader:
         except ValueError as exc:
             raise CacheMismatchError(f"{self.store.url(INDEX_KEY)}: {exc}") from None
         self.units: list[dict[str, Any]] = manifest["units"]
+        # the units' sums (validated), not stats' copies of them: what the shards are checked against
+        self.num_sequences: int = sum(u["num_sequences"] for u in self.units)
+        self.num_tokens: int = sum(u["num_tokens"] for u in self.units)
+        self.num_target_tokens: int = sum(u["num_target_tokens"] for u in self.units)
+        self._sized: set[int] = set()  # units whose shard size was checked (`check_unit_sizes`)
 
-    @property
-    def num_sequences(self) -> int:
-        return self.manifest["stats"]["num_sequences"]
+    def _layout(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """What the format readers check a unit's shard against: the cache's layout and the unit's counts."""
+        return {
+            "k": self.k,
+            "num_temperatures": len(self.temperatures),
+            "codec": self.codec,
+            "num_samples": self.num_samples,
+            "counts": ShardCounts(unit["num_tokens"], unit["num_sequences"], unit["num_target_tokens"]),
+        }
 
-    @property
-    def num_tokens(self) -> int:
-        return self.manifest["stats"]["num_tokens"]
+    def check_unit_sizes(self, indices: Any) -> None:
+        """Check that the shards of these units (manifest indices) have the byte sizes their entries record (once
+        per unit and process): what a reader does before it sizes anything (an epoch's order, say) by the units'
+        counts, which the manifest validates against those sizes. Raises `CorruptShardError` naming the shard."""
+        for index in indices:
+            index = int(index)
+            if index in self._sized:
+                continue
+            unit = self.units[index]
+            url = self.store.url(unit["path"])
+            local = self.local_cache.size_of(unit) if self.local_cache is not None else None
+            try:
+                size = local if local is not None else self.store.size(unit["path"])
+            except FileNotFoundError:
+                raise CorruptShardError(f"{url}: shard of unit {unit['unit_id']} is missing") from None
+            except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+                raise CorruptShardError(f"{url}: cannot read the shard of unit {unit['unit_id']} ({exc})") from None
+            if size != unit["bytes"]:
+                raise CorruptShardError(f"{url}: shard has {size} bytes, the manifest records {unit['bytes']}")
+            self._sized.add(index)
 
     def read_unit_bytes(self, unit: dict[str, Any]) -> bytes | memoryview:
         """The shard's bytes (bytes-like), checked against its recorded size and checksum (from the local cache when it
@@ -104,11 +139,16 @@ class CacheReader:
         try:
             if self.store.is_local:  # into pooled memory: no page faults for a buffer of this size again
                 with self.store.open(unit["path"], "rb") as f:
+                    size = _file_size(f)
+                    if size is not None and size != unit["bytes"]:  # before a buffer of the recorded size exists
+                        raise CorruptShardError(f"{url}: shard has {size} bytes, the manifest records {unit['bytes']}")
                     data = read_pooled(f, int(unit["bytes"]))
             else:
                 data = self.store.read_bytes(unit["path"])
         except FileNotFoundError:
             raise CorruptShardError(f"{url}: shard of unit {unit['unit_id']} is missing") from None
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            raise CorruptShardError(f"{url}: cannot read the shard of unit {unit['unit_id']} ({exc})") from None
         problem = shard_checksum_error(unit, data)
         if problem:
             raise CorruptShardError(f"{url}: {problem}")
@@ -118,9 +158,9 @@ class CacheReader:
         """Decode one unit's shard (checked)."""
         data = self.read_unit_bytes(unit)
         try:
-            return self.format.read_shard(data, k=self.k, num_temperatures=len(self.temperatures), codec=self.codec)
-        except Exception as exc:  # checksum passed but decoding failed: written by an incompatible writer
-            raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from exc
+            return self.format.read_shard(data, **self._layout(unit))
+        except Exception as exc:  # checksum passed but decoding failed: an incompatible or hostile writer
+            raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from None
 
     def read_unit_rows(self, unit: dict[str, Any], *, planar: bool = False) -> UnitRows:
         """One unit's rows, compact for batching (`kdcache.formats.rows`): fetched and checked like `read_unit`.
@@ -128,21 +168,9 @@ class CacheReader:
         url = self.store.url(unit["path"])
         data = self.read_unit_bytes(unit)
         try:
-            rows = self.format.read_rows(
-                data,
-                k=self.k,
-                num_temperatures=len(self.temperatures),
-                codec=self.codec,
-                vocab_size=self.vocab,
-                planar=planar,
-            )
-        except Exception as exc:  # checksum passed but reading failed: written by an incompatible writer
-            raise CorruptShardError(f"{url}: cannot read shard: {exc}") from exc
-        if rows.num_sequences != unit["num_sequences"]:
-            raise CorruptShardError(
-                f"{url}: shard holds {rows.num_sequences} sequences, the manifest records {unit['num_sequences']}"
-            )
-        return rows
+            return self.format.read_rows(data, vocab_size=self.vocab, planar=planar, **self._layout(unit))
+        except Exception as exc:  # checksum passed but reading failed: an incompatible or hostile writer
+            raise CorruptShardError(f"{url}: cannot read shard: {exc}") from None
 
     def iter_sequences(self) -> Iterator[dict[str, Any]]:
         """Every sequence of the cache in manifest order, as a dict of numpy arrays (see module docstring)."""
@@ -150,6 +178,14 @@ class CacheReader:
             data = self.read_unit(unit)
             for seq_id, rows in split_sequences(data):
                 yield sequence_dict(seq_id, data, rows)
+
+
+def _file_size(f: Any) -> int | None:
+    """The size of an open local file (None when it has no descriptor)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
@@ -164,6 +200,7 @@ def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
     return samples | {
         "seq_id": np.int64(seq_id),
         "input_ids": data.input_ids[rows],
+        "loss_mask": data.target_mask[rows],
         "target_ids": data.target_ids[rows],
         "target_logprobs": data.target_logprobs[rows],
         "tail_logprob": data.tail_logprobs[rows, 0],

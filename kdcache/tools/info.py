@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import CorruptShardError, KdcacheError
 from kdcache.manifest import COMMITS_DIR, FINGERPRINT_KEY, read_manifest
 from kdcache.store import Store
 
@@ -26,59 +26,88 @@ def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> di
             claimed = json.loads(store.read_bytes(FINGERPRINT_KEY))
         except FileNotFoundError:
             raise KdcacheError(f"{uri}: no kdcache cache here (no index.json, no fingerprint.json)") from None
-        inputs = claimed["fingerprint_inputs"]
+        except (OSError, ValueError, RecursionError) as exc:
+            raise CorruptShardError(f"{store.url(FINGERPRINT_KEY)}: cannot be read ({str(exc)[:200]})") from None
+        inputs = claimed.get("fingerprint_inputs") if isinstance(claimed, dict) else None
+        if not isinstance(inputs, dict) or not all(
+            isinstance(inputs.get(key), dict) for key in ("teacher", "targets")
+        ):
+            raise CorruptShardError(f"{store.url(FINGERPRINT_KEY)}: not a kdcache fingerprint record")
         commits = [n for n in store.list_names(COMMITS_DIR) if n.endswith(".json")]
         return {
             "uri": uri,
             "complete": False,
-            "fingerprint": claimed["fingerprint"],
-            "teacher": (claimed.get("names") or {}).get("teacher") or inputs["teacher"].get("model"),
-            "k": inputs["targets"]["k"],
-            "format": inputs["shard_format"],
+            "fingerprint": str(claimed.get("fingerprint")),
+            "teacher": str((claimed.get("names") or {}).get("teacher") or inputs["teacher"].get("model")),
+            "k": inputs["targets"].get("k"),
+            "format": str(inputs.get("shard_format")),
             "committed_units": len(commits),
             "num_sequences": None,
             "num_tokens": None,
             "total_bytes": None,
         }
-    inputs, stats = manifest["fingerprint_inputs"], manifest["stats"]
+    inputs, stats, units = manifest["fingerprint_inputs"], manifest["stats"], manifest["units"]
     # how the job named its teacher (the recorded config); the identity itself is content (weights_fingerprint)
-    named = (manifest.get("config") or {}).get("teacher") or inputs["teacher"]
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    named = config.get("teacher") if isinstance(config.get("teacher"), dict) else inputs["teacher"]
+    # counts from the (validated) units; stats' other entries are informational and read defensively
+    num_tokens = sum(u["num_tokens"] for u in units)
+    num_target_tokens = sum(u["num_target_tokens"] for u in units)
+    total_bytes = sum(u["bytes"] for u in units)
+    last_run = stats.get("last_run") if isinstance(stats.get("last_run"), dict) else {}
+    telemetry = stats.get("telemetry") if isinstance(stats.get("telemetry"), dict) else {}
+    k = inputs["targets"]["k"]
     return {
         "uri": uri,
         "complete": bool(manifest["complete"]),
         "fingerprint": manifest["fingerprint"],
         "format": manifest["shard_format"],
         "format_version": manifest["format_version"],
-        "teacher": named.get("model"),
-        "teacher_revision": named.get("revision"),
+        "teacher": str(named.get("model")),
+        "teacher_revision": str(named.get("revision")),
         "weights_fingerprint": inputs["teacher"].get("weights_fingerprint"),
-        "model_type": inputs["teacher"].get("model_type"),
+        "model_type": str(inputs["teacher"].get("model_type")),
         "vocab_size": inputs["tokenizer"]["vocab_size"],
         "padded_vocab_size": inputs["teacher"]["padded_vocab_size"],
-        "tokenizer_hash": inputs["tokenizer"]["hash"],
+        "tokenizer_hash": str(inputs["tokenizer"].get("hash")),
         "mode": inputs["targets"]["mode"],
         "k": inputs["targets"]["k"],
         "temperatures": inputs["targets"]["temperatures"],
-        "max_length": inputs["windowing"]["max_length"],
-        "num_units": stats["num_units"],
-        "num_sequences": stats["num_sequences"],
-        "num_tokens": stats["num_tokens"],
-        "total_bytes": stats["total_bytes"],
-        "bytes_per_token": stats["bytes_per_token"],
-        # per stored top-k entry: meaningful for topk caches only (hybrid/sample also store samples, sample has k=0)
-        "bytes_per_entry": stats["bytes_per_token"] / inputs["targets"]["k"]
-        if inputs["targets"]["mode"] == "topk" and stats["num_tokens"]
+        "max_length": (inputs.get("windowing") if isinstance(inputs.get("windowing"), dict) else {}).get("max_length"),
+        "num_units": len(units),
+        "num_sequences": sum(u["num_sequences"] for u in units),
+        "num_tokens": num_tokens,
+        "num_target_tokens": num_target_tokens,
+        # positions that carry teacher targets (the trained tokens): 1 unless the cache was written with target masks
+        "target_token_fraction": num_target_tokens / max(num_tokens, 1),
+        "total_bytes": total_bytes,
+        "bytes_per_token": total_bytes / max(num_tokens, 1),
+        # per stored top-k entry of the positions with targets: meaningful for topk caches only (hybrid/sample also
+        # store samples, sample has k=0)
+        "bytes_per_entry": total_bytes / num_target_tokens / k
+        if inputs["targets"]["mode"] == "topk" and num_target_tokens
         else None,
-        "real_token_fraction": stats["real_token_fraction"],
-        "empty_documents": stats["empty_documents"],
-        "last_run": {k: v for k, v in stats["last_run"].items() if k != "failures"}
-        | {"failures": len(stats["last_run"]["failures"])},
-        "created_by": manifest["created_by"],
+        "real_token_fraction": _number(stats.get("real_token_fraction")),
+        "empty_documents": _number(stats.get("empty_documents")),
+        "last_run": {
+            "units": _number(last_run.get("units")),
+            "tokens": _number(last_run.get("tokens")),
+            "wall_time_s": _number(last_run.get("wall_time_s")),
+            "tokens_per_s": _number(last_run.get("tokens_per_s")),
+            "failures": len(last_run["failures"]) if isinstance(last_run.get("failures"), list) else 0,
+        },
+        "created_by": str(manifest.get("created_by")),
         "telemetry": {
-            name: {key: t[key] for key in ("mean", "std", "p10", "p50", "p90")}
-            for name, t in (stats.get("telemetry") or {}).items()
+            name: {key: _number(t.get(key)) for key in ("mean", "std", "p10", "p50", "p90")}
+            for name, t in telemetry.items()
+            if isinstance(t, dict)
         },
     }
+
+
+def _number(value: Any) -> float:
+    """A JSON number of the manifest's informational stats, or 0 when it is something else."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -96,10 +125,15 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  vocab        {s['vocab_size']:,} tokens, {s['padded_vocab_size']:,} logits (padded); "
             f"tokenizer sha256 {s['tokenizer_hash'][:12]}",
             f"  targets      {s['mode']} k={s['k']}, temperatures {s['temperatures']}, windows of {s['max_length']}",
-            f"  contents     {s['num_sequences']:,} sequences, {s['num_tokens']:,} tokens in {s['num_units']} units",
+            f"  contents     {s['num_sequences']:,} sequences, {s['num_tokens']:,} tokens in {s['num_units']} units; "
+            f"{s['num_target_tokens']:,} with targets (trained-token fraction {s['target_token_fraction']:.3f})",
             f"  size         {s['total_bytes']:,} bytes"
             + (f" = {s['bytes_per_token']:.1f} bytes/token" if s["num_tokens"] else " (no tokens: an empty input)")
-            + (f" ({s['bytes_per_entry']:.2f} bytes per top-k entry)" if s["bytes_per_entry"] is not None else ""),
+            + (
+                f" ({s['bytes_per_entry']:.2f} bytes per top-k entry of a trained token)"
+                if s["bytes_per_entry"] is not None
+                else ""
+            ),
             f"  last run     {lr['units']} units, {lr['tokens']:,} tokens in {lr['wall_time_s']:.1f}s "
             f"({lr['tokens_per_s']:,.0f} tok/s), {lr['failures']} failures; real-token fraction "
             f"{s['real_token_fraction']:.3f}",

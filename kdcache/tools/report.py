@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import CorruptShardError, KdcacheError
 
 __all__ = ["CHARTS", "shard_column_bytes", "throughput_series", "write_report"]
 
@@ -284,24 +284,30 @@ def write_report(uri: str, out_dir: str | Path, storage_options: dict[str, Any] 
         raise KdcacheError(f"{store.url('index.json')}: no manifest; the cache is missing or its job has not finished")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    telemetry = manifest["stats"].get("telemetry") or {}
-    vocab = manifest["fingerprint_inputs"]["teacher"]["padded_vocab_size"]
     sizes, shard_tokens, where = _largest_shard_sizes(store, get_format(manifest["shard_format"]), manifest["units"])
-    charts = {
-        "entropy": _plot_histogram(
-            out / "entropy.png",
-            telemetry.get("entropy"),
-            title="Teacher entropy",
-            xlabel="entropy at T = 1 (nats)",
-            reference=(math.log(vocab), f"uniform over V: ln {vocab:,}") if vocab > 1 else None,
-        ),
-        "captured_mass": _plot_histogram(
-            out / "captured_mass.png",
-            telemetry.get("captured_mass"),
-            title="Captured mass",
-            xlabel="teacher probability of the stored ids (head + unique samples)",
-        ),
-        "bytes_per_token": _plot_column_bytes(out / "bytes_per_token.png", sizes, shard_tokens, where),
-        "throughput": _plot_throughput(out / "throughput.png", manifest["units"]),
-    }
-    return charts | {"html": _write_html(out / "index.html", _summary_rows(manifest, uri), charts)}
+    vocab = manifest["fingerprint_inputs"]["teacher"]["padded_vocab_size"]
+    try:  # the statistics and telemetry are informational: malformed ones are reported, not a traceback
+        telemetry = manifest["stats"].get("telemetry") or {}
+        charts = {
+            "entropy": _plot_histogram(
+                out / "entropy.png",
+                telemetry.get("entropy"),
+                title="Teacher entropy",
+                xlabel="entropy at T = 1 (nats)",
+                reference=(math.log(vocab), f"uniform over V: ln {vocab:,}") if vocab > 1 else None,
+            ),
+            "captured_mass": _plot_histogram(
+                out / "captured_mass.png",
+                telemetry.get("captured_mass"),
+                title="Captured mass",
+                xlabel="teacher probability of the stored ids (head + unique samples)",
+            ),
+            "bytes_per_token": _plot_column_bytes(out / "bytes_per_token.png", sizes, shard_tokens, where),
+            "throughput": _plot_throughput(out / "throughput.png", manifest["units"]),
+        }
+        html = _write_html(out / "index.html", _summary_rows(manifest, uri), charts)
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
+        raise CorruptShardError(
+            f"{store.url('index.json')}: malformed statistics or telemetry ({type(exc).__name__}: {exc})"
+        ) from None
+    return charts | {"html": html}

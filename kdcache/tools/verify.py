@@ -6,14 +6,17 @@
 Fast mode (default) reads no data pages, so it stays cheap on an object store with terabytes of shards. Per unit:
 the shard exists with exactly the byte size the manifest records; its self-description opens (Parquet footer and
 the small seq_id column; Zarr zip directory and zarr.json entries, with every chunk present) and agrees with the
-manifest (k, codec, unit id); its token and sequence counts equal the manifest's. It finds missing and truncated
+manifest (k, codec, unit id, every declared column / array with the type the format specifies); its token,
+sequence and target-position counts equal the manifest's. It finds missing and truncated
 shards, and damage to footers and metadata, but not a flipped byte inside compressed data: that takes --deep.
 
 Deep mode (`deep=True`) reads every shard whole: sha256 against the commit record, a full decode, and the
 invariants of the data: ids strictly ascending per token and inside [0, padded vocab), log-probs <= 0, head mass
 plus tail mass = 1 (within the codec's quantization), tails <= 0, entropies >= 0, finite normalizers, sample counts
 per token summing to the number of draws (or 0), sampled ids disjoint from the head, and every seq_id exactly once
-in the whole cache. The manifest's statistics are checked against the sum of its units in both modes.
+in the whole cache. Only the declared columns / arrays are decompressed, each bounded by the counts the manifest
+declares (what readers do), so a decompression bomb is reported, not expanded. Positions without a target are
+skipped by the invariants. The manifest's statistics are checked against the sum of its units in both modes.
 
 Each problem names the unit and its shard; the CLI exits 1 when there is any.
 """
@@ -30,6 +33,7 @@ import numpy as np
 from kdcache.codec import CodecParams, error_bound
 from kdcache.errors import KdcacheError
 from kdcache.formats import get_format
+from kdcache.formats.base import ShardCounts
 from kdcache.manifest import INDEX_KEY, read_manifest
 from kdcache.store import Store
 
@@ -78,9 +82,14 @@ class VerifyReport:
 def check_shard_data(
     data: Any, *, k: int, padded_vocab: int | None, num_samples: int, codec: CodecParams
 ) -> list[str]:
-    """Invariants of one decoded shard (`ShardData`); returns what is violated (empty when all hold)."""
+    """Invariants of one decoded shard (`ShardData`) at its positions with targets; returns what is violated (empty
+    when all hold)."""
     found: list[str] = []
-    ids, lps = data.target_ids, data.target_logprobs
+    mask = data.target_mask
+    every = bool(mask.all())
+    ids, lps = (
+        (data.target_ids, data.target_logprobs) if every else (data.target_ids[mask], data.target_logprobs[mask])
+    )
     if ids.shape[1] != k:
         found.append(f"holds {ids.shape[1]} head entries per token, the manifest says k={k}")
         return found
@@ -90,12 +99,14 @@ def check_shard_data(
         found.append(f"head ids outside [0, {padded_vocab})")
     if lps.size and not bool((lps <= 0).all()):
         found.append("head log-probs above 0")
-    tails = data.tail_logprobs
+    tails = data.tail_logprobs if every else data.tail_logprobs[mask]
+    norms = data.log_normalizers if every else data.log_normalizers[mask]
+    entropy = data.entropy if every else data.entropy[mask]
     if tails.size and not bool((np.nan_to_num(tails, nan=1.0) <= TAIL_TOLERANCE).all()):
         found.append("tail log-masses above 0 (or NaN)")
-    if data.log_normalizers.size and not bool(np.isfinite(data.log_normalizers).all()):
+    if norms.size and not bool(np.isfinite(norms).all()):
         found.append("log-normalizers not finite")
-    if data.entropy.size and not bool((np.isfinite(data.entropy) & (data.entropy >= 0)).all()):
+    if entropy.size and not bool((np.isfinite(entropy) & (entropy >= 0)).all()):
         found.append("entropies negative or not finite")
     if k > 0 and len(ids):
         # the head and the tail partition the distribution: their masses add up to 1 (up to quantization)
@@ -115,11 +126,14 @@ def check_shard_data(
     if num_samples > 0:
         if data.sample_counts is None:
             return [*found, "sample columns missing from a sampled cache"]
-        sums = data.sample_counts.sum(axis=1)
+        counts = data.sample_counts if every else data.sample_counts[mask]
+        sums = counts.sum(axis=1)
         if not bool(np.isin(sums, (0, num_samples)).all()):
             found.append(f"sample counts per token do not sum to {num_samples}")
-        valid = data.sample_counts > 0
-        sids = data.sample_ids
+        if not every and bool((data.sample_counts[~mask] > 0).any()):
+            found.append("samples at positions without a target")
+        valid = counts > 0
+        sids = data.sample_ids if every else data.sample_ids[mask]
         if sids.size and (
             sids[valid].min(initial=0) < 0 or (padded_vocab is not None and sids[valid].max(initial=0) >= padded_vocab)
         ):
@@ -153,6 +167,16 @@ class _Checker:
         self.num_samples = int(inputs["targets"].get("samples", 0)) if inputs["targets"]["mode"] != "topk" else 0
         self.padded_vocab = inputs.get("teacher", {}).get("padded_vocab_size")
 
+    def layout(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """What the format readers check a shard against: the cache's layout and the unit's declared counts."""
+        return {
+            "k": self.k,
+            "num_temperatures": self.temperatures,
+            "codec": self.codec,
+            "num_samples": self.num_samples,
+            "counts": ShardCounts(unit["num_tokens"], unit["num_sequences"], unit["num_target_tokens"]),
+        }
+
     def check(self, unit: dict[str, Any]) -> tuple[list[str], np.ndarray | None]:
         """Problems of one unit (messages), and its sequence ids (deep mode)."""
         path = unit["path"]
@@ -167,21 +191,27 @@ class _Checker:
             return self._deep(unit)
         try:
             with self.store.open(path, "rb") as f:
-                info = self.fmt.read_shard_info(f)
+                info = self.fmt.read_shard_info(f, **self.layout(unit))
         except Exception as exc:  # any failure to read the footer/metadata is the finding
             return [f"cannot read the shard's metadata: {type(exc).__name__}: {exc}"], None
         return self._info_problems(unit, info), None
 
     def _info_problems(self, unit: dict[str, Any], info: dict[str, Any]) -> list[str]:
         found = []
-        for key in ("num_tokens", "num_sequences"):
-            if info[key] != unit[key]:
-                found.append(f"holds {info[key]} {key[4:]}, the manifest records {unit[key]}")
+        for key in ("num_tokens", "num_sequences", "num_target_tokens"):
+            if info.get(key) is not None and info[key] != unit[key]:
+                found.append(f"holds {info[key]} {key[4:].replace('_', ' ')}, the manifest records {unit[key]}")
         meta = info["metadata"]
         if meta.get("k", self.k) != self.k:
             found.append(f"was written with k={meta['k']}, the manifest says {self.k}")
-        if "codec" in meta and CodecParams.from_dict(meta["codec"]) != self.codec:
-            found.append(f"was written with codec {meta['codec']}, the manifest says {self.codec.to_dict()}")
+        try:
+            codec = CodecParams.from_dict(meta["codec"]) if isinstance(meta.get("codec"), dict) else self.codec
+        except (ValueError, TypeError, KeyError):
+            codec = None
+        if codec != self.codec:
+            found.append(
+                f"was written with codec {str(meta.get('codec'))[:200]}, the manifest says {self.codec.to_dict()}"
+            )
         if meta.get("unit_id", unit["unit_id"]) != unit["unit_id"]:
             found.append(f"belongs to unit {meta['unit_id']}")
         return found
@@ -191,8 +221,8 @@ class _Checker:
         if hashlib.sha256(raw).hexdigest() != unit["sha256"]:
             return ["shard fails its sha256 checksum (corrupted)"], None
         try:
-            data = self.fmt.read_shard(raw, k=self.k, num_temperatures=self.temperatures, codec=self.codec)
-            info = self.fmt.read_shard_info(raw)
+            data = self.fmt.read_shard(raw, **self.layout(unit))
+            info = self.fmt.read_shard_info(raw, **self.layout(unit))
         except Exception as exc:
             return [f"cannot decode the shard: {type(exc).__name__}: {exc}"], None
         seq_ids = _runs(data.seq_ids)
@@ -229,6 +259,7 @@ def verify_cache(
         ("num_units", len(units)),
         ("num_sequences", sum(u["num_sequences"] for u in units)),
         ("num_tokens", sum(u["num_tokens"] for u in units)),
+        ("num_target_tokens", sum(u["num_target_tokens"] for u in units)),
         ("total_bytes", sum(u["bytes"] for u in units)),
     ):
         if stats.get(key) != total:
