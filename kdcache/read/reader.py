@@ -8,6 +8,8 @@
         seq["tail_logprob"]     # [T] float32, log of the mass outside the k ids
         seq["loss_mask"]        # [T] bool, True where the position carries targets (every position, unless the
                                 # cache was written with target masks, e.g. a chat's prompt positions)
+        seq["prompt_id"]        # generated responses only (docs/GENERATE.md): the source record's id, and
+        seq["sample_index"]     # which of its responses this is
 
 Positions without a target hold id -1, log-prob -inf and tail -inf (no mass), normalizers and entropy 0, no samples.
 
@@ -189,7 +191,9 @@ def _file_size(f: Any) -> int | None:
 
 
 def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
-    """One sequence's arrays out of a decoded shard (sampled caches add sample_ids/_counts/_logprobs [T, m])."""
+    """One sequence's arrays out of a decoded shard (sampled caches add sample_ids/_counts/_logprobs [T, m]; a shard
+    with sequence fields adds each, e.g. prompt_id, as a numpy scalar)."""
+    fields = {name: values[rows.start] for name, values in (data.sequence_fields or {}).items()}
     samples = {}
     if data.sample_ids is not None:
         samples = {
@@ -197,17 +201,21 @@ def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
             "sample_counts": data.sample_counts[rows],
             "sample_logprobs": data.sample_logprobs[rows],
         }
-    return samples | {
-        "seq_id": np.int64(seq_id),
-        "input_ids": data.input_ids[rows],
-        "loss_mask": data.target_mask[rows],
-        "target_ids": data.target_ids[rows],
-        "target_logprobs": data.target_logprobs[rows],
-        "tail_logprob": data.tail_logprobs[rows, 0],
-        "log_normalizers": data.log_normalizers[rows],
-        "tail_logprobs": data.tail_logprobs[rows],
-        "entropy": data.entropy[rows],
-    }
+    return (
+        fields
+        | samples
+        | {
+            "seq_id": np.int64(seq_id),
+            "input_ids": data.input_ids[rows],
+            "loss_mask": data.target_mask[rows],
+            "target_ids": data.target_ids[rows],
+            "target_logprobs": data.target_logprobs[rows],
+            "tail_logprob": data.tail_logprobs[rows, 0],
+            "log_normalizers": data.log_normalizers[rows],
+            "tail_logprobs": data.tail_logprobs[rows],
+            "entropy": data.entropy[rows],
+        }
+    )
 
 
 def open_cache(
