@@ -216,6 +216,49 @@ def test_generate_config_is_optional_and_checked(tmp_path):
     assert secret.to_record()["generate"]["engine_options"] == {"api_token": "(hidden)", "gpu_memory_utilization": 0.4}
 
 
+def test_teacher_license_from_override_model_card_or_config(tmp_path):
+    from kdcache.capture.provenance import card_license, teacher_license
+    from kdcache.tools.info import format_summary
+
+    assert card_license("---\nlicense: apache-2.0\ntags: [x]\n---\ntext") == {"license": "apache-2.0"}
+    assert card_license("# no front matter\nlicense: mit") is None
+    assert card_license("---\nlicense: [: bad\n---") is None  # broken YAML: unknown, not an error
+    folder = tmp_path / "t"
+    folder.mkdir()
+    assert teacher_license(str(folder)) == {"license": None, "source": "not declared"}
+    (folder / "config.json").write_text(json.dumps({"license": "mit"}))
+    assert teacher_license(str(folder)) == {"license": "mit", "source": "config.json"}
+    (folder / "README.md").write_text(LICENSE_CARD)
+    found = teacher_license(str(folder))
+    assert found["license"] == "other" and found["source"] == "model card" and found["license_link"] == "LICENSE"
+    assert teacher_license(str(folder), override="cc-by-nc-4.0") == {
+        "license": "cc-by-nc-4.0",
+        "source": "teacher.license",
+    }
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n" + "x" * (1 << 20))  # larger than a card: not read
+    assert teacher_license(str(folder))["source"] == "config.json"
+    base = {"complete": True, "uri": "u", "created_by": "kdcache", "format_version": 2, "format": "parquet",
+            "teacher": "t", "model_type": "llama", "teacher_revision": None, "vocab_size": 2, "padded_vocab_size": 2,
+            "tokenizer_hash": "0" * 12, "mode": "topk", "k": 1, "temperatures": [1.0], "max_length": 8,
+            "num_sequences": 0, "num_tokens": 0, "num_units": 0, "total_bytes": 0, "bytes_per_token": 0,
+            "bytes_per_entry": None, "real_token_fraction": 0, "telemetry": {}, "fingerprint": "f",
+            "last_run": {"units": 0, "tokens": 0, "wall_time_s": 0.0, "tokens_per_s": 0.0, "failures": 0}}  # fmt: skip
+    text = format_summary({**base, "license": {"license": None, "source": "not declared"}, "generation": None})
+    assert "license      not declared by the model card or config (teacher.license sets it)" in text
+
+
+def test_demo_prompt_set_is_signatures_with_their_docstrings(tmp_path):
+    from kdcache.demo.chat import DOCSTRING_STOP, def_prompt, write_prompts
+
+    assert def_prompt("json.dumps", "(obj)") == 'def dumps(obj):\n    """'
+    assert def_prompt("json.JSONEncoder.encode", "(self, o)") == '    def encode(self, o):\n        """'
+    counts = write_prompts(tmp_path, modules=("json", "textwrap"))
+    records = [json.loads(line) for s in ("train", "valid") for line in (tmp_path / s / "part-00000.jsonl").open()]
+    assert len(records) == counts["train"] + counts["valid"] and counts["valid"] >= 1
+    assert all(r["prompt"].endswith(DOCSTRING_STOP) and r["completion"].endswith(DOCSTRING_STOP) for r in records)
+    assert {"json.dumps", "textwrap.fill"} <= {r["name"] for r in records}
+
+
 # ------------------------------------------------------------------------------------------------ the engine
 
 
@@ -270,10 +313,16 @@ def test_a_stop_string_ends_the_response_at_the_token_that_completes_it(model, t
 
 
 def test_vllm_engine_missing_is_a_clear_config_error(teacher_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # as when it is not installed
+    from kdcache.capture.job import run_cache_job
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as when it is not installed (it is not, here)
     path = write_jsonl(tmp_path / "data" / "p.jsonl", chat_prompts()[:1])
     with pytest.raises(ConfigError, match=r"generate.engine: vllm is not installed.*kdcache\[vllm\]"):
-        make_worker(teacher_dir, path.parent, tmp_path / "out", "generate.engine=vllm")
+        make_worker(teacher_dir, path.parent, tmp_path / "out", "generate.engine=vllm")  # an actor's start
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
+    with pytest.raises(ConfigError, match=r"generate.engine: vllm is not installed in this environment"):
+        run_cache_job(gen_config(teacher_dir, path.parent, tmp_path / "job", "generate.engine=vllm"))  # the driver
+    assert not (tmp_path / "job").exists()  # refused before any work
 
 
 # ------------------------------------------------------------------------------------------------ the worker
@@ -494,6 +543,10 @@ def test_job_records_generation_and_license_and_info_shows_them(generated_cache,
     assert gen["generated_tokens_per_s"] > 0 and gen["actor_generated_tokens_per_s"]
     assert manifest["fingerprint_inputs"]["generate"]["stop_token_ids"] == [2]
     assert manifest["stats"]["num_sequences"] == gen["sequences"]
+    from kdcache.tools.verify import verify_cache
+
+    report = verify_cache(str(out), deep=True)
+    assert not report.problems and report.units == manifest["stats"]["num_units"]
     text = format_summary(cache_summary(str(out)))
     assert "license      other (model card; tiny-teacher-license; LICENSE)" in text
     assert "34 responses to 17 prompts (n=2) by the teacher, engine hf: temperature 1" in text

@@ -19,6 +19,7 @@ real loop with fake actors that compute nothing.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ log = logging.getLogger("kdcache.capture.job")
 CHAT_COUNTS = ("no_assistant_tokens", "windows_without_targets")
 # counts a commit record of a generated cache carries: prompts answered, responses and their tokens
 GENERATE_COUNTS = ("prompts", "generated_sequences", "generated_tokens")
+GENERATE_UNIT_BYTES_WARN = 1 << 20  # bytes of prompts per unit above which a generating job warns
 
 
 def compute_fingerprint(cfg: KDCacheConfig, files: list[tuple[str, int]] | None = None) -> dict[str, Any]:
@@ -107,6 +109,24 @@ def check_against_teacher(cfg: KDCacheConfig, model_info: dict[str, Any], tokeni
             f"{key}: the tokenizer has {tokenizer_size} tokens, more than the teacher's vocabulary ({vocab} logits); "
             "its ids past the vocabulary would index no embedding. Use the teacher's own tokenizer"
         )
+
+
+def _check_generation(cfg: KDCacheConfig) -> None:
+    """Before any work: a vLLM engine on an embedded Ray (actors in this Python environment) needs vLLM here; a large
+    unit of prompts is a long unit to retry (warned)."""
+    if cfg.generate is None:
+        return
+    if cfg.generate.engine == "vllm" and cfg.cluster.address is None and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "generate.engine: vllm is not installed in this environment, where the actors of an embedded Ray run; "
+            "pip install 'kdcache[vllm]' (GPU machines), or use generate.engine: hf"
+        )
+    if cfg.data.unit_bytes > GENERATE_UNIT_BYTES_WARN:
+        log.warning(
+            "data.unit_bytes=%d: a unit of that many bytes of prompts takes long to generate (and to redo after a "
+            "failure); units of ~%d KiB are a few minutes of generation on a GPU",
+            cfg.data.unit_bytes, GENERATE_UNIT_BYTES_WARN // 1024,
+        )  # fmt: skip
 
 
 def _sanitized_config(cfg: KDCacheConfig) -> dict[str, Any]:
@@ -190,6 +210,7 @@ def run_cache_job(
     if not atomic:
         log.warning("%s: exclusive create is not atomic on %s; run one job per cache", store.uri, store.protocol)
     started = time.time()
+    _check_generation(cfg)
     files = expand_urls(cfg.data.source)
     inputs = compute_fingerprint(cfg, files)
     fingerprint = fingerprint_of(inputs)
