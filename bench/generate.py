@@ -20,7 +20,8 @@ Students (Llama h64/1 layer, the teacher's tokenizer and padded vocabulary), the
 - (c) the reference answers (the real docstrings), hard labels, no teacher.
 
 Measured on the held-out prompts' generations at the generated positions: cross-entropy against the teacher's
-generated token and KL(teacher || student) over the full vocabulary. The responses' positions are found from each
+generated token and KL(teacher || student) over the full vocabulary; and, for reference, the cross-entropy of the
+held-out prompts' real docstrings (the task of row (c)). The responses' positions are found from each
 sequence's stored ``prompt_id`` and its prompt's length (what the cache's ``loss_mask`` holds with format v3).
 
 Throughput: `kdcache.capture.generate.HFEngine` on the demo teacher, one torch thread (an actor with
@@ -212,6 +213,26 @@ def validation_set(teacher, uri: str, lengths: dict[int, int], curve_windows: in
     return valid
 
 
+def reference_validation(teacher, tokenizer, source: Path, max_length: int) -> ev.ValidationSet:
+    """The held-out prompts with their reference answers (the real docstrings), measured on the answers' tokens."""
+    batches = reference_batches(source, tokenizer, batch_size=1, seed=0, max_length=max_length)
+    count = len(source.read_text(encoding="utf-8").splitlines())
+    rows = [next(batches) for _ in range(count)]  # one epoch, one row each
+    longest = max(r["input_ids"].shape[1] for r in rows)
+
+    def pad(name: str, fill: Any) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(r[name], (0, longest - r[name].shape[1]), value=fill) for r in rows])
+
+    input_ids, mask = pad("input_ids", 0), pad("loss_mask", False)
+    labels = pad("labels", -100).clamp(min=0)  # -100 only where nothing is measured
+    with torch.no_grad():
+        parts = [teacher(input_ids=input_ids[lo : lo + 8]).logits.float() for lo in range(0, count, 8)]
+    valid = ev.ValidationSet(input_ids, labels, torch.log_softmax(torch.cat(parts), -1), mask=mask)
+    own = ev.evaluate(teacher, valid)
+    valid.teacher = {"ce": own["ce"], "ece": own["ece"], "accuracy": own["accuracy"]}
+    return valid
+
+
 def bench_throughput(teacher_dir: Path, source: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Generated tokens/s of the HF engine at each batch size, and of plain ``model.generate`` one prompt at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,9 +280,17 @@ def bench_throughput(teacher_dir: Path, source: Path, settings: dict[str, Any]) 
 
 
 def train_rows(
-    settings: dict[str, Any], caches: dict[str, Any], teacher, tokenizer, valid, reference: Path, seed: int
+    settings: dict[str, Any],
+    caches: dict[str, Any],
+    teacher,
+    tokenizer,
+    valid,
+    reference: Path,
+    seed: int,
+    reference_valid: ev.ValidationSet,
 ) -> list[dict[str, Any]]:
-    """Every row of `ROWS` for every seed: the student's final metrics on the validation set."""
+    """Every row of `ROWS` for every seed: the student's final metrics on the validation set (and on the held-out
+    reference answers)."""
     vocab = int(teacher.config.vocab_size)
     spec = settings["student"]
     mode = settings["targets"]["mode"]
@@ -292,18 +321,22 @@ def train_rows(
                     "mix": lambda: tr.make_loss("cache", mode=mode, alpha=0.5),
                 }[what]()
             curve, stats = tr.train_student(model, batches, loss_fn, train_settings, valid=valid, desc=label)
-            final = stats["final"]
-            print(f"[bench] {label} (seed {s}): valid CE {final['ce']:.3f}, KL {final['kl']:.3f}")
+            final, on_reference = stats["final"], ev.evaluate(model, reference_valid)
+            print(
+                f"[bench] {label} (seed {s}): valid CE {final['ce']:.3f}, KL {final['kl']:.3f}; reference answers "
+                f"CE {on_reference['ce']:.3f}"
+            )
             results.append(
                 {
                     "row": label,
                     "seed": s,
                     "final": final,
+                    "reference": on_reference,
                     "curve": curve,
                     "tokens": stats["tokens"],
                     "train_seconds": stats["train_seconds"],
                     "params": ev.num_parameters(model),
-                }  # fmt: skip
+                }
             )
     return results
 
@@ -316,7 +349,7 @@ def _agg(values: list[float], digits: int = 3) -> str:
     return text
 
 
-def format_tables(caches, results, throughput, valid, spec) -> str:
+def format_tables(caches, results, throughput, valid, spec, reference_valid) -> str:
     """The cache table, the student table and the throughput table (markdown)."""
     lines = [
         "| cache | prompts | responses | generated tokens | tokens | MB | generate s (summed) | generated tok/s per "
@@ -332,15 +365,17 @@ def format_tables(caches, results, throughput, valid, spec) -> str:
         )
     lines += [
         "",
-        "| student | trained on | valid CE (generated tokens) | KL(teacher‖student) | tokens trained | train s |",
-        "|---|---|---:|---:|---:|---:|",
-        f"| teacher (reference) | — | {valid.teacher['ce']:.3f} | 0 | — | — |",
+        "| student | trained on | valid CE (generated tokens) | KL(teacher‖student) | CE of reference answers "
+        "| tokens trained | train s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| teacher (reference) | — | {valid.teacher['ce']:.3f} | 0 | {reference_valid.teacher['ce']:.3f} | — | — |",
     ]
     for label, _ in ROWS:
         runs = [r for r in results if r["row"] == label]
         lines.append(
             f"| {spec.name} ({runs[0]['params']:,}) | {label} | {_agg([r['final']['ce'] for r in runs])} "
-            f"| {_agg([r['final']['kl'] for r in runs])} | {sum(r['tokens'] for r in runs) // len(runs):,} "
+            f"| {_agg([r['final']['kl'] for r in runs])} | {_agg([r['reference']['ce'] for r in runs])} "
+            f"| {sum(r['tokens'] for r in runs) // len(runs):,} "
             f"| {sum(r['train_seconds'] for r in runs) / len(runs):.1f} |"
         )
     lines += [
@@ -400,12 +435,13 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
         print(
             f"[bench] validation: {valid.input_ids.shape[0]} held-out generations, {valid.tokens:,} generated tokens"
         )
-        results = train_rows(settings, caches, teacher, tokenizer, valid, Path(train["path"]), seed)
+        reference_valid = reference_validation(teacher, tokenizer, Path(held["path"]), settings["max_length"])
+        results = train_rows(settings, caches, teacher, tokenizer, valid, Path(train["path"]), seed, reference_valid)
     finally:
         torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
-    table = format_tables(caches, results, throughput, valid, settings["student"])
+    table = format_tables(caches, results, throughput, valid, settings["student"], reference_valid)
     report = {
         "settings": {k: v for k, v in settings.items() if k != "student"} | {"student": vars(settings["student"])},
         "train": train,
@@ -422,6 +458,8 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
         "valid_generations": int(valid.input_ids.shape[0]),
         "valid_tokens": valid.tokens,
         "teacher": valid.teacher,
+        "teacher_on_reference_answers": reference_valid.teacher,
+        "reference_tokens": reference_valid.tokens,
         "results": results,
         "throughput": throughput,
         "table": table,
