@@ -193,29 +193,24 @@ def _file_size(f: Any) -> int | None:
 def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
     """One sequence's arrays out of a decoded shard (sampled caches add sample_ids/_counts/_logprobs [T, m]; a shard
     with sequence fields adds each, e.g. prompt_id, as a numpy scalar)."""
-    fields = {name: values[rows.start] for name, values in (data.sequence_fields or {}).items()}
-    samples = {}
+    samples = {name: values[rows.start] for name, values in (data.sequence_fields or {}).items()}
     if data.sample_ids is not None:
-        samples = {
+        samples |= {
             "sample_ids": data.sample_ids[rows],
             "sample_counts": data.sample_counts[rows],
             "sample_logprobs": data.sample_logprobs[rows],
         }
-    return (
-        fields
-        | samples
-        | {
-            "seq_id": np.int64(seq_id),
-            "input_ids": data.input_ids[rows],
-            "loss_mask": data.target_mask[rows],
-            "target_ids": data.target_ids[rows],
-            "target_logprobs": data.target_logprobs[rows],
-            "tail_logprob": data.tail_logprobs[rows, 0],
-            "log_normalizers": data.log_normalizers[rows],
-            "tail_logprobs": data.tail_logprobs[rows],
-            "entropy": data.entropy[rows],
-        }
-    )
+    return samples | {
+        "seq_id": np.int64(seq_id),
+        "input_ids": data.input_ids[rows],
+        "loss_mask": data.target_mask[rows],
+        "target_ids": data.target_ids[rows],
+        "target_logprobs": data.target_logprobs[rows],
+        "tail_logprob": data.tail_logprobs[rows, 0],
+        "log_normalizers": data.log_normalizers[rows],
+        "tail_logprobs": data.tail_logprobs[rows],
+        "entropy": data.entropy[rows],
+    }
 
 
 def open_cache(
