@@ -22,7 +22,7 @@ Students (Llama h64/1 layer, the teacher's tokenizer and padded vocabulary), the
 Measured on the held-out prompts' generations at the generated positions: cross-entropy against the teacher's
 generated token and KL(teacher || student) over the full vocabulary; and, for reference, the cross-entropy of the
 held-out prompts' real docstrings (the task of row (c)). The responses' positions are found from each
-sequence's stored ``prompt_id`` and its prompt's length (what the cache's ``loss_mask`` holds with format v3).
+sequence's stored ``prompt_id`` and its prompt's length, and checked against the cache's own ``loss_mask``.
 
 Throughput: `kdcache.capture.generate.HFEngine` on the demo teacher, one torch thread (an actor with
 ``cpus_per_actor: 1``), 32 prompts x 64 new tokens at batch sizes 1, 8 and 32, against plain
@@ -150,14 +150,12 @@ def response_mask(batch: dict[str, Any], lengths: dict[int, int]) -> torch.Tenso
 
 
 def generated_batches(uri: str, lengths: dict[int, int], *, batch_size: int, seed: int, vocab: int):
-    """`cache_batches` of a generated cache with ``loss_mask`` on the generated positions (with format v3 the
-    cache's own ``loss_mask`` is the same: checked where it marks fewer positions than the attention mask)."""
+    """`cache_batches` of a generated cache, whose ``loss_mask`` is checked to be the generated positions (found
+    from each row's ``prompt_id`` and its prompt's length)."""
     for batch in tr.cache_batches(uri, batch_size=batch_size, seed=seed, student_vocab_size=vocab):
-        mask = response_mask(batch, lengths)
-        stored = batch["loss_mask"].bool()
-        if (stored != batch["attention_mask"].bool()).any() and not torch.equal(stored, mask):
+        if not torch.equal(batch["loss_mask"].bool(), response_mask(batch, lengths)):
             raise AssertionError("the cache's loss_mask is not the generated positions")
-        yield {**batch, "loss_mask": mask}
+        yield batch
 
 
 def reference_batches(source: Path, tokenizer: Any, *, batch_size: int, seed: int, max_length: int):

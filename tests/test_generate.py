@@ -5,8 +5,7 @@ generated positions equal ``log_softmax(model(prompt + response).logits)`` in ev
 into another URI and a driver killed mid-job then rerun write byte-identical shards; bad prompts and settings fail
 naming what is wrong; the manifest and `kdcache info` show the generation settings and the teacher's license; the
 shards carry ``prompt_id`` / ``sample_index`` (Parquet columns DuckDB reads, Zarr arrays) through `iter_sequences`
-and batches; a student trains from the cache. Tests marked `NEEDS_FORMAT_V3` read ``loss_mask`` back (branch
-`format`).
+and batches, and ``loss_mask`` reads back as the response's positions; a student trains from the cache.
 
 Run: ``python -m pytest tests/test_generate.py -q`` (~1 min on 2 cores, the driver-kill test included)
 """
@@ -49,7 +48,6 @@ from kdcache.errors import ConfigError, SourceError
 ROOT = Path(__file__).resolve().parents[1]
 K = 8
 MAX_LENGTH = 128  # tokens: prompt + response (the tiny teacher's positions)
-NEEDS_FORMAT_V3 = pytest.mark.xfail(strict=True, reason="needs format v3 target_mask storage (branch format)")
 LICENSE_CARD = "---\nlicense: other\nlicense_name: tiny-teacher-license\nlicense_link: LICENSE\n---\n# Tiny teacher\n"
 
 QUESTIONS = [
@@ -240,7 +238,8 @@ def test_teacher_license_from_override_model_card_or_config(tmp_path):
     base = {"complete": True, "uri": "u", "created_by": "kdcache", "format_version": 2, "format": "parquet",
             "teacher": "t", "model_type": "llama", "teacher_revision": None, "vocab_size": 2, "padded_vocab_size": 2,
             "tokenizer_hash": "0" * 12, "mode": "topk", "k": 1, "temperatures": [1.0], "max_length": 8,
-            "num_sequences": 0, "num_tokens": 0, "num_units": 0, "total_bytes": 0, "bytes_per_token": 0,
+            "num_sequences": 0, "num_tokens": 0, "num_target_tokens": 0, "target_token_fraction": 0, "num_units": 0,
+            "total_bytes": 0, "bytes_per_token": 0,
             "bytes_per_entry": None, "real_token_fraction": 0, "telemetry": {}, "fingerprint": "f",
             "last_run": {"units": 0, "tokens": 0, "wall_time_s": 0.0, "tokens_per_s": 0.0, "failures": 0}}  # fmt: skip
     text = format_summary({**base, "license": {"license": None, "source": "not declared"}, "generation": None})
@@ -494,7 +493,8 @@ def test_shards_store_prompt_id_and_sample_index(fmt, tmp_path):
             (10 + s, pid, sample, 5 + s) for s, (pid, sample) in enumerate(fields)
         ]
     else:
-        assert fmt_module.read_arrays(data)["prompt_id"].tolist() == [f[0] for f in fields]
+        arrays = fmt_module.read_arrays(data, k=4, num_temperatures=1, codec=CodecParams())
+        assert arrays["prompt_id"].tolist() == [f[0] for f in fields]
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -574,17 +574,28 @@ def test_reading_exposes_prompt_id_and_sample_index(generated_cache, prompt_corp
     assert set(batch["prompt_id"].tolist()) <= set(ids)
 
 
-@NEEDS_FORMAT_V3
 def test_loss_mask_read_back_is_the_response(generated_cache, prompt_corpus, tokenizer):
+    from kdcache.read.dataset import KDCacheDataset
     from kdcache.read.reader import open_cache
 
-    out, _ = generated_cache
+    out, manifest = generated_cache
+    lengths = {}
+    for path in sorted(prompt_corpus.glob("*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for loc, record in zip(line_offsets(path), records):
+            lengths[prompt_id(str(path), loc)] = len(rendered_prompt(tokenizer, record))
+    stored = 0
     for seq in open_cache(str(out)).iter_sequences():
-        mask = seq["loss_mask"].astype(bool)
-        first = int(np.flatnonzero(mask)[0])  # the prompt's last position predicts the response's first token
-        assert mask[first:-1].all() and not mask[-1] and not mask[:first].any()
-        text = tokenizer.decode(seq["input_ids"][first + 1 :].tolist())
-        assert text  # the response, recoverable with the tokenizer
+        mask, p = seq["loss_mask"].astype(bool), lengths[int(seq["prompt_id"])]
+        # a target at the prompt's last position (it predicts the response's first token) through the response's
+        # next-to-last one: the generated text is input_ids[p:]
+        assert mask.tolist() == [p - 1 <= t < len(mask) - 1 for t in range(len(mask))]
+        assert (seq["target_ids"][~mask] == -1).all() and (seq["target_ids"][mask] >= 0).all()
+        assert tokenizer.decode(seq["input_ids"][p:].tolist())  # the response, recoverable with the tokenizer
+        stored += int(mask.sum())
+    assert stored == manifest["stats"]["num_target_tokens"] == manifest["provenance"]["generation"]["generated_tokens"]
+    batch = next(iter(KDCacheDataset(str(out), batch_size=4, seed=0)))
+    assert not batch["loss_mask"][:, 0].any() and (batch["labels"][~batch["loss_mask"]] == -100).all()
 
 
 def test_generation_settings_are_part_of_the_identity(generated_cache, teacher_dir, prompt_corpus, tmp_path):

@@ -474,6 +474,8 @@ def _target_mask(table: pa.Table, counts: ShardCounts | None) -> np.ndarray | No
             mask[offset : offset + len(chunk)] = chunk.is_valid().to_numpy(zero_copy_only=False)
             offset += len(chunk)
     for name in table.column_names:
+        if name in SEQUENCE_FIELDS:  # sample_index: a sequence's field, not a target column
+            continue
         if name.startswith(("target_", "log_normalizer_", "tail_logprob_", "sample_")) or name == "entropy":
             column = table.column(name)
             if column.null_count != nulls:
