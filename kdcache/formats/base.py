@@ -10,6 +10,10 @@ steps, so a worker can encode on a background thread while its teacher computes 
 encoded sequences in file order.
 
 No file format is known here: parquet.py and zarr.py turn `TokenBuffer.arrays()` into bytes and back.
+
+Per-sequence fields (`SEQUENCE_FIELDS`): a sequence may carry a few integers about itself (a generated response's
+``prompt_id`` and ``sample_index``), given as ``sequence_fields={...}``; every sequence of a shard carries the same
+ones, or none.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from kdcache.codec import CodecParams, encode_ids, quantize_logprobs, sort_targets
 
 __all__ = [
+    "SEQUENCE_FIELDS",
     "BufferedShardWriter",
     "EncodedSequence",
     "HeadRows",
@@ -29,11 +34,38 @@ __all__ = [
     "ShardCounts",
     "ShardData",
     "TokenBuffer",
+    "check_sequence_fields",
     "expand_rows",
     "ragged_to_padded",
     "ragged_ids",
     "split_sequences",
 ]
+
+
+# Per-sequence integer fields a shard may store (name -> dtype): a generated response's source record (a stable 63-bit
+# id of its file and position) and which of the prompt's responses it is (0 .. generate.n - 1).
+SEQUENCE_FIELDS: dict[str, np.dtype] = {"prompt_id": np.dtype(np.int64), "sample_index": np.dtype(np.int32)}
+
+
+def check_sequence_fields(seq_id: int, fields: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """``{name: [1] array}`` of a sequence's fields, checked: known names, integers that fit their dtype.
+
+    Raises:
+        ValueError: an unknown name or a value that is not an integer in range.
+    """
+    out = {}
+    for name, value in (fields or {}).items():
+        dtype = SEQUENCE_FIELDS.get(name)
+        if dtype is None:
+            known = ", ".join(SEQUENCE_FIELDS)
+            raise ValueError(f"sequence {seq_id}: unknown sequence field {name!r} (known: {known})")
+        info = np.iinfo(dtype)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"sequence {seq_id}: field {name!r} must be an integer, got {type(value).__name__}")
+        if not info.min <= int(value) <= info.max:
+            raise ValueError(f"sequence {seq_id}: field {name!r} = {int(value)} does not fit {dtype}")
+        out[name] = np.array([int(value)], dtype=dtype)
+    return out
 
 
 class HeadRows(Protocol):
@@ -86,6 +118,7 @@ class ShardData:
     sample_counts: np.ndarray | None = None  # [N, m] int32, 0 = padding
     sample_logprobs: np.ndarray | None = None  # [N, m] float32, -inf = padding
     target_mask: np.ndarray | None = None  # [N] bool: the position carries targets (None: every position does)
+    sequence_fields: dict[str, np.ndarray] | None = None  # {name: [N]} per token (its sequence's value), if stored
 
     def __post_init__(self) -> None:
         if self.target_mask is None:
@@ -182,6 +215,7 @@ class TokenBuffer:
         samples: SampleRows | None = None,
         *,
         target_mask: np.ndarray | None = None,
+        sequence_fields: dict[str, int] | None = None,
     ) -> EncodedSequence:
         """Check and encode one sequence (id sort, gap coding, log-prob quantization) without adding it.
 
@@ -192,6 +226,7 @@ class TokenBuffer:
                 need not be sorted (they are sorted here).
             samples: sampled caches only: ``ids``, ``counts``, ``logprobs`` ``[R, m]``, padded with count 0.
             target_mask: ``[T]`` bool, True at the R positions that carry targets; None: every position (R = T).
+            sequence_fields: ``{name: int}`` of `SEQUENCE_FIELDS` stored with the sequence (e.g. ``prompt_id``).
 
         Reads only the buffer's settings, never its contents, so it may run on another thread while this buffer is
         being added to; `add_encoded` appends the result.
@@ -200,6 +235,7 @@ class TokenBuffer:
             ValueError: a shape does not match the settings, or sampled ids/counts cannot be stored.
         """
         n = len(input_ids)
+        fields = check_sequence_fields(seq_id, sequence_fields)
         if target_mask is None:
             mask = np.ones(n, dtype=bool)
         else:
@@ -234,6 +270,7 @@ class TokenBuffer:
             if samples is None:
                 raise ValueError(f"sequence {seq_id}: a sampled shard needs the sequence's sampled targets")
             part.update(_encode_samples(seq_id, t, samples.ids, samples.counts, samples.logprobs, self.codec))
+        part.update({f"field_{name}": value for name, value in fields.items()})
         return EncodedSequence(num_tokens=n, parts=part, num_target_tokens=t)
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
@@ -249,11 +286,26 @@ class TokenBuffer:
                 f"add_encoded: a sequence encoded for (k, temperatures, sampled) = {made_for} does not fit a buffer "
                 f"with k={self.k}, {self.num_temperatures} temperatures, num_samples={self.num_samples}"
             )
+        fields = sorted(name for name in parts if name.startswith("field_"))
+        if self.num_sequences and fields != self.field_names():
+            raise ValueError(
+                f"add_encoded: every sequence of a shard carries the same sequence fields; this one has "
+                f"{[f.removeprefix('field_') for f in fields]}, the others {self.sequence_field_names()}"
+            )
         for name, value in encoded.parts.items():
             self._parts.setdefault(name, []).append(value)
         self.num_sequences += 1
         self.num_tokens += encoded.num_tokens
         self.num_target_tokens += encoded.num_target_tokens
+
+    def field_names(self) -> list[str]:
+        """The ``field_<name>`` keys of the sequence fields added so far (sorted)."""
+        return sorted(name for name in self._parts if name.startswith("field_"))
+
+    def sequence_field_names(self) -> list[str]:
+        """Names of the sequence fields the buffer's sequences carry, in `SEQUENCE_FIELDS` order."""
+        held = set(self.field_names())
+        return [name for name in SEQUENCE_FIELDS if f"field_{name}" in held]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything added so far, concatenated in add order.
@@ -261,7 +313,8 @@ class TokenBuffer:
         Keys: seq_ids [S] int64, seq_lengths [S] int64, input_ids [N] int32, target_mask [N] bool; over the R
         target positions: gaps [R, k] uint32, codes [R, k] (codec dtype), log_normalizers / tail_logprobs [R, nT]
         float32, entropy [R] float32, and for sampled buffers sample_lengths [R] uint8, sample_gaps [M] uint32,
-        sample_counts [M] uint8, sample_codes [M].
+        sample_counts [M] uint8, sample_codes [M]; ``field_<name>`` [S] (`SEQUENCE_FIELDS` dtype) for each sequence
+        field the sequences carry.
         """
         empty = {
             "seq_ids": np.zeros(0, np.int64),
@@ -281,6 +334,7 @@ class TokenBuffer:
                 sample_counts=np.zeros(0, np.uint8),
                 sample_codes=np.zeros(0, self.codec.code_dtype),
             )
+        empty.update({f"field_{name}": np.zeros(0, SEQUENCE_FIELDS[name]) for name in self.sequence_field_names()})
         return {
             name: np.concatenate(self._parts[name]) if self._parts.get(name) else value
             for name, value in empty.items()
@@ -362,10 +416,13 @@ class BufferedShardWriter:
         samples: SampleRows | None = None,
         *,
         target_mask: np.ndarray | None = None,
+        sequence_fields: dict[str, int] | None = None,
     ) -> None:
         """Encode and append one sequence (arguments as `TokenBuffer.encode_sequence`)."""
         self._buffer.add_encoded(
-            self._buffer.encode_sequence(seq_id, input_ids, head, samples, target_mask=target_mask)
+            self.encode_sequence(
+                seq_id, input_ids, head, samples, target_mask=target_mask, sequence_fields=sequence_fields
+            )
         )
 
     def encode_sequence(
@@ -376,9 +433,12 @@ class BufferedShardWriter:
         samples: SampleRows | None = None,
         *,
         target_mask: np.ndarray | None = None,
+        sequence_fields: dict[str, int] | None = None,
     ) -> EncodedSequence:
         """`TokenBuffer.encode_sequence`: encode one sequence without adding it; thread-safe."""
-        return self._buffer.encode_sequence(seq_id, input_ids, head, samples, target_mask=target_mask)
+        return self._buffer.encode_sequence(
+            seq_id, input_ids, head, samples, target_mask=target_mask, sequence_fields=sequence_fields
+        )
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
         """Append a sequence from `encode_sequence` (of a writer with the same settings), in file order."""

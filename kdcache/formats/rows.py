@@ -166,6 +166,7 @@ class UnitRows:
     entropy: np.ndarray  # [N] float32
     samples: RaggedSamples | None = None
     target_mask: np.ndarray | None = None  # [N] bool; None: every position has targets
+    sequence_fields: dict[str, np.ndarray] | None = None  # {name: [S]} (`formats.base.SEQUENCE_FIELDS`), if stored
 
     @property
     def num_sequences(self) -> int:
@@ -174,8 +175,9 @@ class UnitRows:
     def sequence(self, index: int) -> dict[str, Any]:
         """Sequence `index` (file order) as views: `seq_id`, `input_ids` [T], `target_mask` [T] bool,
         `target_steps` [T, k] (or `target_gap_planes` [T, P * k]), `target_codes` or `target_logprobs` [T, k],
-        `log_normalizers` / `tail_logprobs` [T, nT], `entropy` [T], and for sampled caches `sample_ids` /
-        `sample_counts` / `sample_logprobs` [T, m] (decoded here)."""
+        `log_normalizers` / `tail_logprobs` [T, nT], `entropy` [T], for sampled caches `sample_ids` /
+        `sample_counts` / `sample_logprobs` [T, m] (decoded here), and each stored sequence field (e.g. `prompt_id`)
+        as a scalar."""
         start = int(self.starts[index])
         rows = slice(start, start + int(self.lengths[index]))
         mask = _all_true(rows.stop - start) if self.target_mask is None else self.target_mask[rows]
@@ -193,4 +195,6 @@ class UnitRows:
             seq["sample_ids"], seq["sample_counts"], seq["sample_logprobs"] = self.samples.padded(
                 rows.start, rows.stop
             )
+        for name, values in (self.sequence_fields or {}).items():
+            seq[name] = values[index]
         return seq
