@@ -3,6 +3,7 @@ a clean run, and a real multi-node Ray cluster on this machine made of `ray star
 
     assert_same_sequences(read_back(uri), clean)       # every sequence exactly once, same targets
     assert_no_stray_shards(uri, manifest)              # only the shards the manifest names remain
+    kill_driver_after_commits(cfg, tmp_path, store, faults=[...], commits=2)   # a `kdcache cache` driver SIGKILLed
 
     with LocalRayCluster(env={...}) as cluster:       # head node, 1 CPU, no dashboard
         cluster.add_node(num_cpus=1)                   # a second "machine"
@@ -18,6 +19,7 @@ explicitly (a fresh token per cluster) so clients do not depend on ~/.ray.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -28,8 +30,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 from kdcache.read.reader import open_cache
 from kdcache.store import Store
@@ -61,6 +65,39 @@ def assert_no_stray_shards(uri: str, manifest: dict, storage_options: dict | Non
     """Only the shards the manifest names remain: losers' and dead writers' objects are gone."""
     names = Store(uri, storage_options).list_names("shards")
     assert sorted(names) == sorted(u["path"].split("/", 1)[1] for u in manifest["units"])
+
+
+def kill_driver_after_commits(
+    config: Any,
+    workdir: Path,
+    store: Store,
+    *,
+    faults: list[dict],
+    commits: int = 2,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 180,
+) -> int:
+    """Run `kdcache -v cache` on `config` (a KDCacheConfig) in a process of its own session, with `faults` injected
+    (make one unit stall, so the job is certainly unfinished), and SIGKILL the whole session (the driver, its
+    embedded Ray's GCS and raylet; the workers follow) once `store` holds `commits` commit records. Returns the
+    commit records left."""
+    from kdcache.capture.actors import FAULTS_ENV
+
+    (workdir / "job.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    (workdir / "faults.json").write_text(json.dumps(faults))
+    cmd = [sys.executable, "-m", "kdcache.cli", "-v", "cache", str(workdir / "job.yaml")]
+    env = {**os.environ, **(env or {}), FAULTS_ENV: str(workdir / "faults.json")}
+    with open(workdir / "driver.log", "w") as log:
+        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(store.list_names("commits")) < commits:
+            assert driver.poll() is None and time.monotonic() < deadline, (workdir / "driver.log").read_text()
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    return len(store.list_names("commits"))
 
 
 def free_port() -> int:

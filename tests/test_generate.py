@@ -15,17 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from cluster_helpers import kill_driver_after_commits
 from conftest import tiny_job_config, write_jsonl
 from tiny_models import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
 
@@ -614,30 +612,21 @@ def test_generation_settings_are_part_of_the_identity(generated_cache, teacher_d
 
 @pytest.mark.slow
 def test_driver_killed_mid_job_then_rerun_gives_the_same_bytes(generated_cache, teacher_dir, prompt_corpus, tmp_path):
-    from kdcache.capture.actors import FAULTS_ENV
     from kdcache.capture.job import run_cache_job
     from kdcache.store import Store
 
     _, clean = generated_cache
     uri = tmp_path / "killed"
     cfg = gen_config(teacher_dir, prompt_corpus, uri, *JOB, "cluster.num_actors=1")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    faults = tmp_path / "faults.json"  # unit 2 stalls, so the job is certainly unfinished when the driver dies
-    faults.write_text(json.dumps([{"unit_index": 2, "action": "stall", "seconds": 300}]))
-    env = {**os.environ, FAULTS_ENV: str(faults), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "kdcache.cli", "-v", "cache", str(tmp_path / "job.yaml")]
     store = Store(str(uri))
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while len(store.list_names("commits")) < 2:
-            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its embedded Ray's GCS and raylet (workers follow)
-        driver.wait(timeout=30)
-    committed = len(store.list_names("commits"))
+    # unit 2 stalls, so the job is certainly unfinished when the driver dies
+    committed = kill_driver_after_commits(
+        cfg,
+        tmp_path,
+        store,
+        faults=[{"unit_index": 2, "action": "stall", "seconds": 300}],
+        env={"PYTHONPATH": str(ROOT)},
+    )
     assert not store.exists("index.json") and 2 <= committed < clean["stats"]["num_units"]
     manifest = run_cache_job(gen_config(teacher_dir, prompt_corpus, uri, *JOB))
     assert manifest["stats"]["last_run"]["units"] == manifest["stats"]["num_units"] - committed

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_helpers import assert_no_stray_shards, assert_same_sequences, read_back
+from cluster_helpers import assert_no_stray_shards, assert_same_sequences, kill_driver_after_commits, read_back
 from conftest import stdlib_texts, tiny_job_config, write_jsonl
 from fake_cache import write_fake_cache
 from torch.utils.data import DataLoader
 
-from kdcache.capture.actors import FAULTS_ENV
 from kdcache.capture.job import run_cache_job
 from kdcache.capture.plan import plan_units
 from kdcache.cli import main
@@ -218,22 +214,10 @@ def test_driver_killed_mid_job_then_rerun_gives_the_clean_run(s3, s3_clean, tiny
     uri = "s3://kdcache/killed-driver"
     store = Store(uri, s3)
     cfg = s3_config(tiny_teacher, s3_corpus, uri, s3, "cluster.num_actors=1")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    faults = tmp_path / "faults.json"  # unit 3 stalls, so the job is certainly unfinished when we kill it
-    faults.write_text(json.dumps([{"unit_index": 3, "action": "stall", "seconds": 300}]))
-    env = {**os.environ, FAULTS_ENV: str(faults)}
-    cmd = [sys.executable, "-m", "kdcache.cli", "-v", "cache", str(tmp_path / "job.yaml")]
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(store.list_names("commits")) < 2:
-            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its embedded Ray's GCS and raylet (workers follow)
-        driver.wait(timeout=30)
-    committed = len(store.list_names("commits"))
+    # unit 3 stalls, so the job is certainly unfinished when we kill it
+    committed = kill_driver_after_commits(
+        cfg, tmp_path, store, faults=[{"unit_index": 3, "action": "stall", "seconds": 300}], timeout_s=120
+    )
     assert not store.exists("index.json") and 2 <= committed < s3_clean[0]["stats"]["num_units"]
     manifest = run_cache_job(s3_config(tiny_teacher, s3_corpus, uri, s3))
     assert manifest["stats"]["last_run"]["units"] == manifest["stats"]["num_units"] - committed
