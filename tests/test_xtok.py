@@ -22,6 +22,7 @@ import pytest
 from kdcache.errors import KdcacheError
 from kdcache.read.xalign import (
     KIND_BOUNDARY,
+    KIND_HARD,
     KIND_INSIDE,
     KIND_NONE,
     KIND_SAME_NEXT,
@@ -29,7 +30,14 @@ from kdcache.read.xalign import (
     map_targets,
 )
 from kdcache.read.xbatch import CrossTokenizer, utf8_bounds
-from kdcache.read.xtok import TokenPieces, byte_level_decoder, token_pieces, token_spans, vocab_map
+from kdcache.read.xtok import (
+    TokenPieces,
+    byte_level_decoder,
+    first_token_of,
+    token_pieces,
+    token_spans,
+    vocab_map,
+)
 from tests.tiny_models import build_tiny_tokenizer
 
 TEXT = inspect.getsource(textwrap)[3000:5200]  # in the tokenizers' training text: long merged tokens occur
@@ -106,11 +114,48 @@ def teacher_sequence(tok, text: str, *, k: int, seed: int = 0, bos: bool = True,
         "entropy": np.ones(n, np.float32),
         "token_text": np.frombuffer(text.encode(), dtype=np.uint8),
         "token_text_ends": ends,
+        "dense_logprobs": logp,  # [T, V] float64, for sampled variants (ignored by the code under test)
     }
 
 
-def reference(teacher: TokenPieces, student: TokenPieces, seq, s_ids, s_ends, rule="exact"):
-    """The rules of docs/TARGETS.md, one student position at a time: {student id: p}, bucket, or None (no target)."""
+def sampled_sequence(seq, *, draws: int, rng, head: int = 0):
+    """`seq` as a "sample" (head = 0) or "hybrid" cache holds it: unique ids among `draws` draws from p (from the
+    tail outside the top-`head`, renormalised, in hybrid mode), their counts and exact log-probs."""
+    logp = seq["dense_logprobs"]
+    n, vocab = logp.shape
+    out = dict(seq)
+    probs = np.exp(logp)
+    if head:
+        top = np.sort(np.argsort(-logp, -1)[:, :head], -1)
+        out["target_ids"], out["target_logprobs"] = top, np.take_along_axis(logp, top, -1).astype(np.float32)
+        outside = np.ones_like(probs, dtype=bool)
+        np.put_along_axis(outside, top, False, -1)
+        tail_mass = np.where(outside, probs, 0.0).sum(-1)
+        out["tail_logprobs"] = np.log(tail_mass)[:, None].astype(np.float32)
+        probs = np.where(outside, probs, 0.0) / tail_mass[:, None]
+    counts = np.stack([rng.multinomial(draws, p / p.sum()) for p in probs])
+    width = int((counts > 0).sum(-1).max())
+    ids = np.zeros((n, width), np.int64)
+    cnt = np.zeros((n, width), np.int32)
+    lps = np.full((n, width), -np.inf, np.float32)
+    for row in range(n):
+        hit = np.flatnonzero(counts[row])
+        ids[row, : len(hit)], cnt[row, : len(hit)], lps[row, : len(hit)] = hit, counts[row, hit], logp[row, hit]
+    out.update(sample_ids=ids, sample_counts=cnt, sample_logprobs=lps)
+    return out
+
+
+def reference(teacher: TokenPieces, student: TokenPieces, seq, s_ids, s_ends, rule="exact", first=None):
+    """The rules of docs/TARGETS.md, one student position at a time: ({student id: p}, bucket) or None (no target).
+    `first`: bytes -> the student tokenizer's first token (rule "first"); positions without a teacher target but
+    with a next token get that token (the hard-label fallback)."""
+    out = _reference(teacher, student, seq, s_ids, s_ends, rule, first)
+    return [
+        ({int(s_ids[s + 1]): 1.0}, 0.0) if want is None and s + 1 < len(s_ids) else want for s, want in enumerate(out)
+    ]
+
+
+def _reference(teacher, student, seq, s_ids, s_ends, rule, first):
     text = seq["token_text"].tobytes()
     t_ids, t_ends = [int(i) for i in seq["input_ids"]], [int(e) for e in seq["token_text_ends"]]
     exact = {}
@@ -119,12 +164,15 @@ def reference(teacher: TokenPieces, student: TokenPieces, seq, s_ids, s_ends, ru
             exact.setdefault(student.pieces[i], i)
 
     class ByBytes:
-        @staticmethod
-        def get(piece):
+        def get(self, piece):
             if rule == "exact":
                 return exact.get(piece)
             starts = [p for p in exact if piece.startswith(p)]  # every student piece the bytes begin with
-            return exact[max(starts, key=len)] if starts else None
+            longest = exact[max(starts, key=len)] if starts else None
+            made = first(piece)
+            if made is not None and not piece.startswith(student.pieces[made] or b"\xff"):
+                made = None  # not a prefix of the bytes: the longest prefix instead
+            return longest if made is None else made
 
     by_bytes = ByBytes()
     roles = {teacher.bos_id: student.bos_id, teacher.eos_id: student.eos_id}
@@ -207,7 +255,8 @@ def _check_against_reference(cross: CrossTokenizer, seq):
     out = cross.sequence(seq)
     s_ids, s_ends, _ = cross.student_tokens(seq["token_text"].tobytes(), doc_start=True, doc_end=True)
     np.testing.assert_array_equal(out["input_ids"], s_ids)
-    expected = reference(cross.teacher, cross.student, seq, s_ids, s_ends, cross.mapping)
+    first = first_token_of(cross.tokenizer)
+    expected = reference(cross.teacher, cross.student, seq, s_ids, s_ends, cross.mapping, first)
     for s, want in enumerate(expected):
         assert bool(out["kd_mask"][s]) == (want is not None), s
         if want is None:
@@ -273,14 +322,34 @@ def test_vocab_map_matches_exact_bytes_and_roles(toks):
             rest = piece[skip:]
             got = int(vmap.suffix_to_student(np.array([u]), np.array([skip]))[0])
             assert (student.pieces[got] == rest) if got >= 0 else rest not in student_bytes
-            longest = int(vmap.suffix_to_student(np.array([u]), np.array([skip]), "prefix")[0])
+            longest = int(vmap.suffix_to_student(np.array([u]), np.array([skip]), "first")[0])
             begins = [p for p in student_bytes if rest.startswith(p)]
             assert (student.pieces[longest] == max(begins, key=len)) if begins else longest == -1
-    assert (vmap.to_student(np.arange(teacher.vocab_size), "prefix") >= 0).sum() > vmap.shared
+    assert (vmap.to_student(np.arange(teacher.vocab_size), "first") >= 0).sum() > vmap.shared
     assert vmap.teacher_to_student[teacher.eos_id] == student.eos_id
     assert vmap.teacher_to_student[teacher.bos_id] == student.bos_id
     assert 0 < vmap.shared < teacher.vocab_size
     assert vmap.to_student(np.array([teacher.vocab_size + 5]))[0] == -1  # a padded logit row maps to nothing
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name"), [("big", "sp"), ("sp", "small")])
+def test_first_rule_is_the_students_own_first_token(toks, teacher_name, student_name):
+    teacher, student_tok = token_pieces(toks[teacher_name]), toks[student_name]
+    student = token_pieces(student_tok)
+    vmap = vocab_map(teacher, student, first_token=first_token_of(student_tok))
+    ids = np.arange(teacher.vocab_size)
+    first, exact = vmap.to_student(ids, "first"), vmap.to_student(ids, "exact")
+    alphabet = {p for p in student.pieces if p is not None and len(p) == 1}  # the tiny tokenizers lack some bytes
+    reachable = np.array([p is not None and p[:1] in alphabet for p in teacher.pieces])
+    assert (first[reachable] >= 0).all()  # every teacher token lands on some student token
+    agree = exact >= 0
+    assert (first[agree] == exact[agree]).mean() > 0.97  # the student makes its own piece of the same bytes
+    for u in np.flatnonzero(reachable & ~agree)[:200]:
+        piece = teacher.pieces[u]
+        assert piece.startswith(student.pieces[first[u]])  # the first token covers a prefix of the bytes
+        text = piece.decode("utf-8", errors="strict") if piece.isascii() else None
+        if text and text[:1] == " " and text[1:].isalpha():  # " word": the tokenizer's own first token
+            assert first[u] == student_tok(text, add_special_tokens=False)["input_ids"][0]
 
 
 def test_vocab_map_is_computed_once_per_pair(toks, tmp_path):
@@ -331,11 +400,11 @@ def test_align_tokens_by_byte_ends():
     ("teacher_name", "student_name", "k", "rule"),
     [
         ("big", "small", 16, "exact"),
-        ("big", "small", 16, "prefix"),
+        ("big", "small", 16, "first"),
         ("small", "big", 16, "exact"),
-        ("small", "big", 16, "prefix"),
-        ("big", "sp", 16, "exact"),
-        ("sp", "big", 8, "prefix"),
+        ("small", "big", 16, "first"),
+        ("sp", "big", 8, "first"),
+        ("big", "sp", 16, "first"),
         ("small", "big", 300, "exact"),
     ],
 )
@@ -425,10 +494,14 @@ def test_inside_a_teacher_token_the_head_is_conditioned_on_the_prefix():
     assert got == pytest.approx({6: 0.5 / 0.8, 3: 0.1 / 0.8})
     assert math.exp(out.tail_logprob[0]) == pytest.approx(0.2 / 0.8)
     assert out.kind.tolist() == [KIND_INSIDE, KIND_BOUNDARY]  # the last position: no next token to compare
-    # no head token continues the prefix: no target
+    # no head token continues the prefix: no teacher target; by default the actual next token as a hard label
     head_ids[0] = [6, 6, 6, 6]
-    out = map_targets(vmap, text, al, t_ids, head_ids, lp.astype(np.float32), tail, s_ids, t_ends)
+    args = (vmap, text, al, t_ids, head_ids, lp.astype(np.float32), tail, s_ids, t_ends)
+    out = map_targets(*args, hard_fallback=False)
     assert out.has_target.tolist() == [False, True] and out.kind[0] == KIND_NONE
+    out = map_targets(*args)
+    assert out.has_target.tolist() == [True, True] and out.kind[0] == KIND_HARD
+    assert out.ids[0, 0] == 6 and out.logprobs[0, 0] == 0.0 and out.tail_logprob[0] == -np.inf
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -497,3 +570,38 @@ def test_utf8_bounds_drop_partial_characters():
     assert utf8_bounds(text[1:]) == (1, len(text) - 1)
     assert utf8_bounds(text[:4]) == (0, 2)
     assert utf8_bounds(b"") == (0, 0)
+
+
+@pytest.mark.parametrize(("mode", "head"), [("sample", 0), ("hybrid", 4)])
+def test_sampled_targets_map_without_bias(toks, mode, head):
+    # the map is linear in the teacher's mass: averaged over draws, the mapped sampled targets are the mapped exact
+    # distribution wherever the boundaries coincide (inside a teacher token the renormalisation is a ratio estimate)
+    teacher_tok, student_tok = toks["big"], toks["small"]
+    seq = teacher_sequence(teacher_tok, TEXT[:400], k=len(teacher_tok), boost=3.0)
+    pieces = token_pieces(teacher_tok)
+    exact = CrossTokenizer(pieces, student_tok).sequence(seq)
+    aligned = np.isin(exact["xtok_kind"], [KIND_SAME_NEXT, KIND_BOUNDARY])
+    vocab = len(student_tok)
+
+    def dense(out):
+        full = np.zeros((len(out["input_ids"]), vocab + 1))
+        rows = np.arange(len(full))[:, None]
+        np.add.at(full, (rows, out["target_ids"]), np.exp(out["target_logprobs"].astype(np.float64)))
+        full[:, vocab] = np.exp(out["tail_logprobs"][:, 0])
+        return full
+
+    want = dense(exact)[aligned]
+    cross = CrossTokenizer(pieces, student_tok, mode=mode, num_samples=40)
+    rng = np.random.default_rng(0)
+    total, rounds = np.zeros_like(want), 150
+    for _ in range(rounds):
+        out = cross.sequence(sampled_sequence(seq, draws=40, rng=rng, head=head))
+        np.testing.assert_array_equal(out["input_ids"], exact["input_ids"])
+        mass = np.exp(out["target_logprobs"][out["kd_mask"]].astype(np.float64)).sum(-1)
+        mass += np.exp(out["tail_logprobs"][out["kd_mask"], 0])
+        np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+        total += dense(out)[aligned]
+    # a multinomial mean of 6000 draws: standard error <= 0.5 / sqrt(6000) ~ 0.0065 per entry
+    assert np.abs(total / rounds - want).max() < 0.035
+    with pytest.raises(ValueError, match="num_samples"):
+        CrossTokenizer(pieces, student_tok, mode=mode)

@@ -14,13 +14,14 @@ at or before a, and its *prefix* the a - teacher_ends[anchor] bytes it has read 
 - prefix 0 (the boundaries coincide): the anchor's distribution, each teacher token's mass on its student token;
   the rest (teacher ids without one, and the teacher's tail) is the tail bucket. Under `rule="exact"` a teacher
   token's student token has exactly its bytes (exact on the tokens both vocabularies share); under
-  `rule="prefix"` it is the longest student token its bytes begin with (mass-preserving projection).
+  `rule="first"` it is the first token the student's tokenizer makes of its bytes (a projection: no mass is left
+  out).
 - prefix > 0 (inside a teacher token): the anchor's head restricted to the tokens that continue the prefix, each
   standing for the student token of its remaining bytes (by the same rule), renormalised over that part of the
   head (the teacher's tail is left out); no target when no head token continues the prefix.
 - the student's next token spans several teacher tokens u1..uj (it ends where uj ends): it gets the teacher's
-  probability of that path, p(u1) p(u2 | u1) ..., taken from u1's entry (chain rule, the cached log-probs of the
-  actual tokens; only when every step is in the head).
+  probability of that path, p(u1) p(u2 | u1) ..., taken from u1's entry (chain rule, with the cached log-probs of
+  the actual tokens u2..uj; only when each of them is cached).
 
 Trailing tokens without text (an end-of-sequence token) are matched to the teacher's by rank.
 """
@@ -33,13 +34,23 @@ import numpy as np
 
 from kdcache.read.xtok import VocabMap
 
-__all__ = ["KIND_INSIDE", "KIND_NONE", "KIND_BOUNDARY", "KIND_SAME_NEXT", "Alignment", "Mapped", "align_tokens"]
+__all__ = [
+    "KIND_HARD",
+    "KIND_INSIDE",
+    "KIND_NONE",
+    "KIND_BOUNDARY",
+    "KIND_SAME_NEXT",
+    "Alignment",
+    "Mapped",
+    "align_tokens",
+]
 __all__ += ["map_targets", "next_token_logprobs"]
 
 KIND_NONE = 0  # no teacher target at this position
 KIND_SAME_NEXT = 1  # boundaries coincide and the next tokens are the same bytes
 KIND_BOUNDARY = 2  # boundaries coincide, the next tokens differ (or the next token is not in the sequence)
 KIND_INSIDE = 3  # the position lies inside a teacher token (prefix-conditioned)
+KIND_HARD = 4  # no teacher target: the student's actual next token (a hard label)
 
 
 @dataclass
@@ -164,6 +175,8 @@ def map_targets(
     teacher_ends: np.ndarray,
     *,
     rule: str = "exact",
+    next_logprobs: np.ndarray | None = None,
+    hard_fallback: bool = True,
 ) -> Mapped:
     """Map one sequence's teacher targets onto its student positions (rules in the module docstring).
 
@@ -171,12 +184,19 @@ def map_targets(
         vmap: the (teacher, student) vocabulary map.
         text: [bytes] uint8, the sequence's text; offsets in `teacher_ends` index it.
         alignment: `align_tokens(teacher_ends, student_ends)`.
-        teacher_ids: [Tt] the teacher's input ids; head_ids, head_logprobs: [Tt, k] its head (log-probs at the
-            temperature wanted, -inf at padding entries); tail_logprob: [Tt] its tail log-mass.
+        teacher_ids: [Tt] the teacher's input ids.
+        head_ids, head_logprobs: [Tt, k] the teacher's entries per position and the log of their mass (-inf at
+            padding entries): its exact head, or importance-weighted sampled ids (log of their weights), or both.
+            The map is linear in these masses, so sampled weights stay unbiased where the boundaries coincide.
+        tail_logprob: [Tt] log of the mass not in the entries (the top-k tail; -inf when the weights hold it all).
         student_ids: [Ts] the student's input ids (the merged path's token is the student's next id).
         teacher_ends: [Tt] the teacher tokens' byte ends.
         rule: how a teacher token (or what is left of it past the prefix) chooses its student token: "exact" (the
-            same bytes; none: the tail bucket) or "prefix" (the longest student token its bytes begin with).
+            same bytes; none: the tail bucket) or "first" (the first token the student's tokenizer makes of them).
+        hard_fallback: a position without a teacher target but with a next student token gets that token with
+            probability 1 (`KIND_HARD`), so every position with a label has a target.
+        next_logprobs: [Tt] exact log p of the teacher's actual next token at each position (-inf where unknown),
+            for the chain rule; default: from `head_ids` / `head_logprobs` (`next_token_logprobs`).
 
     Returns:
         `Mapped`: every row with a target sums to 1 (mapped entries plus the bucket), up to float32 rounding.
@@ -202,22 +222,23 @@ def map_targets(
     ok = norm > 0
     prob[ok] /= norm[ok, None]
     tail = np.where(inside, 0.0, np.exp(np.asarray(tail_logprob, dtype=np.float64)[t]))
-    # chain rule: the student's next token = teacher tokens anchor+1..j gets p(path), taken from u1's entry
+    # chain rule: the student's next token = teacher tokens anchor+1..j takes the share of u1's mass that goes on
+    # along the path, p(u2 | u1) ... p(uj | ..): exact for an exact head, unbiased for a sampled weight of u1
     extra_rows = extra_ids = extra_prob = np.zeros(0)
     path_end = alignment.path_end[rows]
     merge = np.flatnonzero(ok & (path_end >= 0))
     if len(merge):
-        step = next_token_logprobs(teacher_ids, head_ids, head_logprobs)
+        step = next_token_logprobs(teacher_ids, head_ids, head_logprobs) if next_logprobs is None else next_logprobs
+        step = np.asarray(step, dtype=np.float64)
         known = np.concatenate([[0], np.cumsum(np.isfinite(step))])
         summed = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(step), step, 0.0))])
-        lo, hi = t[merge], path_end[merge]  # path log-prob = steps lo .. hi - 1
-        u1 = np.asarray(teacher_ids, dtype=np.int64)[lo + 1]
-        hit = (ids[merge] == u1[:, None]) & cand[merge]  # u1 is in the head and continues the prefix
+        lo, hi = t[merge] + 1, path_end[merge]  # the path after u1: steps lo .. hi - 1
+        u1 = np.asarray(teacher_ids, dtype=np.int64)[lo]
+        hit = (ids[merge] == u1[:, None]) & cand[merge]  # u1 is an entry and continues the prefix
         col = np.argmax(hit, axis=-1)
         usable = (known[hi] - known[lo] == hi - lo) & hit[np.arange(len(merge)), col]
         merge, col = merge[usable], col[usable]
-        path = np.exp(summed[hi[usable]] - summed[lo[usable]]) / norm[merge]
-        path = np.minimum(path, prob[merge, col])  # p(u1, ...) <= p(u1), up to the codec's rounding
+        path = prob[merge, col] * np.exp(summed[hi[usable]] - summed[lo[usable]])
         prob[merge, col] -= path
         extra_rows, extra_prob = rows[merge], path
         extra_ids = np.asarray(student_ids, dtype=np.int64)[rows[merge] + 1]
@@ -253,4 +274,10 @@ def map_targets(
     kind = np.zeros(n_s, dtype=np.int8)
     kind[rows] = np.where(inside, KIND_INSIDE, np.where(alignment.same_next[rows], KIND_SAME_NEXT, KIND_BOUNDARY))
     kind[~has_target] = KIND_NONE
+    if hard_fallback:
+        hard = np.flatnonzero(~has_target[: max(n_s - 1, 0)])
+        out_ids_arr[hard, 0] = np.asarray(student_ids, dtype=np.int64)[hard + 1]
+        out_lp[hard, 0] = 0.0
+        tail_out[hard] = -np.inf
+        has_target[hard], kind[hard] = True, KIND_HARD
     return Mapped(out_ids_arr, out_lp, tail_out, unmapped_lp, has_target, kind)

@@ -29,8 +29,8 @@ import numpy as np
 
 from kdcache.errors import KdcacheError
 from kdcache.read.collate import collate_sequences, cumsum_rows, keep_top_k, stored_temperature_index
-from kdcache.read.xalign import align_tokens, map_targets
-from kdcache.read.xtok import RULES, TokenPieces, token_pieces, token_spans, vocab_map
+from kdcache.read.xalign import align_tokens, map_targets, next_token_logprobs
+from kdcache.read.xtok import RULES, TokenPieces, first_token_of, token_pieces, token_spans, vocab_map
 
 __all__ = ["TEXT_KEYS", "CrossTokenizer", "utf8_bounds"]
 
@@ -66,7 +66,10 @@ class CrossTokenizer:
         top_k: keep the teacher's k' most probable head entries (the rest goes to its tail) before mapping.
         logprob_table: decodes `target_codes` (`kdcache.formats.rows.logprob_table`), when sequences carry codes.
         mapping: "exact" (a teacher token's mass goes to the student token with the same bytes, else to the tail
-            bucket) or "prefix" (to the longest student token its bytes begin with); `kdcache.read.xalign`.
+            bucket) or "first" (to the first token the student's tokenizer makes of its bytes); `kdcache.read.xalign`.
+        hard_fallback: positions without a teacher target get the student's actual next token (`KIND_HARD`).
+        mode, num_samples: the cache's `targets.mode` and N. Sampled ids ("sample", and "hybrid" beside its head)
+            enter the map with their importance weights (count / N, times the tail mass in hybrid mode).
 
     Raises:
         KdcacheError: a tokenizer that is not a fast one or whose pieces cannot be read (`token_pieces`).
@@ -83,14 +86,21 @@ class CrossTokenizer:
         top_k: int | None = None,
         logprob_table: np.ndarray | None = None,
         mapping: str = "exact",
+        mode: str = "topk",
+        num_samples: int = 0,
+        hard_fallback: bool = True,
     ):
         if mapping not in RULES:
             raise ValueError(f"mapping must be one of {RULES}, got {mapping!r}")
+        if mode != "topk" and (num_samples < 1 or top_k is not None or (temperature or 1.0) != 1.0):
+            raise ValueError(f"a {mode!r} cache maps its samples as drawn: give num_samples, no top_k or temperature")
+        self.mode, self.num_samples = mode, num_samples
+        self.hard_fallback = hard_fallback
         self.mapping = mapping
         self.tokenizer = student_tokenizer
         self.teacher = teacher
         self.student = token_pieces(student_tokenizer)
-        self.vmap = vocab_map(teacher, self.student)
+        self.vmap = vocab_map(teacher, self.student, first_token=first_token_of(student_tokenizer))
         self.temperatures = [float(t) for t in temperatures]
         self.temperature_index = 0
         if temperature is not None and temperature != 1.0:
@@ -108,6 +118,30 @@ class CrossTokenizer:
     @property
     def student_vocab_size(self) -> int:
         return self.student.vocab_size
+
+    def _teacher_entries(self, seq: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The teacher's entries [T, E] with the log of their mass [T, E], the mass outside them [T], and the exact
+        log-prob of each position's actual next token [T]: the head (top-k applied, at the wanted temperature) for
+        a top-k cache; the sampled ids with log importance weights (after the exact head, in hybrid mode) else."""
+        ids, lps, tail = self._teacher_head(seq) if self.mode != "sample" else (None, None, None)
+        t_ids = np.asarray(seq["input_ids"], dtype=np.int64)
+        if self.mode == "topk":
+            return ids, lps, tail, next_token_logprobs(t_ids, ids, lps)
+        s_ids = np.asarray(seq["sample_ids"], dtype=np.int64)
+        s_lps = np.asarray(seq["sample_logprobs"], dtype=np.float32)
+        with np.errstate(divide="ignore"):
+            weights = np.log(np.asarray(seq["sample_counts"], dtype=np.float64) / self.num_samples)
+            if self.mode == "hybrid":
+                weights = weights + tail[:, None]  # draws from the tail, renormalised: times the tail mass
+        weights = np.where(np.isfinite(s_lps), weights, -np.inf).astype(np.float32)
+        if self.mode == "hybrid":
+            s_ids, weights, s_lps = (
+                np.concatenate([ids, s_ids], 1),
+                np.concatenate([lps, weights], 1),
+                np.concatenate([lps, s_lps], 1),
+            )
+        no_tail = np.full(len(t_ids), -np.inf, dtype=np.float32)  # the weights estimate the whole distribution
+        return s_ids, weights, no_tail, next_token_logprobs(t_ids, s_ids, s_lps)
 
     def _teacher_head(self, seq: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The teacher's head ids [T, k], log-probs [T, k] and tail [T] at the wanted temperature, top-k applied."""
@@ -173,10 +207,21 @@ class CrossTokenizer:
         doc_start = bool(len(t_ids)) and bool(textless[0]) and int(t_ids[0]) == self.teacher.bos_id
         doc_end = bool(len(t_ids)) and bool(textless[-1]) and int(t_ids[-1]) == self.teacher.eos_id
         s_ids, s_ends, _ = self.student_tokens(text.tobytes(), doc_start=doc_start, doc_end=doc_end)
-        head_ids, head_lps, tail = self._teacher_head(seq)
+        head_ids, head_lps, tail, steps = self._teacher_entries(seq)
         alignment = align_tokens(t_ends, s_ends)
         mapped = map_targets(
-            self.vmap, text, alignment, t_ids, head_ids, head_lps, tail, s_ids, t_ends, rule=self.mapping
+            self.vmap,
+            text,
+            alignment,
+            t_ids,
+            head_ids,
+            head_lps,
+            tail,
+            s_ids,
+            t_ends,
+            rule=self.mapping,
+            hard_fallback=self.hard_fallback,
+            next_logprobs=steps,
         )
         entropy = np.asarray(seq["entropy"], dtype=np.float32)
         anchor = alignment.anchor
@@ -198,11 +243,12 @@ class CrossTokenizer:
         self, seqs: Sequence[dict[str, Any] | None], *, pad_to: int | None = None, pad_token_id: int = 0
     ) -> dict[str, np.ndarray]:
         """Collate `sequence` outputs (None = a padded row) into batch arrays (module docstring)."""
-        real = [s for s in seqs if s is not None]
-        width = real[0]["target_ids"].shape[1] if real else (self.top_k or 1) + 1
+        # sampled caches give each sequence its own width (its most unique draws): pad every row to the widest
+        width = max((s["target_ids"].shape[1] for s in seqs if s is not None), default=(self.top_k or 1) + 1)
+        k = width - 1
+        seqs = [None if s is None else _widen(s, width) for s in seqs]
         out = collate_sequences(seqs, k=width, num_temperatures=1, pad_to=pad_to, pad_token_id=pad_token_id)
         b, length = out["input_ids"].shape
-        k = width - 1
         kd_mask = np.zeros((b, length), dtype=bool)
         unmapped = np.full((b, length, k), -np.inf, dtype=np.float32)
         kind = np.zeros((b, length), dtype=np.int8)
@@ -218,3 +264,16 @@ class CrossTokenizer:
         out["xtok_kind"] = kind
         out["tail_logprob"] = np.ascontiguousarray(out["tail_logprobs"][..., 0])
         return out
+
+
+def _widen(seq: dict[str, Any], width: int) -> dict[str, Any]:
+    """`seq` with its per-position entry arrays padded to `width` (k = width - 1 unmapped entries)."""
+    have = seq["target_ids"].shape[1]
+    if have == width:
+        return seq
+    pad = ((0, 0), (0, width - have))
+    return seq | {
+        "target_ids": np.pad(seq["target_ids"], pad),
+        "target_logprobs": np.pad(seq["target_logprobs"], pad, constant_values=-np.inf),
+        "unmapped_logprobs": np.pad(seq["unmapped_logprobs"], pad, constant_values=-np.inf),
+    }

@@ -7,7 +7,7 @@ tokens. This module holds the vocabulary side of that:
     student = token_pieces(student_tokenizer)
     vmap = vocab_map(teacher, student)             # computed once per (teacher, student) pair, then reused
     vmap.to_student(ids, "exact")                  # the student id with exactly the same bytes, -1 where none
-    vmap.to_student(ids, "prefix")                 # ... or with the longest bytes the teacher's begin with
+    vmap.to_student(ids, "first")                  # ... or the first token the student makes of those bytes
     spans = token_spans(student, ids, text, offsets)   # the bytes each token of a tokenization covers
 
 Pieces are compared as bytes, so two tokenizers of different families agree whenever their tokens do: byte-level BPE
@@ -26,7 +26,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,8 @@ import numpy as np
 from kdcache.errors import KdcacheError
 from kdcache.identity import tokenizer_fingerprint
 
-__all__ = ["RULES", "TokenPieces", "VocabMap", "byte_level_decoder", "token_pieces", "token_spans", "vocab_map"]
+__all__ = ["RULES", "FirstToken", "TokenPieces", "VocabMap", "byte_level_decoder", "first_token_of", "token_pieces"]
+__all__ += ["token_spans", "vocab_map"]
 
 _MAPS_KEPT = 4  # vocabulary maps kept per process (one per (teacher, student) pair in use)
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -149,7 +150,7 @@ def token_pieces(tokenizer: Any) -> TokenPieces:
     )
 
 
-RULES = ("exact", "prefix")  # how a teacher token's bytes choose a student token (see `VocabMap`)
+RULES = ("exact", "first")  # how a teacher token's bytes choose a student token (see `VocabMap`)
 
 
 @dataclass(frozen=True)
@@ -157,17 +158,21 @@ class VocabMap:
     """The map from a teacher's vocabulary to a student's, by bytes (see `vocab_map`), under two rules:
 
     - "exact": the student id with exactly the same bytes, -1 where the student has none;
-    - "prefix": the student id with the longest bytes that the teacher's bytes begin with: the exact one when it
-      exists, else the student token a greedy longest-match tokenizer would emit first for that text.
+    - "first": the first token the student's tokenizer makes of those bytes (its BPE/unigram model on the bytes
+      alone); where it cannot tell, the student token with the longest bytes the teacher's begin with.
+
+    Under "first" every teacher token with bytes has a student token (given a byte-complete student vocabulary), so
+    the teacher's mass is projected, not left in the tail bucket; the two rules agree wherever the student has the
+    teacher's token (and its tokenizer makes it of those bytes).
 
     Attributes:
         teacher_fingerprint, student_fingerprint: the two tokenizers' content hashes (the map's key).
         teacher_bytes, teacher_offsets: the teacher's pieces concatenated ([total] uint8) and where each id's piece
             lies in it ([Vt + 1] int64; a special token's piece is empty).
-        exact_ids, prefix_ids: [total] int32, aligned with `teacher_bytes`: at `teacher_offsets[u] + m` the student
-            id for teacher piece u without its first m bytes (m = 0: the whole piece) under each rule, -1 for none.
-        exact_roles: [Vt] int32, the student id of each teacher id under "exact" (pieces, and the beginning- and
-            end-of-sequence tokens by role); prefix_roles the same under "prefix".
+        suffixes: rule -> [total] int32, aligned with `teacher_bytes`: at `teacher_offsets[u] + m` the student id
+            for teacher piece u without its first m bytes (m = 0: the whole piece), -1 for none.
+        by_id: rule -> [Vt] int32, the student id of each teacher id (its piece's entry, and the beginning- and
+            end-of-sequence tokens by role).
         student_vocab_size: the student tokenizer's size; shared: teacher ids with an exact student counterpart.
     """
 
@@ -175,21 +180,19 @@ class VocabMap:
     student_fingerprint: str
     teacher_bytes: np.ndarray
     teacher_offsets: np.ndarray
-    exact_ids: np.ndarray
-    prefix_ids: np.ndarray
-    exact_roles: np.ndarray
-    prefix_roles: np.ndarray
+    suffixes: dict[str, np.ndarray]
+    by_id: dict[str, np.ndarray]
     student_vocab_size: int
     shared: int = field(default=0)
 
     @property
     def teacher_vocab_size(self) -> int:
-        return len(self.exact_roles)
+        return len(self.teacher_offsets) - 1
 
     @property
     def teacher_to_student(self) -> np.ndarray:
         """[Vt] int32: the exact student counterpart of every teacher id (-1 where none)."""
-        return self.exact_roles
+        return self.by_id["exact"]
 
     def piece_lengths(self, ids: np.ndarray) -> np.ndarray:
         """Bytes of each teacher id's piece (0 for special tokens and ids past the tokenizer), shaped like ids."""
@@ -200,7 +203,7 @@ class VocabMap:
 
     def to_student(self, ids: np.ndarray, rule: str = "exact") -> np.ndarray:
         """The student id of each teacher id under `rule` (int64, -1 where none; ids past the tokenizer have none)."""
-        table = self._tables(rule)[0]
+        table = self.by_id[_check_rule(rule)]
         ids = np.asarray(ids, dtype=np.int64)
         inside = (ids >= 0) & (ids < self.teacher_vocab_size)
         return np.where(inside, table[np.where(inside, ids, 0)], -1).astype(np.int64)
@@ -208,18 +211,17 @@ class VocabMap:
     def suffix_to_student(self, ids: np.ndarray, skip: np.ndarray, rule: str = "exact") -> np.ndarray:
         """The student id of each teacher piece without its first `skip` bytes under `rule` (int64, -1 where none
         or where the piece is not longer than `skip`). ids and skip broadcast together."""
-        table = self._tables(rule)[1]
+        table = self.suffixes[_check_rule(rule)]
         ids, skip = np.broadcast_arrays(np.asarray(ids, dtype=np.int64), np.asarray(skip, dtype=np.int64))
         ok = (skip >= 0) & (skip < self.piece_lengths(ids))
         index = np.where(ok, self.teacher_offsets[np.where(ok, ids, 0)] + skip, 0)
         return np.where(ok, table[index] if len(table) else -1, -1).astype(np.int64)
 
-    def _tables(self, rule: str) -> tuple[np.ndarray, np.ndarray]:
-        if rule == "exact":
-            return self.exact_roles, self.exact_ids
-        if rule == "prefix":
-            return self.prefix_roles, self.prefix_ids
+
+def _check_rule(rule: str) -> str:
+    if rule not in RULES:
         raise ValueError(f"unknown vocabulary rule {rule!r}; choose one of {RULES}")
+    return rule
 
 
 def _student_index(student: TokenPieces) -> dict[bytes, int]:
@@ -243,61 +245,97 @@ def _longest_prefix(text: bytes, index: dict[bytes, int], prefixes: set[bytes]) 
     return best
 
 
-def _build_map(teacher: TokenPieces, student: TokenPieces) -> VocabMap:
+FirstToken = Callable[[bytes], "int | None"]  # bytes -> the first token a student tokenizer makes of them, or None
+
+
+def first_token_of(tokenizer: Any) -> FirstToken:
+    """A function giving the first token the tokenizer's model (BPE, unigram, ...) makes of some bytes on their own,
+    bypassing normalizer and pre-tokenizer (the bytes are one piece of text already): for a byte-level tokenizer the
+    bytes in its byte alphabet, for a SentencePiece-style one the text with spaces as "▁". None where it cannot tell
+    (bytes that are not UTF-8 for a SentencePiece-style model, or an unknown token)."""
+    backend = tokenizer.backend_tokenizer
+    model = backend.model
+    kinds = _decoder_kinds(json.loads(backend.to_str()))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if "ByteLevel" in kinds:
+        alphabet = {byte: ch for ch, byte in byte_level_decoder().items()}
+
+        def as_model_text(data: bytes) -> str | None:
+            return "".join(alphabet[b] for b in data)
+    else:
+
+        def as_model_text(data: bytes) -> str | None:
+            try:
+                return data.decode("utf-8").replace(" ", "▁")
+            except UnicodeDecodeError:
+                return None
+
+    def first(data: bytes) -> int | None:
+        text = as_model_text(data)
+        tokens = model.tokenize(text) if text else []
+        return None if not tokens or tokens[0].id == unk else int(tokens[0].id)
+
+    return first
+
+
+def _build_map(teacher: TokenPieces, student: TokenPieces, first_token: FirstToken | None) -> VocabMap:
     index = _student_index(student)
     prefixes = {piece[:n] for piece in index for n in range(1, len(piece) + 1)}
     lengths = np.array([0 if p is None else len(p) for p in teacher.pieces], dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    exact = np.full(int(offsets[-1]), -1, dtype=np.int32)
-    longest = np.full(int(offsets[-1]), -1, dtype=np.int32)
+    suffixes = {rule: np.full(int(offsets[-1]), -1, dtype=np.int32) for rule in RULES}
     for token_id, piece in enumerate(teacher.pieces):
         if piece is None:
             continue
         base = int(offsets[token_id])
         for skip in range(len(piece)):  # every suffix: what is left of the piece past a student boundary inside it
-            exact[base + skip] = index.get(piece[skip:], -1)
-            longest[base + skip] = _longest_prefix(piece[skip:], index, prefixes)
-    roles = []
-    for table in (exact, longest):
-        by_id = np.full(teacher.vocab_size, -1, dtype=np.int32)
+            rest = piece[skip:]
+            suffixes["exact"][base + skip] = index.get(rest, -1)
+            first = first_token(rest) if first_token is not None else None
+            if first is None or not rest.startswith(student.piece(first) or b"\xff\xff"):
+                # the model could not tell (or made a token that is not a prefix of the bytes): the longest prefix
+                first = _longest_prefix(rest, index, prefixes)
+            suffixes["first"][base + skip] = first
+    by_id = {}
+    for rule, table in suffixes.items():
+        column = np.full(teacher.vocab_size, -1, dtype=np.int32)
         has = lengths > 0
-        by_id[has] = table[offsets[:-1][has]]
+        column[has] = table[offsets[:-1][has]]
         for role in ("bos_id", "eos_id"):  # special tokens stand for no text: matched by role
             t_id, s_id = getattr(teacher, role), getattr(student, role)
             if t_id is not None and s_id is not None and 0 <= t_id < teacher.vocab_size:
-                by_id[t_id] = s_id
-        roles.append(by_id)
+                column[t_id] = s_id
+        by_id[rule] = column
     joined = b"".join(p for p in teacher.pieces if p is not None)
     return VocabMap(
         teacher_fingerprint=teacher.fingerprint,
         student_fingerprint=student.fingerprint,
         teacher_bytes=np.frombuffer(joined, dtype=np.uint8).copy(),
         teacher_offsets=offsets,
-        exact_ids=exact,
-        prefix_ids=longest,
-        exact_roles=roles[0],
-        prefix_roles=roles[1],
+        suffixes=suffixes,
+        by_id=by_id,
         student_vocab_size=student.vocab_size,
-        shared=int((roles[0] >= 0).sum()),
+        shared=int((by_id["exact"] >= 0).sum()),
     )
 
 
-_MAPS: OrderedDict[tuple[str, str], VocabMap] = OrderedDict()
+_MAPS: OrderedDict[tuple[str, str, bool], VocabMap] = OrderedDict()
 _MAPS_LOCK = threading.Lock()
 
 
-def vocab_map(teacher: TokenPieces, student: TokenPieces) -> VocabMap:
+def vocab_map(teacher: TokenPieces, student: TokenPieces, *, first_token: FirstToken | None = None) -> VocabMap:
     """The map from the teacher's vocabulary to the student's: computed once per (teacher, student) pair of
     tokenizer contents (their fingerprints) and reused by every later call in the process (the last few pairs are
-    kept). Building it walks every suffix of every teacher piece through the student's pieces (see `vocab_map`'s
-    timing in docs/TARGETS.md)."""
-    key = (teacher.fingerprint, student.fingerprint)
+    kept). `first_token` (`first_token_of(student_tokenizer)`) fills the "first" rule; without it that rule takes
+    the longest student prefix everywhere. Building it walks every suffix of every teacher piece (docs/TARGETS.md
+    gives timings)."""
+    key = (teacher.fingerprint, student.fingerprint, first_token is not None)
     with _MAPS_LOCK:
         if key in _MAPS:
             _MAPS.move_to_end(key)
             return _MAPS[key]
-    built = _build_map(teacher, student)
+    built = _build_map(teacher, student, first_token)
     with _MAPS_LOCK:
         _MAPS[key] = built
         while len(_MAPS) > _MAPS_KEPT:
