@@ -605,3 +605,21 @@ def test_sampled_targets_map_without_bias(toks, mode, head):
     assert np.abs(total / rounds - want).max() < 0.035
     with pytest.raises(ValueError, match="num_samples"):
         CrossTokenizer(pieces, student_tok, mode=mode)
+
+
+def test_the_teachers_own_tokenizer_gets_the_teachers_targets(toks):
+    tok = toks["big"]
+    seq = teacher_sequence(tok, HELD_OUT, k=16, bos=False)  # the tiny tokenizers add no BOS of their own
+    out = CrossTokenizer(token_pieces(tok), tok).sequence(seq)
+    np.testing.assert_array_equal(out["input_ids"], seq["input_ids"])
+    assert set(out["xtok_kind"][:-2].tolist()) == {KIND_SAME_NEXT}  # before EOS: KIND_BOUNDARY (no text next)
+    no_text = {tok.pad_token_id, tok.unk_token_id}  # special tokens without a role (BOS, EOS map by role)
+    for row in range(len(out["input_ids"])):
+        head = dict(zip(seq["target_ids"][row].tolist(), seq["target_logprobs"][row].tolist()))
+        got = {
+            i: v for i, v in zip(out["target_ids"][row].tolist(), out["target_logprobs"][row].tolist()) if v > -1e30
+        }
+        assert got == pytest.approx({i: v for i, v in head.items() if i not in no_text}, abs=1e-6)
+        dropped = [math.exp(v) for i, v in head.items() if i in no_text]  # their mass is in the tail bucket
+        want_tail = math.exp(float(seq["tail_logprobs"][row, 0])) + sum(dropped)
+        assert math.exp(float(out["tail_logprobs"][row, 0])) == pytest.approx(want_tail, rel=1e-5)
