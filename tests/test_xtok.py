@@ -20,6 +20,14 @@ import numpy as np
 import pytest
 
 from kdcache.errors import KdcacheError
+from kdcache.pieces import (
+    TokenPieces,
+    byte_level_decoder,
+    pieces_from_json,
+    pieces_to_json,
+    token_pieces,
+    token_spans,
+)
 from kdcache.read.xalign import (
     KIND_BOUNDARY,
     KIND_HARD,
@@ -30,14 +38,7 @@ from kdcache.read.xalign import (
     map_targets,
 )
 from kdcache.read.xbatch import CrossTokenizer, utf8_bounds
-from kdcache.read.xtok import (
-    TokenPieces,
-    byte_level_decoder,
-    first_token_of,
-    token_pieces,
-    token_spans,
-    vocab_map,
-)
+from kdcache.read.xtok import first_token_of, vocab_map
 from tests.tiny_models import build_tiny_tokenizer
 
 TEXT = inspect.getsource(textwrap)[3000:5200]  # in the tokenizers' training text: long merged tokens occur
@@ -295,6 +296,14 @@ def test_pieces_spell_the_text_in_both_families(toks):
     assert sp.piece(toks["sp"].convert_tokens_to_ids("<0x0A>")) == b"\n"
     assert sp.piece(toks["sp"].convert_tokens_to_ids("▁return")) == b" return"
     assert sp.piece(toks["sp"].bos_token_id) is None
+
+
+def test_pieces_survive_their_json_form(toks):
+    pieces = token_pieces(toks["sp"])
+    again = pieces_from_json(json.loads(json.dumps(pieces_to_json(pieces))))
+    assert again == pieces
+    with pytest.raises(KdcacheError, match="cache/x.json: not a token piece table"):
+        pieces_from_json({"pieces": ["zz"], "fingerprint": "f"}, "cache/x.json")
 
 
 def test_token_spans_from_offsets_when_the_pieces_do_not_spell_the_text(toks):

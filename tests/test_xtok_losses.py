@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kdcache.losses import distillation_loss, forward_kl_tail, uld_loss
+from kdcache.pieces import token_pieces
 from kdcache.read.xbatch import CrossTokenizer
-from kdcache.read.xtok import token_pieces
 from tests.test_xtok import HELD_OUT, TEXT, teacher_sequence, toks  # noqa: F401  (toks is a fixture)
 
 

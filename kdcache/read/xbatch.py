@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import KdcacheError
+from kdcache.pieces import TokenPieces, token_pieces, token_spans
 from kdcache.read.collate import collate_sequences, cumsum_rows, keep_top_k, stored_temperature_index
 from kdcache.read.xalign import align_tokens, map_targets, next_token_logprobs
-from kdcache.read.xtok import RULES, TokenPieces, first_token_of, token_pieces, token_spans, vocab_map
+from kdcache.read.xtok import RULES, first_token_of, vocab_map
 
 __all__ = ["TEXT_KEYS", "CrossTokenizer", "utf8_bounds"]
 
