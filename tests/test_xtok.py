@@ -632,3 +632,38 @@ def test_the_teachers_own_tokenizer_gets_the_teachers_targets(toks):
         dropped = [math.exp(v) for i, v in head.items() if i in no_text]  # their mass is in the tail bucket
         want_tail = math.exp(float(seq["tail_logprobs"][row, 0])) + sum(dropped)
         assert math.exp(float(out["tail_logprobs"][row, 0])) == pytest.approx(want_tail, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ capture
+
+
+def test_windows_carry_exactly_the_text_behind_their_tokens(toks):
+    from kdcache.capture.sources import cut_windows
+    from kdcache.capture.tokentext import document_token_ends, window_text
+
+    def offsets_of(tok):
+        def run(text):
+            enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+
+        return run
+
+    for name, text in (("big", TEXT), ("sp", TEXT), ("small", "x = 'héllo ✓'\n" + HELD_OUT)):
+        tok = toks[name]
+        pieces = token_pieces(tok)
+        ids = [*tok(text, add_special_tokens=True)["input_ids"], tok.eos_token_id]  # the worker appends EOS
+        ends = document_token_ends(pieces, ids, text, offsets_of(tok))
+        data = text.encode()
+        parts = []
+        start = 0
+        for window in cut_windows(ids, 64, 1):
+            body, window_ends = window_text(data, ends, start, start + len(window))
+            assert len(window_ends) == len(window) and window_ends[-1] == len(body)
+            parts.append(body)
+            start += len(window)
+        assert b"".join(parts) == data  # every byte once, in order
+        if name != "small":  # pieces that spell the text: each token's bytes are its piece
+            spans = np.diff(np.concatenate([[0], ends]))
+            assert all(len(pieces.piece(i) or b"") == n for i, n in zip(ids[1:], spans[1:]))
+    with pytest.raises(KdcacheError, match="other ids"):
+        document_token_ends(token_pieces(toks["small"]), [5, 6], "é", lambda text: ([7], [(0, 1)]))
