@@ -667,3 +667,26 @@ def test_windows_carry_exactly_the_text_behind_their_tokens(toks):
             assert all(len(pieces.piece(i) or b"") == n for i, n in zip(ids[1:], spans[1:]))
     with pytest.raises(KdcacheError, match="other ids"):
         document_token_ends(token_pieces(toks["small"]), [5, 6], "é", lambda text: ([7], [(0, 1)]))
+
+
+def test_bits_per_byte_counts_every_token_against_the_texts_bytes(toks):
+    import torch
+
+    from kdcache.demo.evaluation import bits_per_byte
+
+    class Uniform(torch.nn.Module):  # log q = -log V for every token: bits = tokens * log2 V
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab = vocab
+
+        def forward(self, input_ids, attention_mask=None):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+    tok = toks["sp"]  # it has a BOS
+    texts = [TEXT[:300], HELD_OUT[:120], "x"]
+    tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    want = tokens * math.log2(len(tok)) / sum(len(t.encode()) for t in texts)
+    assert bits_per_byte(Uniform(len(tok)), tok, texts, batch_texts=2) == pytest.approx(want, rel=1e-6)
+    assert bits_per_byte(Uniform(len(tok)), tok, texts, batch_texts=1) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="no BOS"):
+        bits_per_byte(Uniform(len(toks["big"])), type("NoBos", (), {"bos_token_id": None})(), texts)
