@@ -28,6 +28,7 @@ from kdcache.errors import KdcacheError
 from kdcache.identity import tokenizer_fingerprint
 
 __all__ = [
+    "PIECES_KEY",
     "TokenPieces",
     "byte_level_decoder",
     "decoder_kinds",
@@ -37,6 +38,7 @@ __all__ = [
     "token_spans",
 ]
 
+PIECES_KEY = "tokenizer_pieces.json"  # a cache's teacher piece table (`pieces_to_json`), beside index.json
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _MAX_PIECES = 1 << 24  # ids a stored piece table may hold (a bound before allocating; vocabularies are ~10^5)
 

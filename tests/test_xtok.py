@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.pieces import (
     TokenPieces,
     byte_level_decoder,
@@ -690,3 +690,33 @@ def test_bits_per_byte_counts_every_token_against_the_texts_bytes(toks):
     assert bits_per_byte(Uniform(len(tok)), tok, texts, batch_texts=1) == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="no BOS"):
         bits_per_byte(Uniform(len(toks["big"])), type("NoBos", (), {"bos_token_id": None})(), texts)
+
+
+def test_teacher_pieces_are_read_from_the_cache_and_checked(toks, tmp_path):
+    from kdcache.pieces import PIECES_KEY
+    from kdcache.read.xbatch import load_teacher_pieces
+    from kdcache.store import Store
+
+    store = Store(str(tmp_path))
+    pieces = token_pieces(toks["big"])
+    manifest = {"fingerprint_inputs": {"tokenizer": {"hash": pieces.fingerprint}}}
+    with pytest.raises(KdcacheError, match="captured without targets.cross_tokenizer"):
+        load_teacher_pieces(store, manifest)
+    store.write_bytes(PIECES_KEY, json.dumps(pieces_to_json(pieces)).encode())
+    assert load_teacher_pieces(store, manifest) == pieces
+    other = {"fingerprint_inputs": {"tokenizer": {"hash": "0" * 64}}}
+    with pytest.raises(CacheMismatchError, match="the cache's tokenizer"):
+        load_teacher_pieces(store, other)
+    store.write_bytes(PIECES_KEY, b"[1, 2")
+    with pytest.raises(KdcacheError, match="not JSON"):
+        load_teacher_pieces(store, manifest)
+
+
+def test_batches_are_tensors_in_the_students_vocabulary(toks):
+    import torch
+
+    cross = CrossTokenizer(token_pieces(toks["big"]), toks["small"])
+    batch = cross.batch([teacher_sequence(toks["big"], HELD_OUT, k=8), None], 7, [0, -1], pad_token_id=0)
+    assert batch["teacher_vocab_size"] == len(toks["small"]) and batch["temperatures"] == [1.0]
+    assert int(batch["batch_index"]) == 7 and batch["source"].tolist() == [0, -1]
+    assert batch["input_ids"].dtype == torch.int64 and int(batch["target_ids"].max()) < len(toks["small"])

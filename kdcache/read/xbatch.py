@@ -22,20 +22,24 @@ temperature, so the losses take it at T = 1 (give the dataset a stored `temperat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
-from kdcache.errors import KdcacheError
-from kdcache.pieces import TokenPieces, token_pieces, token_spans
+from kdcache.errors import CacheMismatchError, KdcacheError
+from kdcache.pieces import PIECES_KEY, TokenPieces, pieces_from_json, token_pieces, token_spans
 from kdcache.read.collate import collate_sequences, cumsum_rows, keep_top_k, stored_temperature_index
 from kdcache.read.xalign import align_tokens, map_targets, next_token_logprobs
 from kdcache.read.xtok import RULES, first_token_of, vocab_map
+from kdcache.store import Store
 
-__all__ = ["TEXT_KEYS", "CrossTokenizer", "utf8_bounds"]
+__all__ = ["MAX_PIECES_BYTES", "TEXT_KEYS", "CrossTokenizer", "load_teacher_pieces", "utf8_bounds"]
 
 TEXT_KEYS = ("token_text", "token_text_ends")  # what a cached sequence must carry for a cross-tokenizer student
+MAX_PIECES_BYTES = 256 * 2**20  # bound on a cache's piece table before it is read (~3 MB at 150k ids)
 
 
 def utf8_bounds(text: bytes) -> tuple[int, int]:
@@ -240,6 +244,27 @@ class CrossTokenizer:
             "xtok_kind": mapped.kind,
         }
 
+    def batch(
+        self,
+        seqs: Sequence[dict[str, Any] | None],
+        batch_index: int,
+        sources: Sequence[int],
+        *,
+        pad_to: int | None = None,
+        pad_token_id: int = 0,
+    ) -> dict[str, Any]:
+        """What `KDCacheDataset` yields for cached teacher sequences (None = a padded row): the student's batch as
+        tensors, with `source`, `batch_index`, `temperatures` ([1.0]) and `teacher_vocab_size` (here the student's
+        vocabulary, which the mapped ids index)."""
+        mapped = [None if s is None else self.sequence(s) for s in seqs]
+        arrays = self.collate(mapped, pad_to=pad_to, pad_token_id=pad_token_id)
+        out: dict[str, Any] = {key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in arrays.items()}
+        out["source"] = torch.tensor(list(sources), dtype=torch.int64)
+        out["temperatures"] = [1.0]
+        out["batch_index"] = torch.tensor(batch_index, dtype=torch.int64)
+        out["teacher_vocab_size"] = self.student_vocab_size
+        return out
+
     def collate(
         self, seqs: Sequence[dict[str, Any] | None], *, pad_to: int | None = None, pad_token_id: int = 0
     ) -> dict[str, np.ndarray]:
@@ -278,3 +303,34 @@ def _widen(seq: dict[str, Any], width: int) -> dict[str, Any]:
         "target_logprobs": np.pad(seq["target_logprobs"], pad, constant_values=-np.inf),
         "unmapped_logprobs": np.pad(seq["unmapped_logprobs"], pad, constant_values=-np.inf),
     }
+
+
+def load_teacher_pieces(store: Store, manifest: dict[str, Any]) -> TokenPieces:
+    """The teacher tokenizer's pieces a cache stores (`PIECES_KEY`, written by a job with `targets.cross_tokenizer`),
+    checked against the tokenizer hash of its manifest.
+
+    Raises:
+        KdcacheError: the cache has no piece table (captured without `targets.cross_tokenizer`), or it is malformed
+            or larger than `MAX_PIECES_BYTES`.
+        CacheMismatchError: the table belongs to another tokenizer than the cache's.
+    """
+    url = store.url(PIECES_KEY)
+    if not store.exists(PIECES_KEY):
+        raise KdcacheError(
+            f"{url} is missing: the cache was captured without targets.cross_tokenizer, so a student with another "
+            "tokenizer cannot be trained from it (recapture with targets.cross_tokenizer: true)"
+        )
+    size = store.size(PIECES_KEY)
+    if size > MAX_PIECES_BYTES:
+        raise KdcacheError(f"{url}: {size} bytes, more than a piece table may hold ({MAX_PIECES_BYTES})")
+    try:
+        obj = json.loads(store.read_bytes(PIECES_KEY))
+    except ValueError as exc:
+        raise KdcacheError(f"{url}: not JSON ({exc})") from exc
+    pieces = pieces_from_json(obj if isinstance(obj, dict) else {}, url)
+    expected = str(manifest["fingerprint_inputs"]["tokenizer"]["hash"])
+    if pieces.fingerprint != expected:
+        raise CacheMismatchError(
+            f"{url}: pieces of tokenizer {pieces.fingerprint[:16]}, but the cache's tokenizer is {expected[:16]}"
+        )
+    return pieces
