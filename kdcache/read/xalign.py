@@ -216,7 +216,9 @@ def map_targets(
     if len(r):
         starts = np.asarray(teacher_ends, dtype=np.int64)[t[r]]
         cand[r, c] = _prefix_matches(vmap, text, starts, ids[r, c], m[r])
-    sid = np.where(inside[:, None], vmap.suffix_to_student(ids, m[:, None], rule), vmap.to_student(ids, rule))
+    sid = vmap.to_student(ids, rule)
+    if inside.any():
+        sid[inside] = vmap.suffix_to_student(ids[inside], m[inside, None], rule)
     prob = np.where(cand, np.exp(np.where(cand, lp, 0.0)), 0.0)
     norm = np.where(inside, prob.sum(-1), 1.0)
     ok = norm > 0
