@@ -720,3 +720,19 @@ def test_batches_are_tensors_in_the_students_vocabulary(toks):
     assert batch["teacher_vocab_size"] == len(toks["small"]) and batch["temperatures"] == [1.0]
     assert int(batch["batch_index"]) == 7 and batch["source"].tolist() == [0, -1]
     assert batch["input_ids"].dtype == torch.int64 and int(batch["target_ids"].max()) < len(toks["small"])
+
+
+def test_the_dataset_refuses_another_tokenizer_unless_asked_and_needs_the_text(toks, tmp_path):
+    from kdcache.errors import CacheMismatchError as Mismatch
+    from kdcache.read.dataset import KDCacheDataset
+    from tests.fake_cache import write_fake_cache
+
+    uri = str(tmp_path / "cache")
+    pieces = token_pieces(toks["big"])
+    write_fake_cache(uri, vocab=512, tokenizer_vocab=512, tokenizer_hash=pieces.fingerprint)
+    with pytest.raises(Mismatch, match="student tokenizer"):
+        KDCacheDataset(uri, batch_size=2, tokenizer=toks["small"])
+    with pytest.raises(KdcacheError, match="captured without targets.cross_tokenizer"):
+        KDCacheDataset(uri, batch_size=2, tokenizer=toks["small"], cross_tokenizer=True)
+    with pytest.raises(ValueError, match="needs the student's tokenizer"):
+        KDCacheDataset(uri, batch_size=2, cross_tokenizer=True)
