@@ -52,6 +52,8 @@ class Window:
     seq_id: int
     input_ids: np.ndarray  # [T] int32
     target_mask: np.ndarray | None = None  # [T] bool: the positions that get a target (None: every position)
+    token_text: bytes | None = None  # targets.cross_tokenizer: the bytes behind the window's tokens (None: unknown)
+    token_text_ends: np.ndarray | None = None  # [T] int64: each token's byte end in token_text
 
 
 def make_seq_id(source_url: str, locator: str, window_index: int) -> int:

@@ -35,12 +35,14 @@ import numpy as np
 
 from kdcache.capture.chat import ChatRenderer, effective_chat_template, read_chat_template, target_mask
 from kdcache.capture.sources import Window, cut_windows, iter_documents, make_seq_id, tokenize_documents
+from kdcache.capture.tokentext import document_token_ends, window_text
 from kdcache.codec import CodecParams
 from kdcache.config import CHAT_FORMATS, DataConfig, KDCacheConfig, OutputConfig, TargetsConfig, TeacherConfig
-from kdcache.errors import CacheMismatchError, ConfigError, SourceError
+from kdcache.errors import CacheMismatchError, ConfigError, KdcacheError, SourceError
 from kdcache.formats import get_format
 from kdcache.formats.base import BufferedShardWriter
 from kdcache.manifest import FORMAT_VERSION, commit_key, dumps, shard_key
+from kdcache.pieces import TokenPieces, token_pieces
 from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
 
@@ -157,10 +159,22 @@ class UnitWorker:
                     "data.chat_template"
                 )
             self.renderer = ChatRenderer(self.tokenizer, template, add_eos=data.add_eos)
+        # targets.cross_tokenizer: the text behind every token of plain-text documents (kdcache.capture.tokentext)
+        self.pieces: TokenPieces | None = None
+        if settings.targets.cross_tokenizer and self.renderer is None:
+            try:
+                self.pieces = token_pieces(self.tokenizer)
+            except KdcacheError:  # the job warned once already (kdcache.capture.job.write_teacher_pieces)
+                self.pieces = None
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # verbose=False: whole documents exceed model_max_length by design (they are cut into windows next)
         return self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+
+    def _offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """A document's ids and character offsets (asked only when the tokenizer's pieces do not spell it)."""
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     def _tokenized(self, docs: Any) -> Any:
         """(document, ids, assistant mask [T] bool or None) per document: chat records rendered with the template,
@@ -211,6 +225,10 @@ class UnitWorker:
                 if not targets.any():
                     counts["no_assistant_tokens"] += 1
                     continue
+            doc_ends = doc_bytes = None
+            if self.pieces is not None and doc.text is not None and doc.ids is None:
+                doc_ends = document_token_ends(self.pieces, ids, doc.text, self._offsets)
+                doc_bytes = doc.text.encode("utf-8")
             cut = cut_windows(ids, data.max_length, data.min_length)
             counts["short_windows_dropped"] += -(-len(ids) // data.max_length) - len(cut)
             for w, arr in enumerate(cut):
@@ -219,7 +237,10 @@ class UnitWorker:
                 if window_mask is not None and not window_mask.any():
                     counts["windows_without_targets"] += 1
                     continue
-                windows.append(Window(make_seq_id(unit["url"], doc.locator, w), arr, window_mask))
+                text, ends = (
+                    (None, None) if doc_ends is None else window_text(doc_bytes, doc_ends, start, start + len(arr))
+                )
+                windows.append(Window(make_seq_id(unit["url"], doc.locator, w), arr, window_mask, text, ends))
         return windows, counts
 
     def compute(
