@@ -27,6 +27,8 @@ entries):
 | sample_gaps    | [M]     | uint32     | bytes + blosc(zstd, bitshuffle)                                 |
 | sample_counts  | [M]     | uint8      | bytes + zstd                                                    |
 | sample_codes   | [M]     | codec's    | as target_codes                                                 |
+| token_text_lengths | [N] | int32      | bytes + zstd; optional: text bytes of each token, -1 unknown    |
+| token_text     | [B]     | uint8      | bytes + zstd; optional: the text behind the tokens, in order    |
 
 Arrays along tokens are chunked by `row_group_tokens` tokens; target_gaps/target_codes are absent when k = 0,
 sample_* when the cache is not sampled. The group's attributes hold {"kdcache": {...}} like the Parquet key-value
@@ -51,10 +53,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs, gap_planes, values_to_planar
-from kdcache.formats.base import BufferedShardWriter, ShardCounts, ShardData, expand_rows
+from kdcache.formats.base import MAX_TEXT_BYTES_PER_TOKEN, BufferedShardWriter, ShardCounts, ShardData, expand_rows
 from kdcache.formats.limits import compressed_size_claim
 from kdcache.formats.memory import pooled_empty
-from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, steps_from_gaps
+from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, steps_from_gaps, text_parts
 
 __all__ = [
     "NAME",
@@ -130,11 +132,13 @@ class ShardWriter(BufferedShardWriter):
                 ("sample_counts", a["sample_counts"], "zstd"),
                 ("sample_codes", a["sample_codes"], "shuffle"),
             ]
+        if self.token_text:
+            arrays += [("token_text_lengths", a["text_lengths"], "zstd"), ("token_text", a["text_bytes"], "zstd")]
         for name, values, kind in arrays:
             values = np.ascontiguousarray(values)
             if name.startswith("seq_"):
                 chunks: tuple[int, ...] = (max(1, len(values)),)
-            elif name.startswith("sample_") and name != "sample_lengths":
+            elif (name.startswith("sample_") and name != "sample_lengths") or name == "token_text":
                 chunks = (max(1, min(len(values), chunk * 16)),)
             else:
                 chunks = (max(1, min(len(values), chunk)), *values.shape[1:])
@@ -332,9 +336,11 @@ def read_arrays(
     codec: CodecParams,
     num_samples: int | None = None,
     counts: ShardCounts | None = None,
+    token_text: bool = False,
 ) -> dict[str, np.ndarray]:
     """The declared arrays of a zipped shard group, as stored (no decoding of gaps or codes), checked against the
-    layout and `counts` before each is decompressed; other entries are never read. Raises ValueError."""
+    layout and `counts` before each is decompressed; other entries are never read (the optional token text only
+    with `token_text`). Raises ValueError."""
     shard = _Shard(source)
     n, s, r = (
         (None, None, None) if counts is None else (counts.num_tokens, counts.num_sequences, counts.num_target_tokens)
@@ -373,6 +379,13 @@ def read_arrays(
         for name, dtype in (("sample_gaps", "<u4"), ("sample_counts", "u1"), ("sample_codes", None)):
             want = codec.code_dtype.newbyteorder("<") if dtype is None else np.dtype(dtype)
             out[name] = shard.read(shard.array_spec(name, want, (m,)))
+    if token_text:
+        lengths = shard.read(shard.array_spec("token_text_lengths", np.dtype("<i4"), (n,)))
+        size = int(np.maximum(lengths, 0).sum(dtype=np.int64))
+        if size > MAX_TEXT_BYTES_PER_TOKEN * max(n, 1):
+            raise ValueError(f"the token text claims {size} bytes for {n} tokens")
+        out["token_text_lengths"] = lengths
+        out["token_text"] = shard.read(shard.array_spec("token_text", np.dtype("u1"), (size,)))
     return out
 
 
@@ -452,11 +465,19 @@ def read_rows(
     planar: bool = False,
     num_samples: int | None = None,
     counts: ShardCounts | None = None,
+    token_text: bool = False,
 ) -> UnitRows:
     """A shard's rows, compact for batching (`kdcache.formats.rows`): id steps in uint16 when `vocab_size` allows,
-    else int32; with `planar`, the gaps as planar bytes (what compact batches ship to the GPU). Checked first."""
+    else int32; with `planar`, the gaps as planar bytes (what compact batches ship to the GPU); with `token_text`
+    the text behind the tokens too. Checked first."""
     a = read_arrays(
-        source, k=k, num_temperatures=num_temperatures, codec=codec, num_samples=num_samples, counts=counts
+        source,
+        k=k,
+        num_temperatures=num_temperatures,
+        codec=codec,
+        num_samples=num_samples,
+        counts=counts,
+        token_text=token_text,
     )
     offsets, mask = a["seq_offsets"], _mask(a)
     n = len(a["input_id"])
@@ -482,7 +503,16 @@ def read_rows(
         entropy=entropy,
         samples=_samples(a, codec, mask),
         target_mask=mask,
+        **_text(a, n),
     )
+
+
+def _text(a: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """UnitRows' text fields from the token text arrays (none when they were not read)."""
+    if "token_text_lengths" not in a:
+        return {}
+    offsets, values, known = text_parts(a["token_text_lengths"], a["token_text"], n)
+    return {"text_offsets": offsets, "text_bytes": values, "text_known": known}
 
 
 def column_bytes(source: bytes | memoryview | BinaryIO) -> dict[str, int]:
