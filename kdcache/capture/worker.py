@@ -282,6 +282,7 @@ class UnitWorker:
             metadata={"fingerprint": s.fingerprint, "format_version": FORMAT_VERSION, "unit_id": unit["unit_id"]},
             row_group_tokens=s.output.row_group_tokens,
             vocab_size=self.teacher.padded_vocab_size,  # the same Parquet columns in every shard of the cache
+            token_text=s.targets.cross_tokenizer,  # the text behind every token (null where unknown)
         )
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
@@ -312,8 +313,9 @@ class UnitWorker:
                 offset += num_rows[i]
                 seq_head, seq_samples = head.rows(*rows), None if samples is None else samples.rows(*rows)
                 w = windows[i]
+                text = None if w.token_text is None else (w.token_text, w.token_text_ends)
                 encoded[i] = writer.encode_sequence(
-                    w.seq_id, w.input_ids, seq_head, seq_samples, target_mask=w.target_mask
+                    w.seq_id, w.input_ids, seq_head, seq_samples, target_mask=w.target_mask, token_text=text
                 )
                 entropies[i] = seq_head.entropy
                 masses[i] = captured_mass(seq_head.logprobs, None if seq_samples is None else seq_samples.logprobs)

@@ -593,7 +593,8 @@ class KDCacheDataset(IterableDataset):
         """Fetch (checked against size and checksum), decompress and decode one unit of a source compactly; runs in a
         prefetch thread."""
         reader = self.readers[source]
-        return reader.read_unit_rows(reader.units[index], planar=self.compact_targets)
+        text = self._cross is not None  # the text behind the tokens, for a student with another tokenizer
+        return reader.read_unit_rows(reader.units[index], planar=self.compact_targets, token_text=text)
 
     def _collate(self, seqs: list[dict[str, Any] | None], batch_index: int, sources: list[int]) -> dict[str, Any]:
         if self._cross is not None:
