@@ -180,8 +180,9 @@ def build_caches(teacher_dir: Path, source: Path, out: Path, settings: dict[str,
                 "bytes": stats["total_bytes"],
                 "tokens": stats["num_tokens"],
                 "bytes_per_token": stats["bytes_per_token"],
-                "text_bytes": text_column_bytes(str(uri)),
             }
+            caches[key]["parts"] = parts = cache_bytes(str(uri))
+            caches[key]["text_bytes"] = parts["token_text"]
             print(f"[bench] cached {key}: {stats['num_tokens']:,} tokens, {stats['total_bytes']:,} B")
     finally:
         if started_ray:
@@ -189,16 +190,27 @@ def build_caches(teacher_dir: Path, source: Path, out: Path, settings: dict[str,
     return caches
 
 
-def text_column_bytes(uri: str) -> int:
-    """Compressed bytes of the token text column over the cache's shards."""
+def cache_bytes(uri: str) -> dict[str, int]:
+    """Stored bytes of a cache's shards by part: `token_text` (the token text column / arrays), `tokens` (sequence
+    ids, input ids, offsets, target mask), `targets` (every other column: head, normalizers, tails, entropy,
+    samples) and `other` (file metadata and framing), from each shard's footer or zip directory."""
     from kdcache.read.reader import CacheReader
 
     reader = CacheReader(uri)
-    total = 0
+    parts = {"token_text": 0, "tokens": 0, "targets": 0, "other": 0}
     for unit in reader.units:
         columns = reader.format.column_bytes(bytes(reader.read_unit_bytes(unit)))
-        total += sum(size for name, size in columns.items() if name.startswith("token_text"))
-    return total
+        for name, size in columns.items():
+            if name.startswith("token_text"):
+                parts["token_text"] += size
+            elif name in ("seq_id", "seq_offsets", "input_id", "target_mask"):
+                parts["tokens"] += size
+            elif name.startswith(("target_", "log_normalizer", "tail_logprob", "entropy", "sample_")):
+                parts["targets"] += size
+            else:
+                parts["other"] += size
+        parts["other"] += unit["bytes"] - sum(columns.values())
+    return parts
 
 
 def batches(uri: str, *, batch_size: int, seed: int, tokenizer: Any, cross: bool, mapping: str):
@@ -351,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, info in report["caches"].items():
         share, per_token = info["text_bytes"] / info["bytes"], info["text_bytes"] / info["tokens"]
         print(f"cache {key}: {info['bytes']:,} B ({info['bytes_per_token']:.1f} B/token)", end="")
-        print(f", token text {info['text_bytes']:,} B = {100 * share:.1f}% ({per_token:.2f} B/token)")
+        print(f", token text {info['text_bytes']:,} B = {100 * share:.1f}% ({per_token:.2f} B/token)", end="")
+        print(f", {100 * info['text_bytes'] / info['parts']['targets']:.1f}% of the targets' bytes")
     print(f"alignment of the student's positions: {json.dumps(report['alignment'], indent=1)}")
     print(f"held out: {report['valid_texts']} texts, {report['valid_bytes']:,} B; total {report['seconds']:.0f} s")
     return 0
