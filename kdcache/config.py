@@ -118,7 +118,7 @@ class TargetsConfig:
     cross_tokenizer: bool = _f(
         True,
         "store the bytes of text behind every teacher token, so a student with another tokenizer can train from the "
-        "cache (docs/TARGETS.md, 'Students with another tokenizer'); about 1 byte per token compressed",
+        "cache (docs/TARGETS.md, 'Students with another tokenizer'); 1.4 bytes per token on the demo, 3% of top-32",
     )
     logprob_codec: str = _f(
         "u8",
