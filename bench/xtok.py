@@ -248,6 +248,7 @@ def alignment_shares(uri: str, tokenizer: Any, mapping: str, sequences: int = 64
     for _, batch in zip(range(max(1, sequences // 8)), stream):
         kinds = batch["xtok_kind"][batch["attention_mask"].bool()].numpy()
         counts += np.bincount(kinds, minlength=5)
+    stream.close()
     names = ["none", "same next token", "boundary, other next token", "inside a teacher token", "hard label"]
     return {name: float(c / counts.sum()) for name, c in zip(names, counts)}
 
@@ -312,6 +313,7 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
             t0 = time.perf_counter()
             tr.train_student(model, stream, make_loss(row, modes[cache]), train)
             seconds += time.perf_counter() - t0
+            stream.close()  # stops the dataset's background threads
             bpbs.append(ev.bits_per_byte(model, tok, valid))
         results.append(
             {
@@ -342,6 +344,17 @@ def run(settings: dict[str, Any], out: Path, *, assets_dir: Path, seed: int = 0)
     return report
 
 
+def wait_for_reader_threads(timeout: float = 60.0) -> None:
+    """Let the closed datasets' background threads (daemons; a batch may still be collating) end before the
+    interpreter exits: one killed mid-batch at exit aborts the process."""
+    import threading
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith("kdcache-"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A student with another tokenizer trained from a kdcache cache.")
     parser.add_argument("--quick", action="store_true", help="tiny teacher, corpus and students (about a minute)")
@@ -358,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / ".kdcache" / ("bench-xtok-quick" if args.quick else "bench-xtok")
     assets_dir = args.assets or (out / "assets" if args.quick else REPO / ".kdcache" / "demo" / "assets")
     report = run(settings, out, assets_dir=assets_dir, seed=args.seed)
+    wait_for_reader_threads()
     print()
     print(report["table"])
     for key, info in report["caches"].items():
