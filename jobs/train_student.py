@@ -5,9 +5,15 @@
     torchrun --nproc_per_node 2 jobs/train_student.py ... --resume runs/s1/checkpoint.pt     # continues exactly
 
 `--student` is a model directory (weights loaded with from_pretrained), or a config (a directory with config.json
-only, or the JSON file itself: a fresh student built from it, seeded by --seed). Rank 0 prints one JSON line per step
-and a final line `{"final_loss": ..., "steps": ...}`; the checkpoint (`<out>/checkpoint.pt`) holds the model,
-optimizer, step and `KDCacheDataset.state_after(...)` of the last batch trained on.
+only, or the JSON file itself: a fresh student built from it, seeded by --seed). Rank 0 first prints what the cache
+came from (`{"cache", "teacher", "license", "generated"}`: the teacher's license, and a cache of the teacher's own
+responses' generation settings, docs/GENERATE.md), then one JSON line per step and a final line
+`{"final_loss": ..., "steps": ...}`; the checkpoint (`<out>/checkpoint.pt`) holds the model, optimizer, step and
+`KDCacheDataset.state_after(...)` of the last batch trained on.
+
+On a cache of the teacher's own responses, `--alpha 0.5` mixes token-level KD (the soft targets) with sequence-level
+KD (cross-entropy on the generated tokens: `distillation_loss` takes CE where the cache has targets); `--alpha 0` is
+sequence-level KD alone.
 """
 
 from __future__ import annotations
@@ -67,6 +73,20 @@ def load_student(spec: str, seed: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
+def provenance(uri: str, manifest: dict) -> dict:
+    """What the cache came from: its teacher, the teacher's license, and for a generated cache how it was generated."""
+    recorded = manifest.get("provenance") or {}
+    teacher = recorded.get("teacher") or {}
+    generated = recorded.get("generation")
+    keys = ("engine", "n", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "sequences", "generated_tokens")
+    return {
+        "cache": uri,
+        "teacher": teacher.get("model") or (manifest.get("config") or {}).get("teacher", {}).get("model"),
+        "license": teacher.get("license"),
+        "generated": None if generated is None else {key: generated.get(key) for key in keys},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -103,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if len(dataset) == 0:
         raise SystemExit(f"{args.cache}: the cache has no sequences to train on")
+    if rank == 0:
+        print(json.dumps(provenance(args.cache, dataset.manifest)), flush=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.num_workers)
     loss_value = math.nan
     while step < args.steps:

@@ -1,7 +1,8 @@
 """Job configuration: one dataclass per component, loaded from YAML with `key=value` overrides.
 
-The YAML has five sections, `teacher`, `data`, `targets`, `output` and `cluster`; every key is documented by the
-`help` metadata of its field (with its unit). Loading validates everything before any work starts: an unknown key, a
+The YAML has five sections, `teacher`, `data`, `targets`, `output` and `cluster`, and an optional sixth, `generate`
+(present: the teacher first answers the prompts, see docs/GENERATE.md); every key is documented by the `help` metadata
+of its field (with its unit). Loading validates everything before any work starts: an unknown key, a
 wrong type or an impossible value raises `ConfigError` naming the key, e.g. ``targets.k: must be >= 1, got 0``.
 
     cfg = load_config("configs/quickstart.yaml", overrides=["targets.k=16", "cluster.num_actors=2"])
@@ -25,6 +26,7 @@ from kdcache.errors import ConfigError
 __all__ = [
     "ClusterConfig",
     "DataConfig",
+    "GenerateConfig",
     "KDCacheConfig",
     "OutputConfig",
     "TargetsConfig",
@@ -60,6 +62,11 @@ class TeacherConfig:
         None,
         "bytes of float32 logits per lm_head chunk (peak extra memory a small multiple of this); "
         "null: 64 MiB on CPU, 1 GiB on a GPU",
+    )
+    license: str | None = _f(
+        None,
+        "the teacher's license as recorded in the manifest (provenance, not identity); null: what the model card "
+        "(README.md front matter) or config declares, if anything",
     )
 
 
@@ -138,6 +145,27 @@ class TargetsConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Distillation through generation: the teacher answers each prompt, then its targets are cached on its answers.
+
+    The section is optional; without it there is no generation (see docs/GENERATE.md).
+    """
+
+    engine: str = _f("hf", "hf (Hugging Face generate, static batches, KV cache) | vllm (GPU; extra kdcache[vllm])")
+    n: int = _f(1, "responses generated per prompt (each becomes one sequence)")
+    max_new_tokens: int = _f(256, "tokens generated per response at most (fewer when data.max_length is reached)")
+    temperature: float = _f(1.0, "sampling temperature; 0: greedy (then n must be 1)")
+    top_p: float = _f(1.0, "nucleus sampling: keep the most probable tokens holding this much mass (1.0: off)")
+    top_k: int = _f(0, "keep the k most probable tokens before sampling (0: off)")
+    stop: list[str] = _f([], "stop strings: a response ends with the token that completes one (besides EOS)")
+    seed: int = _f(0, "seed of the draws (with the prompt's file and position and the sample index)")
+    batch_size: int = _f(32, "hf: responses generated together (prompts of similar length are batched)")
+    engine_options: dict = _f(
+        {}, "vllm: keyword arguments of vllm.LLM, e.g. gpu_memory_utilization (default 0.5: the teacher shares a GPU)"
+    )
+
+
+@dataclass
 class OutputConfig:
     """Where the cache goes."""
 
@@ -187,6 +215,9 @@ SECTIONS: dict[str, type] = {
     "output": OutputConfig,
     "cluster": ClusterConfig,
 }
+# Sections that exist only when the config has them (None otherwise).
+OPTIONAL_SECTIONS: dict[str, type] = {"generate": GenerateConfig}
+GENERATE_ENGINES = ("hf", "vllm")
 
 TARGET_MODES = ("topk", "sample", "hybrid")
 DATA_FORMATS = ("jsonl", "parquet", "text", "chat", "prompt_completion")
@@ -214,17 +245,21 @@ class KDCacheConfig:
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    generate: GenerateConfig | None = None  # the `generate` section: the teacher answers the prompts first
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> KDCacheConfig:
         """Build and validate a config from nested plain data (as parsed from YAML)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"config: expected a mapping with sections {sorted(SECTIONS)}, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(SECTIONS))
+        unknown = sorted(set(raw) - set(SECTIONS) - set(OPTIONAL_SECTIONS))
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown config section (known: {', '.join(SECTIONS)})")
+            known = ", ".join([*SECTIONS, *OPTIONAL_SECTIONS])
+            raise ConfigError(f"{unknown[0]}: unknown config section (known: {known})")
         sections = {}
-        for name, klass in SECTIONS.items():
+        for name, klass in {**SECTIONS, **OPTIONAL_SECTIONS}.items():
+            if name in OPTIONAL_SECTIONS and raw.get(name) is None:
+                continue  # absent (or null): off
             values = raw.get(name) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
@@ -249,6 +284,8 @@ class KDCacheConfig:
         if isinstance(env.get("env_vars"), dict):
             env["env_vars"] = sorted(env["env_vars"])  # keys only
         raw["cluster"]["runtime_env"] = redact_secrets(env)
+        if raw.get("generate") is not None:
+            raw["generate"]["engine_options"] = redact_secrets(raw["generate"]["engine_options"])
         return redact_urls(raw)
 
     def validate(self) -> None:
@@ -321,6 +358,39 @@ class KDCacheConfig:
             raise ConfigError(f"cluster.actor_start_timeout_s: must be > 0 seconds or null, got {timeout}")
         if self.cluster.max_retries < 0:
             raise ConfigError(f"cluster.max_retries: must be >= 0, got {self.cluster.max_retries}")
+        if self.teacher.license is not None:
+            _require(self.teacher.license.strip(), "teacher.license", "must be a license name (or null)")
+        self._validate_generate()
+
+    def _validate_generate(self) -> None:
+        """The `generate` section, when there is one."""
+        g = self.generate
+        if g is None:
+            return
+        _one_of(g.engine, GENERATE_ENGINES, "generate.engine")
+        if self.data.format not in CHAT_FORMATS:
+            raise ConfigError(
+                f"generate: prompts come from data.format chat or prompt_completion, not {self.data.format!r}"
+            )
+        _positive(g.n, "generate.n")
+        _positive(g.max_new_tokens, "generate.max_new_tokens")
+        _positive(g.batch_size, "generate.batch_size")
+        if not (math.isfinite(g.temperature) and g.temperature >= 0):
+            raise ConfigError(f"generate.temperature: must be a finite number >= 0 (0: greedy), got {g.temperature}")
+        if g.temperature == 0 and g.n > 1:
+            raise ConfigError(
+                f"generate.n: greedy generation (generate.temperature 0) gives the same response every time; "
+                f"n must be 1, got {g.n}"
+            )
+        if not 0 < g.top_p <= 1:
+            raise ConfigError(f"generate.top_p: must be in (0, 1] (1: off), got {g.top_p}")
+        if g.top_k < 0:
+            raise ConfigError(f"generate.top_k: must be >= 0 (0: off), got {g.top_k}")
+        for i, stop in enumerate(g.stop):
+            if not stop:
+                raise ConfigError(f"generate.stop[{i}]: must be a non-empty string")
+        if not 0 <= g.seed < 2**63:
+            raise ConfigError(f"generate.seed: must be in [0, 2**63), got {g.seed}")
 
     def _validate_chat(self) -> None:
         """The chat / prompt_completion keys, and `targets.positions` (null becomes the format's default)."""

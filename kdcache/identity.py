@@ -2,7 +2,8 @@
 
 A cache holds exactly one fingerprint: the sha256 of the canonical JSON of everything that determines its bytes
 (`fingerprint_inputs`: teacher and weights, tokenizer content, targets, codec, windowing, data reading, shard
-format; for conversations the chat template's content and which positions get targets). Identity is content,
+format; for conversations the chat template's content and which positions get targets; for generated caches every
+generation setting, the engine and the ids that end a response). Identity is content,
 never the spelling of a path: the teacher's weights by the sha256 of their bytes (`weights_fingerprint`; hashed once
 per file version, the hashes kept in a small cache outside the model folder, `file_sha256`) or the resolved hub
 commit, the tokenizer by its content hash, the input files by their absolute URLs and sizes (`files_identity`). The
@@ -34,12 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcache.codec import CodecParams
-from kdcache.config import CHAT_FORMATS
+from kdcache.config import CHAT_FORMATS, redact_secrets
 from kdcache.errors import CacheMismatchError
 from kdcache.manifest import COMMITS_DIR, FINGERPRINT_KEY, FORMAT_NAME, FORMAT_VERSION, INDEX_KEY, dumps
 
 if TYPE_CHECKING:
-    from kdcache.config import KDCacheConfig, TargetsConfig
+    from kdcache.config import GenerateConfig, KDCacheConfig, TargetsConfig
     from kdcache.store import Store
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "files_identity",
     "fingerprint_inputs",
     "fingerprint_of",
+    "generate_identity",
     "hash_cache_path",
     "read_claim",
     "targets_identity",
@@ -235,12 +237,32 @@ def targets_identity(targets: TargetsConfig) -> dict[str, Any]:
     return out
 
 
+def generate_identity(generate: GenerateConfig, stop_token_ids: Sequence[int]) -> dict[str, Any]:
+    """What of the `generate` section determines a generated cache's bytes: every setting (the batch size too: it
+    changes the float rounding of batched forwards), the engine, and the ids that end a response (from the teacher's
+    generation config and tokenizer)."""
+    return {
+        "engine": generate.engine,
+        "n": generate.n,
+        "max_new_tokens": generate.max_new_tokens,
+        "temperature": generate.temperature,
+        "top_p": generate.top_p,
+        "top_k": generate.top_k,
+        "stop": list(generate.stop),
+        "seed": generate.seed,
+        "batch_size": generate.batch_size,
+        "engine_options": redact_secrets(dict(generate.engine_options)),
+        "stop_token_ids": [int(i) for i in stop_token_ids],
+    }
+
+
 def fingerprint_inputs(
     cfg: KDCacheConfig,
     model_info: dict[str, Any],
     tokenizer_info: dict[str, Any],
     files: Sequence[tuple[str, int]],
     chat_template: str | None = None,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Everything that determines a job's cached bytes, by content: no path as the user spelled it.
 
@@ -252,6 +274,8 @@ def fingerprint_inputs(
         files: the input files as (absolute URL, size), `kdcache.store.expand_urls` of ``data.source``.
         chat_template: the text of the chat template records are rendered with (chat / prompt_completion: the
             ``data.chat_template`` override or the tokenizer's own); its sha256 is recorded.
+        stop_token_ids: with a `generate` section, the ids that end a response
+            (`kdcache.capture.generate.stop_token_ids`); recorded under ``generate`` with every generation setting.
     """
     t = cfg.teacher
     teacher = {"dtype": t.dtype, **model_info}
@@ -271,7 +295,7 @@ def fingerprint_inputs(
             "completion_field": cfg.data.completion_field,
             "chat_template_sha256": chat_template_hash(chat_template),
         }
-    return {
+    inputs = {
         "format_version": FORMAT_VERSION,
         "teacher": teacher,
         "tokenizer": {key: value for key, value in tokenizer_info.items() if key != "name"},
@@ -286,6 +310,9 @@ def fingerprint_inputs(
         "data": data,
         "shard_format": cfg.output.format,
     }
+    if cfg.generate is not None:  # absent otherwise: the fingerprints of other caches stay what they were
+        inputs["generate"] = generate_identity(cfg.generate, stop_token_ids or [])
+    return inputs
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

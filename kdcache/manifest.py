@@ -269,12 +269,16 @@ def build_manifest(
     config: dict[str, Any] | None = None,
     last_run: dict[str, Any] | None = None,
     created_at: float | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble a complete manifest from per-unit entries (each with at least UNIT_KEYS) in plan order.
 
     A unit entry without `num_target_tokens` has a target at every position (it gets `num_tokens`). Per-unit
     `telemetry` histograms are merged into `stats.telemetry` and left out of the unit entries (they stay in the commit
     records): ~2 KB per unit that every reader would otherwise download.
+
+    ``provenance`` (what the cache came from, for people: the teacher's license, a generated cache's generation
+    settings and throughput; `kdcache.capture.job.build_provenance`) is recorded as it is, when given.
     """
     from kdcache import __version__
 
@@ -311,6 +315,8 @@ def build_manifest(
             "last_run": last_run or {"units": 0, "tokens": 0, "wall_time_s": 0.0, "tokens_per_s": 0.0, "failures": []},
         },
     }
+    if provenance is not None:
+        manifest["provenance"] = provenance
     try:
         _check_units_and_stats(manifest)
     except (ValueError, TypeError) as exc:

@@ -1,8 +1,9 @@
 """The house rules of the package, checked on its source (AST) and in a fresh interpreter.
 
-- Each heavy import lives in its room: Ray in capture/ and the Ray Train adapter; transformers in capture/teacher, the
-  Hugging Face adapter and demo/; zarr in formats/zarr; fsspec (and its s3/gcs filesystems) in store; Lightning in
-  its adapter; matplotlib in tools/report and demo/.
+- Each heavy import lives in its room: Ray in capture/ and the Ray Train adapter; transformers in capture/teacher,
+  capture/generate (Hugging Face generate), the Hugging Face adapter and demo/; vLLM in capture/generate; zarr in
+  formats/zarr; fsspec (and its s3/gcs filesystems) in store; Lightning in its adapter; matplotlib in tools/report
+  and demo/.
 - The folders are stages of one data flow; nothing imports a later stage (`STAGES`).
 - Nothing outside demo/ (and cli.py, which runs it) imports kdcache.demo.
 - `import kdcache.losses` loads neither pyarrow nor Ray (a trainer process pays for torch alone).
@@ -23,7 +24,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdcache"
 # Heavy third-party packages -> module name prefixes (dotted, relative to kdcache) allowed to import them.
 ROOMS: dict[str, tuple[str, ...]] = {
     "ray": ("capture.", "integrations.ray_train"),
-    "transformers": ("capture.teacher", "integrations.hf_trainer", "demo."),
+    "transformers": ("capture.teacher", "capture.generate", "integrations.hf_trainer", "demo."),
+    "vllm": ("capture.generate",),
     "tokenizers": ("capture.teacher", "demo."),
     "accelerate": ("capture.teacher",),
     "zarr": ("formats.zarr",),

@@ -49,6 +49,8 @@ class TeacherActor:
         self.units_done = 0
         self.tokens = 0
         self.busy_s = 0.0
+        self.generated = 0  # tokens generated (a generated cache) and the seconds that took
+        self.generate_s = 0.0
 
     def ready(self) -> dict[str, Any]:
         """Who and where this actor is (the driver sends work only after this answered: surfaces load errors)."""
@@ -75,6 +77,18 @@ class TeacherActor:
                 self.units_done,
                 self.tokens / max(self.busy_s, 1e-9),
             )
+            if "generated_tokens" in record:
+                self.generated += record["generated_tokens"]
+                self.generate_s += record["timing_s"].get("generate", 0.0)
+                log.info(
+                    "unit %s: generated %d tokens in %d responses in %.2fs (%.0f tok/s); actor: %.0f generated tok/s",
+                    unit["unit_id"],
+                    record["generated_tokens"],
+                    record["generated_sequences"],
+                    record["timing_s"].get("generate", 0.0),
+                    record["generated_tokens"] / max(record["timing_s"].get("generate", 0.0), 1e-9),
+                    self.generated / max(self.generate_s, 1e-9),
+                )
         return {
             **record,
             "pid": os.getpid(),

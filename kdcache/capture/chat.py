@@ -49,6 +49,7 @@ __all__ = [
     "has_generation_markers",
     "parse_chat",
     "parse_messages",
+    "parse_prompt",
     "parse_prompt_completion",
     "read_chat_template",
     "target_mask",
@@ -166,6 +167,29 @@ def parse_prompt_completion(record: Any, where: str, *, prompt_field: str, compl
     return ChatRecord(where, messages=(*messages, answer), last_turn_only=True)
 
 
+def parse_prompt(record: Any, where: str, *, fmt: str, messages_field: str, prompt_field: str) -> ChatRecord:
+    """A record whose prompt the teacher answers (`generate`): a chat record's conversation, or a prompt_completion
+    record's prompt (a string, or a list of messages); a completion field, if any, is not read.
+
+    Raises:
+        SourceError: not an object, a missing field, malformed messages, or an empty prompt (nothing to answer).
+    """
+    if not isinstance(record, dict):
+        raise SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    field, key = (messages_field, "data.messages_field") if fmt == "chat" else (prompt_field, "data.prompt_field")
+    if field not in record:
+        raise SourceError(f"{where}: missing field {field!r} ({key})")
+    value = record[field]
+    if fmt != "chat" and (value is None or isinstance(value, str)):
+        if not (value or "").strip():
+            raise SourceError(f"{where}: field {field!r} is an empty prompt; generation needs a prompt to answer")
+        return ChatRecord(where, prompt=value)
+    messages = parse_messages([] if value is None else value, where, f"field {field!r}")
+    if not messages:
+        raise SourceError(f"{where}: field {field!r} is an empty conversation; generation needs a prompt to answer")
+    return ChatRecord(where, messages=messages)
+
+
 def has_generation_markers(template: str) -> bool:
     """Whether a chat template marks assistant text with ``{% generation %}`` (transformers' keyword)."""
     return bool(_GENERATION_MARKER.search(template))
@@ -267,6 +291,29 @@ class ChatRenderer:
         else:
             ids, mask = self._render_by_turns(record)
         return ids, (_last_run(mask) if record.last_turn_only else mask)
+
+    def render_prompt(self, record: ChatRecord) -> list[int]:
+        """The token ids a model is given to answer ``record`` (a `parse_prompt` record): messages rendered with the
+        template and its generation prompt, or a string prompt tokenized with the tokenizer's special tokens.
+
+        Raises:
+            SourceError: the conversation does not end with a user or tool message (there is nothing to answer), the
+                template fails on it, or there is no template to render messages with.
+        """
+        if record.messages is None:
+            return list(self.tokenizer(record.prompt or "", add_special_tokens=True)["input_ids"])
+        if self.template is None:
+            raise SourceError(
+                f"{record.where}: the tokenizer has no chat template to render messages with; set data.chat_template"
+            )
+        last = record.messages[-1]["role"]
+        if last not in ("user", "tool"):
+            raise SourceError(
+                f"{record.where}: the conversation's last message is the {last}'s; a prompt to answer ends with a "
+                "user (or tool) message"
+            )
+        text = self._apply(record, record.messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _apply(self, record: ChatRecord, messages: Sequence[dict[str, Any]], **kw: Any) -> Any:
         try:

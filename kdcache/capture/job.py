@@ -9,7 +9,8 @@ skip the units already committed (a rerun of a complete cache does no work and s
 `schedule_units` runs `cluster.num_actors` actors that pull units, write shards and return commit records (see its
 docstring for retries, lost actors and nodes, and backup copies of stragglers); (4) check that every record and the
 claim are still this job's, delete shards no commit names (attempts that lost or died) and write `index.json` last,
-with the run's statistics in `stats.last_run`.
+with the run's statistics in `stats.last_run` and the cache's provenance (the teacher's license, how a generated
+cache was generated) in `provenance`.
 
 The scheduling loop takes its actors from a factory (`start()` / `stop(handle)`), so `bench/driver.py` measures the
 real loop with fake actors that compute nothing.
@@ -18,6 +19,7 @@ real loop with fake actors that compute nothing.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ from typing import Any
 
 from kdcache.capture.plan import WorkUnit, plan_units
 from kdcache.capture.scheduler import ActorFactory, RunStats, actor_start_timeout, schedule_units
-from kdcache.config import CHAT_FORMATS, KDCacheConfig
+from kdcache.config import CHAT_FORMATS, KDCacheConfig, redact_urls
 from kdcache.errors import CacheMismatchError, ConfigError, KdcacheError
 from kdcache.identity import (
     check_claim,
@@ -54,6 +56,9 @@ log = logging.getLogger("kdcache.capture.job")
 
 # counts a commit record of a cache of conversations carries: records and windows without a target, skipped
 CHAT_COUNTS = ("no_assistant_tokens", "windows_without_targets")
+# counts a commit record of a generated cache carries: prompts answered, responses and their tokens
+GENERATE_COUNTS = ("prompts", "generated_sequences", "generated_tokens")
+GENERATE_UNIT_BYTES_WARN = 1 << 20  # bytes of prompts per unit above which a generating job warns
 
 
 def compute_fingerprint(cfg: KDCacheConfig, files: list[tuple[str, int]] | None = None) -> dict[str, Any]:
@@ -80,7 +85,13 @@ def compute_fingerprint(cfg: KDCacheConfig, files: list[tuple[str, int]] | None 
         if template is None and cfg.data.format == "chat":
             name = cfg.data.tokenizer or t.model
             raise ConfigError(f"data.format=chat: tokenizer {name} has no chat template; set data.chat_template")
-    return fingerprint_inputs(cfg, info, tokenizer_fingerprint(tok), files, template)
+    stop_ids = None
+    if cfg.generate is not None:  # what ends a response is part of what the cache holds
+        from kdcache.capture.generate import read_generation_eos, stop_token_ids
+
+        eos = read_generation_eos(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+        stop_ids = stop_token_ids(eos, tok)
+    return fingerprint_inputs(cfg, info, tokenizer_fingerprint(tok), files, template, stop_ids)
 
 
 def write_teacher_pieces(cfg: KDCacheConfig, store: Store, tokenizer_hash: str) -> None:
@@ -122,6 +133,24 @@ def check_against_teacher(cfg: KDCacheConfig, model_info: dict[str, Any], tokeni
             f"{key}: the tokenizer has {tokenizer_size} tokens, more than the teacher's vocabulary ({vocab} logits); "
             "its ids past the vocabulary would index no embedding. Use the teacher's own tokenizer"
         )
+
+
+def _check_generation(cfg: KDCacheConfig) -> None:
+    """Before any work: a vLLM engine on an embedded Ray (actors in this Python environment) needs vLLM here; a large
+    unit of prompts is a long unit to retry (warned)."""
+    if cfg.generate is None:
+        return
+    if cfg.generate.engine == "vllm" and cfg.cluster.address is None and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "generate.engine: vllm is not installed in this environment, where the actors of an embedded Ray run; "
+            "pip install 'kdcache[vllm]' (GPU machines), or use generate.engine: hf"
+        )
+    if cfg.data.unit_bytes > GENERATE_UNIT_BYTES_WARN:
+        log.warning(
+            "data.unit_bytes=%d: a unit of that many bytes of prompts takes long to generate (and to redo after a "
+            "failure); units of ~%d KiB are a few minutes of generation on a GPU",
+            cfg.data.unit_bytes, GENERATE_UNIT_BYTES_WARN // 1024,
+        )  # fmt: skip
 
 
 def _sanitized_config(cfg: KDCacheConfig) -> dict[str, Any]:
@@ -205,6 +234,7 @@ def run_cache_job(
     if not atomic:
         log.warning("%s: exclusive create is not atomic on %s; run one job per cache", store.uri, store.protocol)
     started = time.time()
+    _check_generation(cfg)
     files = expand_urls(cfg.data.source)
     inputs = compute_fingerprint(cfg, files)
     fingerprint = fingerprint_of(inputs)
@@ -250,11 +280,13 @@ def run_cache_job(
             | {"source": unit.url, "range": [unit.start, unit.stop], "padded_tokens": record.get("padded_tokens", 0)}
             | {k: record.get(k, 0) for k in ("documents", "empty_documents", "short_windows_dropped")}
             | {k: record[k] for k in CHAT_COUNTS if k in record}
+            | {k: record[k] for k in GENERATE_COUNTS if k in record}
             | {k: record[k] for k in ("crc32", "telemetry", "timing_s", "finished_at") if k in record}
         )
     check_claim(store, fingerprint)  # still ours: no other job took the output over while this one ran
     orphans = _delete_orphan_shards(store, manifest_units)
-    manifest = _build_manifest(cfg, fingerprint, inputs, manifest_units, stats.last_run(orphans), started)
+    provenance = build_provenance(cfg, inputs, manifest_units, stats)
+    manifest = _build_manifest(cfg, fingerprint, inputs, manifest_units, stats.last_run(orphans), started, provenance)
     store.write_bytes(INDEX_KEY, dumps(manifest))
     return manifest
 
@@ -309,7 +341,36 @@ def _absolute_local_paths(cfg: KDCacheConfig) -> KDCacheConfig:
     )
 
 
-def _build_manifest(cfg, fingerprint, inputs, units, last_run, started) -> dict[str, Any]:
+def build_provenance(
+    cfg: KDCacheConfig, inputs: dict[str, Any], units: list[dict[str, Any]], stats: RunStats
+) -> dict[str, Any]:
+    """What the cache came from, for the manifest's ``provenance`` (`kdcache.capture.provenance`): the teacher (as the
+    job named it) and its license; for a generated cache the generation settings, what was generated, and the
+    generation throughput of this run's actors (tokens per second of generation time, per actor)."""
+    from kdcache.capture.provenance import teacher_license
+
+    t = cfg.teacher
+    out: dict[str, Any] = {
+        "teacher": {"model": t.model, "revision": t.revision}
+        | teacher_license(t.model, revision=t.revision, override=t.license)
+    }
+    if cfg.generate is not None:
+        generated = sum(u.get("generated_tokens", 0) for u in units)
+        seconds = sum((u.get("timing_s") or {}).get("generate", 0.0) for u in units)
+        rates = [a["generated_tokens_per_s"] for a in stats.actors if a.get("generated_tokens")]
+        out["generation"] = {
+            **inputs["generate"],
+            "prompts": sum(u.get("prompts", 0) for u in units),
+            "sequences": sum(u.get("generated_sequences", 0) for u in units),
+            "generated_tokens": generated,
+            "generate_s": seconds,  # summed over units (the engines' time)
+            "generated_tokens_per_s": generated / seconds if seconds > 0 else 0.0,  # per actor, over every unit
+            "actor_generated_tokens_per_s": rates,  # this run's actors
+        }
+    return redact_urls(out)
+
+
+def _build_manifest(cfg, fingerprint, inputs, units, last_run, started, provenance=None) -> dict[str, Any]:
     from kdcache.formats import get_format
 
     return build_manifest(
@@ -321,4 +382,5 @@ def _build_manifest(cfg, fingerprint, inputs, units, last_run, started) -> dict[
         config=_sanitized_config(cfg),
         last_run=last_run,
         created_at=started,
+        provenance=provenance,
     )

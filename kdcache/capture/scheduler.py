@@ -116,9 +116,11 @@ class _Actor:
     tokens: int = 0
     padded: int = 0
     busy_s: float = 0.0
+    generated: int = 0  # tokens generated (a generated cache's responses)
+    generate_s: float = 0.0  # seconds its engine spent generating them
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "pid": self.info.get("pid"),
             "node": str(self.info.get("node", ""))[:12],
             "units": self.units,
@@ -126,6 +128,10 @@ class _Actor:
             "tokens_per_s": self.tokens / self.busy_s if self.busy_s > 0 else 0.0,
             "real_token_fraction": self.tokens / self.padded if self.padded else 0.0,
         }
+        if self.generated:
+            rate = self.generated / self.generate_s if self.generate_s > 0 else 0.0
+            out |= {"generated_tokens": self.generated, "generated_tokens_per_s": rate}
+        return out
 
 
 @dataclass(eq=False)
@@ -324,6 +330,8 @@ class _Scheduler:
         actor.tokens += record["num_tokens"]
         actor.padded += record.get("padded_tokens", record["num_tokens"])
         actor.busy_s += record.get("actor_s") or (now - (attempt.started or now))
+        actor.generated += record.get("generated_tokens", 0)
+        actor.generate_s += (record.get("timing_s") or {}).get("generate", 0.0)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.stats.tokens / max(now - self.t0, 1e-9):,.0f} tok/s", refresh=False)
             self.bar.update(1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.capture.chat import ChatRecord, parse_chat, parse_prompt_completion
+from kdcache.capture.chat import ChatRecord, parse_chat, parse_prompt, parse_prompt_completion
 from kdcache.errors import SourceError
 from kdcache.store import open_url
 
@@ -52,6 +52,7 @@ class Window:
     seq_id: int
     input_ids: np.ndarray  # [T] int32
     target_mask: np.ndarray | None = None  # [T] bool: the positions that get a target (None: every position)
+    fields: dict[str, int] | None = None  # per-sequence values stored with it (generated: prompt_id, sample_index)
     token_text: bytes | None = None  # targets.cross_tokenizer: the bytes behind the window's tokens (None: unknown)
     token_text_ends: np.ndarray | None = None  # [T] int64: each token's byte end in token_text
 
@@ -72,13 +73,28 @@ def iter_documents(
     messages_field: str = "messages",
     prompt_field: str = "prompt",
     completion_field: str = "completion",
+    prompts_only: bool = False,
 ) -> Iterator[Document]:
     """Yield the documents of one work unit (a dict from `plan.WorkUnit.to_dict()`).
 
     For ``fmt`` chat / prompt_completion the records come from jsonl or Parquet by the unit's kind (byte range or
     row group) and each document carries a `ChatRecord` (fields: ``messages_field`` / ``prompt_field`` and
-    ``completion_field``).
+    ``completion_field``). With ``prompts_only`` (generation) each carries the prompt to answer instead
+    (`kdcache.capture.chat.parse_prompt`: no completion is read; an empty prompt is an error).
     """
+    if fmt in ("chat", "prompt_completion") and prompts_only:
+        field = messages_field if fmt == "chat" else prompt_field
+        columns = {field: "data.messages_field" if fmt == "chat" else "data.prompt_field"}
+
+        def parse(record: Any, where: str) -> Document | None:
+            chat = parse_prompt(record, where, fmt=fmt, messages_field=messages_field, prompt_field=prompt_field)
+            return Document("", chat=chat)
+
+        if unit.get("kind") == "row_group":
+            yield from _iter_parquet(unit["url"], unit["start"], columns, parse, storage_options)
+        else:
+            yield from _iter_jsonl(unit["url"], unit["start"], unit["stop"], parse, storage_options)
+        return
     if fmt in ("chat", "prompt_completion"):
         if fmt == "chat":
             columns = {messages_field: "data.messages_field"}

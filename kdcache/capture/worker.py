@@ -1,4 +1,6 @@
 """Process one work unit end to end, without Ray: read -> tokenize -> window -> teacher -> encode -> write -> commit.
+With a `generate` section the teacher first answers the unit's prompts (`kdcache.capture.generate`): read -> render
+prompts -> generate -> teacher -> encode -> write -> commit.
 
 `UnitWorker` holds a loaded teacher and tokenizer; `process(unit)` writes the unit's shard straight to the store and
 returns only its small commit record. Ray actors (`actors.py`) wrap it; tests and debugging use it directly.
@@ -37,7 +39,15 @@ from kdcache.capture.chat import ChatRenderer, effective_chat_template, read_cha
 from kdcache.capture.sources import Window, cut_windows, iter_documents, make_seq_id, tokenize_documents
 from kdcache.capture.tokentext import document_token_ends, window_text
 from kdcache.codec import CodecParams
-from kdcache.config import CHAT_FORMATS, DataConfig, KDCacheConfig, OutputConfig, TargetsConfig, TeacherConfig
+from kdcache.config import (
+    CHAT_FORMATS,
+    DataConfig,
+    GenerateConfig,
+    KDCacheConfig,
+    OutputConfig,
+    TargetsConfig,
+    TeacherConfig,
+)
 from kdcache.errors import CacheMismatchError, ConfigError, KdcacheError, SourceError
 from kdcache.formats import get_format
 from kdcache.formats.base import BufferedShardWriter
@@ -47,6 +57,7 @@ from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
 
 if TYPE_CHECKING:
+    from kdcache.capture.generate import Prompt
     from kdcache.capture.targets import SampledTargets, TokenTargets
 
 __all__ = [
@@ -97,6 +108,7 @@ class WorkerSettings:
     batch_tokens: int  # padded tokens per teacher batch
     fingerprint: str  # the cache's fingerprint, stored in each shard's metadata
     chat_template: str | None = None  # data.chat_template's text, read on the driver (actors may not see its file)
+    generate: GenerateConfig | None = None  # the teacher answers the prompts first (None: no generation)
 
     @classmethod
     def from_config(cls, cfg: KDCacheConfig, fingerprint: str) -> WorkerSettings:
@@ -105,7 +117,9 @@ class WorkerSettings:
         if teacher.device_map is None and cfg.cluster.gpus_per_actor > 1:
             teacher = dataclasses.replace(teacher, device_map="auto")  # one replica spread over its actor's GPUs
         template = read_chat_template(cfg.data.chat_template)
-        return cls(teacher, cfg.data, cfg.targets, cfg.output, cfg.cluster.batch_tokens, fingerprint, template)
+        return cls(
+            teacher, cfg.data, cfg.targets, cfg.output, cfg.cluster.batch_tokens, fingerprint, template, cfg.generate
+        )
 
     @property
     def codec(self) -> CodecParams:
@@ -166,6 +180,24 @@ class UnitWorker:
                 self.pieces = token_pieces(self.tokenizer)
             except KdcacheError:  # the job warned once already (kdcache.capture.job.write_teacher_pieces)
                 self.pieces = None
+        self.engine = None  # generation: `kdcache.capture.generate` engine (settings.generate)
+        if settings.generate is not None:
+            from kdcache.capture.generate import make_engine, read_generation_eos, stop_token_ids
+
+            eos = read_generation_eos(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+            self.stop_ids = stop_token_ids(eos, self.tokenizer)
+            self.engine = make_engine(
+                settings.generate,
+                teacher=self.teacher,
+                tokenizer=self.tokenizer,
+                stop_ids=self.stop_ids,
+                teacher_config=t,
+                tokenizer_name=data.tokenizer,
+                max_model_len=data.max_length,
+            )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # verbose=False: whole documents exceed model_max_length by design (they are cut into windows next)
@@ -240,8 +272,65 @@ class UnitWorker:
                 text, ends = (
                     (None, None) if doc_ends is None else window_text(doc_bytes, doc_ends, start, start + len(arr))
                 )
-                windows.append(Window(make_seq_id(unit["url"], doc.locator, w), arr, window_mask, text, ends))
+                seq_id = make_seq_id(unit["url"], doc.locator, w)
+                windows.append(Window(seq_id, arr, window_mask, token_text=text, token_text_ends=ends))
         return windows, counts
+
+    def read_prompts(self, unit: dict[str, Any]) -> tuple[list[Prompt], dict[str, int]]:
+        """The unit's prompts to answer (generation), rendered: a chat record's conversation with the template's
+        generation prompt, a prompt_completion record's prompt. Plus counts.
+
+        Raises:
+            SourceError: a malformed record or empty prompt, a conversation that does not end with a user (or tool)
+                message, an id past the teacher's vocabulary, or a prompt of ``data.max_length`` tokens or more (no
+                room for a response); each names the file and line or row.
+        """
+        from kdcache.capture.generate import Prompt
+
+        data = self.settings.data
+        docs = iter_documents(
+            unit,
+            fmt=data.format,
+            text_field=data.text_field,
+            ids_field=None,
+            messages_field=data.messages_field,
+            prompt_field=data.prompt_field,
+            completion_field=data.completion_field,
+            prompts_only=True,
+        )
+        prompts = []
+        for doc in docs:
+            ids = self.renderer.render_prompt(doc.chat)
+            if not ids:
+                raise SourceError(f"{doc.where}: the prompt renders to no token; generation needs a prompt to answer")
+            if max(ids) >= self.vocab_limit:
+                raise SourceError(_id_error(doc, max(ids), self.vocab_limit, data))
+            if len(ids) >= data.max_length:
+                raise SourceError(
+                    f"{doc.where}: the prompt has {len(ids)} tokens, data.max_length is {data.max_length}: no room "
+                    "for a response (raise data.max_length, or shorten or drop this prompt)"
+                )
+            prompts.append(Prompt(unit["url"], doc.locator, doc.where, ids))
+        counts = {"documents": len(prompts), "empty_documents": 0, "short_windows_dropped": 0, "prompts": len(prompts)}
+        return prompts, counts
+
+    def generate_windows(self, unit: dict[str, Any]) -> tuple[list[Window], dict[str, Any], float]:
+        """The unit's prompts answered `generate.n` times each, as windows (`generate.generate_windows`); counts with
+        ``generated_sequences`` and ``generated_tokens``; seconds spent generating."""
+        from kdcache.capture.generate import generate_windows
+
+        prompts, counts = self.read_prompts(unit)
+        windows, stats = generate_windows(
+            prompts,
+            self.engine,
+            self.settings.generate,
+            max_length=self.settings.data.max_length,
+            positions=self.settings.targets.positions,
+            stop_ids=self.stop_ids,
+            decode=self._decode,
+        )
+        counts |= {"generated_sequences": stats["generated_sequences"], "generated_tokens": stats["generated_tokens"]}
+        return windows, counts, stats["generate_s"]
 
     def compute(
         self, ids: Any, mask: Any, unit_id: str, batch_index: int, target_mask: Any = None
@@ -291,12 +380,17 @@ class UnitWorker:
         The record's ``timing_s``: ``read`` (read and tokenize), ``forward`` (teacher compute, summed over batches),
         ``encode`` (what encoding costs after the last forward: waiting for the encoder, in-order assembly and the
         format's ``finish``), ``encode_overlapped`` (the encoder thread's busy time, hidden behind the forwards),
-        ``write`` (shard and commit record), ``total``.
+        ``write`` (shard and commit record), ``total``; with generation also ``generate`` (the engine's time, not
+        in ``read``).
         """
 
         t0 = time.perf_counter()
-        windows, counts = self.read_windows(unit)
-        t_read = time.perf_counter()
+        generate_s = None
+        if self.engine is not None:
+            windows, counts, generate_s = self.generate_windows(unit)
+        else:
+            windows, counts = self.read_windows(unit)
+        t_read = time.perf_counter() - (generate_s or 0.0)
         writer = self.shard_writer(unit)
         lengths = [len(w.input_ids) for w in windows]
         # target rows per window: every position, or the True positions of its target mask
@@ -313,9 +407,11 @@ class UnitWorker:
                 offset += num_rows[i]
                 seq_head, seq_samples = head.rows(*rows), None if samples is None else samples.rows(*rows)
                 w = windows[i]
-                text = None if w.token_text is None else (w.token_text, w.token_text_ends)
+                fields = {"sequence_fields": w.fields} if w.fields else {}  # generated responses' prompt_id, ...
+                if w.token_text is not None:  # targets.cross_tokenizer; a sequence without text stores null
+                    fields["token_text"] = (w.token_text, w.token_text_ends)
                 encoded[i] = writer.encode_sequence(
-                    w.seq_id, w.input_ids, seq_head, seq_samples, target_mask=w.target_mask, token_text=text
+                    w.seq_id, w.input_ids, seq_head, seq_samples, target_mask=w.target_mask, **fields
                 )
                 entropies[i] = seq_head.entropy
                 masses[i] = captured_mass(seq_head.logprobs, None if seq_samples is None else seq_samples.logprobs)
@@ -362,6 +458,7 @@ class UnitWorker:
                 "forward": forward_s,
                 "encode": time.perf_counter() - e0,
                 "encode_overlapped": encoder.busy_s,
+                **({"generate": generate_s} if generate_s is not None else {}),
             },
         }
         w0 = time.perf_counter()

@@ -12,6 +12,11 @@ token (EOS) with ``{% generation %}``. `kdcache.demo.assets.prepare_demo` writes
 alone::
 
     python -m kdcache.demo.chat OUT_DIR          # OUT_DIR/train/part-00000.jsonl, OUT_DIR/valid/part-00000.jsonl
+    python -m kdcache.demo.chat OUT_DIR --prompts
+
+The prompt set (`write_prompts`, for distillation through generation, docs/GENERATE.md) is the same functions as
+prompt/completion records in the language the demo teacher knows, Python source: the prompt is the function's
+``def`` line and the opening of its docstring, the reference completion the docstring and its closing quotes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,17 @@ from typing import Any
 
 from kdcache.demo.corpus import split_train_valid
 
-__all__ = ["CHAT_MODULES", "DEMO_CHAT_TEMPLATE", "MAX_ANSWER_CHARS", "conversation", "stdlib_docstrings", "write_chat"]
+__all__ = [
+    "CHAT_MODULES",
+    "DEMO_CHAT_TEMPLATE",
+    "DOCSTRING_STOP",
+    "MAX_ANSWER_CHARS",
+    "conversation",
+    "def_prompt",
+    "stdlib_docstrings",
+    "write_chat",
+    "write_prompts",
+]
 
 # Pure-Python standard-library modules (their functions have docstrings and signatures on every CPython build).
 CHAT_MODULES = (
@@ -137,6 +152,49 @@ def conversation(name: str, signature: str, answer: str) -> list[dict[str, str]]
     ]
 
 
+DOCSTRING_STOP = '"""'  # a generated docstring ends here (the stop string of the prompt set's generate section)
+MAX_SIGNATURE_CHARS = 160  # longer signatures (reprs of default values) are left out of the prompt set
+
+
+def def_prompt(name: str, signature: str) -> str:
+    """The prompt of ``name``'s record in the prompt set: its ``def`` line and the opening of its docstring (a method
+    is indented inside its class, as in its module's source)."""
+    parts = name.split(".")
+    is_method = len(parts) >= 3 and parts[-2][:1].isupper()
+    indent = "    " if is_method else ""
+    return f"{indent}def {parts[-1]}{signature}:\n{indent}    {DOCSTRING_STOP}"
+
+
+def write_prompts(out_dir: Path, *, modules: tuple[str, ...] = CHAT_MODULES, valid_fraction: float = 0.1) -> dict:
+    """Write the prompt set as ``out_dir/train/part-00000.jsonl`` and ``out_dir/valid/part-00000.jsonl``, one
+    prompt_completion record ``{"name", "prompt", "completion"}`` per function (`def_prompt`; the completion is the
+    docstring's first paragraphs and the closing quotes), split by name like the chat set. Functions whose signature
+    is longer than `MAX_SIGNATURE_CHARS` or shows an object's address (a default value's repr, different in every
+    process) are left out: the set is the same in every run.
+
+    Returns:
+        ``{"train": records, "valid": records}``.
+    """
+    items = {
+        name: (def_prompt(name, sig), f"{answer}{DOCSTRING_STOP}")
+        for name, sig, answer in stdlib_docstrings(modules)
+        if len(sig) <= MAX_SIGNATURE_CHARS and " at 0x" not in sig
+    }
+    if len(items) < 2:
+        raise ValueError(f"write_prompts: only {len(items)} documented functions in {modules}")
+    train, valid = split_train_valid([(name, prompt) for name, (prompt, _) in items.items()], valid_fraction)
+    counts = {}
+    for split, part in (("train", train), ("valid", valid)):
+        folder = Path(out_dir) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "part-00000.jsonl", "w", encoding="utf-8") as f:
+            for name, prompt in part:
+                record = {"name": name, "prompt": prompt, "completion": items[name][1]}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        counts[split] = len(part)
+    return counts
+
+
 def write_chat(out_dir: Path, *, modules: tuple[str, ...] = CHAT_MODULES, valid_fraction: float = 0.1) -> dict:
     """Write the chat set as ``out_dir/train/part-00000.jsonl`` and ``out_dir/valid/part-00000.jsonl``, one record
     ``{"name", "messages"}`` per function.
@@ -160,5 +218,9 @@ def write_chat(out_dir: Path, *, modules: tuple[str, ...] = CHAT_MODULES, valid_
     return counts
 
 
-if __name__ == "__main__":  # python -m kdcache.demo.chat OUT_DIR
-    print(json.dumps(write_chat(Path(sys.argv[1] if len(sys.argv) > 1 else ".kdcache/demo/assets/chat"))))
+if __name__ == "__main__":  # python -m kdcache.demo.chat OUT_DIR [--prompts]
+    if "--prompts" in sys.argv[1:]:
+        args = [a for a in sys.argv[1:] if a != "--prompts"]
+        print(json.dumps(write_prompts(Path(args[0] if args else ".kdcache/demo/prompts"))))
+    else:
+        print(json.dumps(write_chat(Path(sys.argv[1] if len(sys.argv) > 1 else ".kdcache/demo/assets/chat"))))

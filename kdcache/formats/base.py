@@ -14,6 +14,10 @@ steps, so a worker can encode on a background thread while its teacher computes 
 encoded sequences in file order.
 
 No file format is known here: parquet.py and zarr.py turn `TokenBuffer.arrays()` into bytes and back.
+
+Per-sequence fields (`SEQUENCE_FIELDS`): a sequence may carry a few integers about itself (a generated response's
+``prompt_id`` and ``sample_index``), given as ``sequence_fields={...}``; every sequence of a shard carries the same
+ones, or none.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from kdcache.codec import CodecParams, encode_ids, quantize_logprobs, sort_targets
 
 __all__ = [
+    "SEQUENCE_FIELDS",
     "BufferedShardWriter",
     "EncodedSequence",
     "HeadRows",
@@ -35,6 +40,7 @@ __all__ = [
     "ShardData",
     "TokenBuffer",
     "TokenText",
+    "check_sequence_fields",
     "expand_rows",
     "ragged_to_padded",
     "ragged_ids",
@@ -44,6 +50,30 @@ __all__ = [
 
 MAX_TEXT_BYTES_PER_TOKEN = 1024  # bytes of token text per token, averaged over a sequence (readers bound by it)
 TokenText = tuple[bytes, np.ndarray]  # (a sequence's text bytes, [T] each token's byte end in them)
+# Per-sequence integer fields a shard may store (name -> dtype): a generated response's source record (a stable 63-bit
+# id of its file and position) and which of the prompt's responses it is (0 .. generate.n - 1).
+SEQUENCE_FIELDS: dict[str, np.dtype] = {"prompt_id": np.dtype(np.int64), "sample_index": np.dtype(np.int32)}
+
+
+def check_sequence_fields(seq_id: int, fields: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """``{name: [1] array}`` of a sequence's fields, checked: known names, integers that fit their dtype.
+
+    Raises:
+        ValueError: an unknown name or a value that is not an integer in range.
+    """
+    out = {}
+    for name, value in (fields or {}).items():
+        dtype = SEQUENCE_FIELDS.get(name)
+        if dtype is None:
+            known = ", ".join(SEQUENCE_FIELDS)
+            raise ValueError(f"sequence {seq_id}: unknown sequence field {name!r} (known: {known})")
+        info = np.iinfo(dtype)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"sequence {seq_id}: field {name!r} must be an integer, got {type(value).__name__}")
+        if not info.min <= int(value) <= info.max:
+            raise ValueError(f"sequence {seq_id}: field {name!r} = {int(value)} does not fit {dtype}")
+        out[name] = np.array([int(value)], dtype=dtype)
+    return out
 
 
 class HeadRows(Protocol):
@@ -96,6 +126,7 @@ class ShardData:
     sample_counts: np.ndarray | None = None  # [N, m] int32, 0 = padding
     sample_logprobs: np.ndarray | None = None  # [N, m] float32, -inf = padding
     target_mask: np.ndarray | None = None  # [N] bool: the position carries targets (None: every position does)
+    sequence_fields: dict[str, np.ndarray] | None = None  # {name: [N]} per token (its sequence's value), if stored
 
     def __post_init__(self) -> None:
         if self.target_mask is None:
@@ -195,6 +226,7 @@ class TokenBuffer:
         *,
         target_mask: np.ndarray | None = None,
         token_text: TokenText | None = None,
+        sequence_fields: dict[str, int] | None = None,
     ) -> EncodedSequence:
         """Check and encode one sequence (id sort, gap coding, log-prob quantization) without adding it.
 
@@ -208,6 +240,7 @@ class TokenBuffer:
             token_text: buffers with `token_text` only: ``(text, ends)``, the sequence's text bytes and each
                 token's byte end in them (``[T]``, non-decreasing, the last is ``len(text)``); None: unknown (stored
                 as null, as is a text of more than `MAX_TEXT_BYTES_PER_TOKEN` bytes per token on average).
+            sequence_fields: ``{name: int}`` of `SEQUENCE_FIELDS` stored with the sequence (e.g. ``prompt_id``).
 
         Reads only the buffer's settings, never its contents, so it may run on another thread while this buffer is
         being added to; `add_encoded` appends the result.
@@ -216,6 +249,7 @@ class TokenBuffer:
             ValueError: a shape does not match the settings, or sampled ids/counts cannot be stored.
         """
         n = len(input_ids)
+        fields = check_sequence_fields(seq_id, sequence_fields)
         if target_mask is None:
             mask = np.ones(n, dtype=bool)
         else:
@@ -254,6 +288,7 @@ class TokenBuffer:
             part.update(_encode_text(seq_id, n, token_text))
         elif token_text is not None:
             raise ValueError(f"sequence {seq_id}: token_text given to a buffer made without token_text=True")
+        part.update({f"field_{name}": value for name, value in fields.items()})
         return EncodedSequence(num_tokens=n, parts=part, num_target_tokens=t)
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
@@ -271,11 +306,26 @@ class TokenBuffer:
                 f"buffer with k={self.k}, {self.num_temperatures} temperatures, num_samples={self.num_samples}, "
                 f"token_text={self.token_text}"
             )
+        fields = sorted(name for name in parts if name.startswith("field_"))
+        if self.num_sequences and fields != self.field_names():
+            raise ValueError(
+                f"add_encoded: every sequence of a shard carries the same sequence fields; this one has "
+                f"{[f.removeprefix('field_') for f in fields]}, the others {self.sequence_field_names()}"
+            )
         for name, value in encoded.parts.items():
             self._parts.setdefault(name, []).append(value)
         self.num_sequences += 1
         self.num_tokens += encoded.num_tokens
         self.num_target_tokens += encoded.num_target_tokens
+
+    def field_names(self) -> list[str]:
+        """The ``field_<name>`` keys of the sequence fields added so far (sorted)."""
+        return sorted(name for name in self._parts if name.startswith("field_"))
+
+    def sequence_field_names(self) -> list[str]:
+        """Names of the sequence fields the buffer's sequences carry, in `SEQUENCE_FIELDS` order."""
+        held = set(self.field_names())
+        return [name for name in SEQUENCE_FIELDS if f"field_{name}" in held]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything added so far, concatenated in add order.
@@ -283,8 +333,9 @@ class TokenBuffer:
         Keys: seq_ids [S] int64, seq_lengths [S] int64, input_ids [N] int32, target_mask [N] bool; over the R
         target positions: gaps [R, k] uint32, codes [R, k] (codec dtype), log_normalizers / tail_logprobs [R, nT]
         float32, entropy [R] float32, for sampled buffers sample_lengths [R] uint8, sample_gaps [M] uint32,
-        sample_counts [M] uint8, sample_codes [M], and with token_text text_lengths [N] int32 (each token's text
-        bytes, -1 where unknown) and text_bytes [B] uint8.
+        sample_counts [M] uint8, sample_codes [M]; with token_text text_lengths [N] int32 (each token's text bytes,
+        -1 where unknown) and text_bytes [B] uint8; ``field_<name>`` [S] (`SEQUENCE_FIELDS` dtype) for each sequence
+        field the sequences carry.
         """
         empty = {
             "seq_ids": np.zeros(0, np.int64),
@@ -306,6 +357,7 @@ class TokenBuffer:
             )
         if self.token_text:
             empty.update(text_lengths=np.zeros(0, np.int32), text_bytes=np.zeros(0, np.uint8))
+        empty.update({f"field_{name}": np.zeros(0, SEQUENCE_FIELDS[name]) for name in self.sequence_field_names()})
         return {
             name: np.concatenate(self._parts[name]) if self._parts.get(name) else value
             for name, value in empty.items()
@@ -408,11 +460,18 @@ class BufferedShardWriter:
         *,
         target_mask: np.ndarray | None = None,
         token_text: TokenText | None = None,
+        sequence_fields: dict[str, int] | None = None,
     ) -> None:
         """Encode and append one sequence (arguments as `TokenBuffer.encode_sequence`)."""
         self._buffer.add_encoded(
-            self._buffer.encode_sequence(
-                seq_id, input_ids, head, samples, target_mask=target_mask, token_text=token_text
+            self.encode_sequence(
+                seq_id,
+                input_ids,
+                head,
+                samples,
+                target_mask=target_mask,
+                token_text=token_text,
+                sequence_fields=sequence_fields,
             )
         )
 
@@ -425,10 +484,17 @@ class BufferedShardWriter:
         *,
         target_mask: np.ndarray | None = None,
         token_text: TokenText | None = None,
+        sequence_fields: dict[str, int] | None = None,
     ) -> EncodedSequence:
         """`TokenBuffer.encode_sequence`: encode one sequence without adding it; thread-safe."""
         return self._buffer.encode_sequence(
-            seq_id, input_ids, head, samples, target_mask=target_mask, token_text=token_text
+            seq_id,
+            input_ids,
+            head,
+            samples,
+            target_mask=target_mask,
+            token_text=token_text,
+            sequence_fields=sequence_fields,
         )
 
     def add_encoded(self, encoded: EncodedSequence) -> None:

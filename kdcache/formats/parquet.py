@@ -16,6 +16,8 @@ One row per token, rows ordered by sequence then position; a row group holds who
 | sample_gaps          | LIST<INT32>               | BYTE_STREAM_SPLIT          | gap-coded unique sampled ids        |
 | sample_counts        | BYTE_ARRAY                | DELTA_LENGTH_BYTE_ARRAY    | one uint8 draw count per sampled id |
 | sample_codes         | BYTE_ARRAY                | DELTA_LENGTH_BYTE_ARRAY    | B-byte log-prob code per sampled id |
+| prompt_id            | INT64                     | dictionary (RLE)           | generated: the source record's id   |
+| sample_index         | INT32                     | dictionary (RLE)           | generated: which response it is     |
 | token_text           | BYTE_ARRAY                | DELTA_LENGTH_BYTE_ARRAY    | the text behind the token (optional)|
 
 The head's gaps are split into byte planes (p = 0 least significant; P planes, enough for the teacher's padded
@@ -24,7 +26,9 @@ at positions j, j + 1, ... j + 15. Separate slices let zstd code each plane of a
 own, which is what BYTE_STREAM_SPLIT on one wide column did in format v2 (within 0.2 bytes per token; DuckDB and
 polars cannot decode that encoding on fixed-length byte arrays, so v3 does not use it there). The codes are split
 into their B byte planes (u8: 1, u16: 2, f32: 4) only. Positions without a target are null in every target column
-(target_*, log_normalizer_*, tail_logprob_*, entropy, sample_*), so they cost no target bytes.
+(target_*, log_normalizer_*, tail_logprob_*, entropy, sample_*), so they cost no target bytes. prompt_id and
+sample_index exist when the sequences are generated responses (`formats.base.SEQUENCE_FIELDS`): each sequence's
+value on every one of its rows, runs that cost a few bytes per sequence.
 
 Reading is bounded by what the manifest declares (`ShardCounts`): the footer's row count must match, the page
 headers of every column read are summed against a bound linear in the tokens (`kdcache.formats.limits`), and only
@@ -50,7 +54,14 @@ from kdcache.codec import (
     planar_to_values,
     values_to_planar,
 )
-from kdcache.formats.base import MAX_TEXT_BYTES_PER_TOKEN, BufferedShardWriter, ShardCounts, ShardData, expand_rows
+from kdcache.formats.base import (
+    MAX_TEXT_BYTES_PER_TOKEN,
+    SEQUENCE_FIELDS,
+    BufferedShardWriter,
+    ShardCounts,
+    ShardData,
+    expand_rows,
+)
 from kdcache.formats.limits import parquet_page_bytes
 from kdcache.formats.memory import pooled_empty
 from kdcache.formats.rows import (
@@ -110,10 +121,17 @@ def _gap_slices(k: int, planes: int) -> list[tuple[str, int, int, int]]:
 
 
 def declared_columns(
-    k: int, num_temperatures: int, codec: CodecParams, planes: int, num_samples: int, token_text: bool = False
+    k: int,
+    num_temperatures: int,
+    codec: CodecParams,
+    planes: int,
+    num_samples: int,
+    sequence_fields: tuple[str, ...] = (),
+    token_text: bool = False,
 ) -> list[_Column]:
-    """Every column of a v3 shard with this layout, in file order (`planes`: the gap byte planes P; `token_text`:
-    the optional text column, declared only where it is to be read)."""
+    """Every column of a v3 shard with this layout, in file order (`planes`: the gap byte planes P;
+    `sequence_fields`: the names of `SEQUENCE_FIELDS` the shard stores; `token_text`: the optional text column,
+    last, declared only where it is to be read)."""
     cols = [
         _Column("seq_id", pa.int64(), "INT64", 0, 16, False),
         _Column("input_id", pa.int32(), "INT32", 0, 6, False),
@@ -140,6 +158,9 @@ def declared_columns(
             _Column("sample_counts", pa.binary(), "BYTE_ARRAY", 0, m + 8, True),
             _Column("sample_codes", pa.binary(), "BYTE_ARRAY", 0, m * codec.code_bytes + 8, True),
         ]
+    for name in sequence_fields:
+        arrow = pa.from_numpy_dtype(SEQUENCE_FIELDS[name])
+        cols.append(_Column(name, arrow, "INT64" if arrow == pa.int64() else "INT32", 0, 16, False))
     if token_text:  # bounded on average over a row group: single tokens may hold more
         cols.append(_Column("token_text", pa.binary(), "BYTE_ARRAY", 0, MAX_TEXT_BYTES_PER_TOKEN + 8, False))
     return cols
@@ -212,9 +233,15 @@ class ShardWriter(BufferedShardWriter):
             raise ValueError(f"a target id is not below the vocabulary size {self.vocab_size}")
         return planes
 
-    def schema(self, planes: int = 1) -> pa.Schema:
+    def schema(self, planes: int = 1, sequence_fields: tuple[str, ...] = ()) -> pa.Schema:
         columns = declared_columns(
-            self.k, self.num_temperatures, self.codec, planes, self.num_samples, token_text=self.token_text
+            self.k,
+            self.num_temperatures,
+            self.codec,
+            planes,
+            self.num_samples,
+            sequence_fields,
+            token_text=self.token_text,
         )
         described = {
             **self.metadata,
@@ -235,6 +262,9 @@ class ShardWriter(BufferedShardWriter):
         masked = None if targets.stop - targets.start == n else mask
         seq_ids = np.repeat(a["seq_ids"], a["seq_lengths"])[tokens]
         columns: dict[str, pa.Array] = {"seq_id": pa.array(seq_ids), "input_id": pa.array(a["input_ids"][tokens])}
+        for name in schema.names:
+            if name in SEQUENCE_FIELDS:  # the sequence's value on each of its rows
+                columns[name] = pa.array(np.repeat(a[f"field_{name}"], a["seq_lengths"])[tokens])
         if self.k > 0:
             gap_bytes = values_to_planar(a["gaps"][targets], planes)
             for name, p, j, width in _gap_slices(self.k, planes):
@@ -285,7 +315,8 @@ class ShardWriter(BufferedShardWriter):
         """The complete Parquet file as bytes (one row group per ~row_group_tokens, whole sequences only)."""
         a = self._buffer.arrays()
         planes = self.planes(a["gaps"])
-        schema = self.schema(planes)
+        sequence_fields = tuple(self._buffer.sequence_field_names())
+        schema = self.schema(planes, sequence_fields)
         encodings = {"input_id": "BYTE_STREAM_SPLIT"}
         for name in schema.names:
             if name.startswith("log_normalizer_"):
@@ -309,7 +340,7 @@ class ShardWriter(BufferedShardWriter):
             schema,
             compression="zstd",
             compression_level=self.compression_level,
-            use_dictionary=["seq_id"],
+            use_dictionary=["seq_id", *sequence_fields],
             column_encoding=encodings,
             write_statistics=["seq_id", "log_normalizer_0"],  # the latter's null counts: the targets of a row group
         ) as writer:
@@ -407,8 +438,9 @@ def _check(
     if k > 0 and planes == 0:
         raise ValueError("lacks the column 'target_gaps_p0_0' (not a format v3 shard)")
     sampled = ("sample_gaps" in names) if num_samples is None else num_samples
+    fields = tuple(name for name in SEQUENCE_FIELDS if name in names)  # optional: generated responses
     declared = declared_columns(
-        k, num_temperatures, codec, planes, 255 if sampled is True else int(sampled), token_text=token_text
+        k, num_temperatures, codec, planes, 255 if sampled is True else int(sampled), fields, token_text=token_text
     )
     leaves = {pf.schema.column(i).path: pf.schema.column(i) for i in range(len(pf.schema))}
     for col in declared:
@@ -482,6 +514,8 @@ def _target_mask(table: pa.Table, counts: ShardCounts | None) -> np.ndarray | No
             mask[offset : offset + len(chunk)] = chunk.is_valid().to_numpy(zero_copy_only=False)
             offset += len(chunk)
     for name in table.column_names:
+        if name in SEQUENCE_FIELDS:  # sample_index: a sequence's field, not a target column
+            continue
         if name.startswith(("target_", "log_normalizer_", "tail_logprob_", "sample_")) or name == "entropy":
             column = table.column(name)
             if column.null_count != nulls:
@@ -604,6 +638,18 @@ def _side(table: pa.Table, num_temperatures: int, mask: np.ndarray | None) -> tu
     if mask is not None:
         norms[~mask], tails[~mask], entropy[~mask] = 0.0, -np.inf, 0.0
     return norms, tails, entropy
+
+
+def _sequence_fields(table: pa.Table, starts: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """The table's `SEQUENCE_FIELDS` columns (None when it has none): per token, or at ``starts`` (per sequence)."""
+    out = {}
+    for name, dtype in SEQUENCE_FIELDS.items():
+        if name in table.column_names:
+            if table.column(name).null_count:
+                raise ValueError(f"column {name!r} has nulls (every row carries its sequence's value)")
+            values = _numpy(table, name).astype(dtype, copy=False)
+            out[name] = values if starts is None else values[starts]
+    return out or None
 
 
 def _sequences(table: pa.Table, counts: ShardCounts | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -731,6 +777,7 @@ def rows_from_table(
         text_offsets=text[0],
         text_bytes=text[1],
         text_known=text[2],
+        sequence_fields=_sequence_fields(table, starts),
     )
 
 
@@ -769,6 +816,7 @@ def decode_table(
         sample_counts=samples[1],
         sample_logprobs=samples[2],
         target_mask=np.ones(n, dtype=bool) if mask is None else mask,
+        sequence_fields=_sequence_fields(table),
     )
 
 

@@ -167,6 +167,7 @@ class UnitRows:
     entropy: np.ndarray  # [N] float32
     samples: RaggedSamples | None = None
     target_mask: np.ndarray | None = None  # [N] bool; None: every position has targets
+    sequence_fields: dict[str, np.ndarray] | None = None  # {name: [S]} (`formats.base.SEQUENCE_FIELDS`), if stored
     text_offsets: np.ndarray | None = None  # [N + 1] int64: token i's text is text_bytes[off[i]:off[i + 1]]
     text_bytes: np.ndarray | None = None  # [B] uint8, the text behind the tokens (read only when asked for)
     text_known: np.ndarray | None = None  # [N] bool: the token's text is stored (False: unknown)
@@ -178,9 +179,10 @@ class UnitRows:
     def sequence(self, index: int) -> dict[str, Any]:
         """Sequence `index` (file order) as views: `seq_id`, `input_ids` [T], `target_mask` [T] bool,
         `target_steps` [T, k] (or `target_gap_planes` [T, P * k]), `target_codes` or `target_logprobs` [T, k],
-        `log_normalizers` / `tail_logprobs` [T, nT], `entropy` [T], and for sampled caches `sample_ids` /
-        `sample_counts` / `sample_logprobs` [T, m] (decoded here), and where the text was read and is known for
-        the whole sequence `token_text` (its bytes, uint8) and `token_text_ends` [T] int64 (each token's byte end)."""
+        `log_normalizers` / `tail_logprobs` [T, nT], `entropy` [T], for sampled caches `sample_ids` /
+        `sample_counts` / `sample_logprobs` [T, m] (decoded here), each stored sequence field (e.g. `prompt_id`)
+        as a scalar, and where the text was read and is known for the whole sequence `token_text` (its bytes,
+        uint8) and `token_text_ends` [T] int64 (each token's byte end)."""
         start = int(self.starts[index])
         rows = slice(start, start + int(self.lengths[index]))
         mask = _all_true(rows.stop - start) if self.target_mask is None else self.target_mask[rows]
@@ -198,6 +200,8 @@ class UnitRows:
             seq["sample_ids"], seq["sample_counts"], seq["sample_logprobs"] = self.samples.padded(
                 rows.start, rows.stop
             )
+        for name, values in (self.sequence_fields or {}).items():
+            seq[name] = values[index]
         if self.text_offsets is not None and bool(self.text_known[rows].all()):
             lo, hi = int(self.text_offsets[rows.start]), int(self.text_offsets[rows.stop])
             seq["token_text"] = self.text_bytes[lo:hi]

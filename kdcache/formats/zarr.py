@@ -27,11 +27,14 @@ entries):
 | sample_gaps    | [M]     | uint32     | bytes + blosc(zstd, bitshuffle)                                 |
 | sample_counts  | [M]     | uint8      | bytes + zstd                                                    |
 | sample_codes   | [M]     | codec's    | as target_codes                                                 |
+| prompt_id      | [S]     | int64      | bytes + zstd (generated responses: the source record's id)      |
+| sample_index   | [S]     | int32      | bytes + zstd (generated responses: which response of the prompt)|
 | token_text_lengths | [N] | int32      | bytes + zstd; optional: text bytes of each token, -1 unknown    |
 | token_text     | [B]     | uint8      | bytes + zstd; optional: the text behind the tokens, in order    |
 
 Arrays along tokens are chunked by `row_group_tokens` tokens; target_gaps/target_codes are absent when k = 0,
-sample_* when the cache is not sampled. The group's attributes hold {"kdcache": {...}} like the Parquet key-value
+sample_* when the cache is not sampled, prompt_id / sample_index when the sequences are not generated
+(`formats.base.SEQUENCE_FIELDS`). The group's attributes hold {"kdcache": {...}} like the Parquet key-value
 metadata. The target arrays cover the R target positions only, in order, so positions without a target cost nothing.
 
 Reading never trusts the zip: only the declared arrays' entries are read (unknown entries and arrays are ignored,
@@ -53,7 +56,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs, gap_planes, values_to_planar
-from kdcache.formats.base import MAX_TEXT_BYTES_PER_TOKEN, BufferedShardWriter, ShardCounts, ShardData, expand_rows
+from kdcache.formats.base import (
+    MAX_TEXT_BYTES_PER_TOKEN,
+    SEQUENCE_FIELDS,
+    BufferedShardWriter,
+    ShardCounts,
+    ShardData,
+    expand_rows,
+)
 from kdcache.formats.limits import compressed_size_claim
 from kdcache.formats.memory import pooled_empty
 from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, steps_from_gaps, text_parts
@@ -132,11 +142,12 @@ class ShardWriter(BufferedShardWriter):
                 ("sample_counts", a["sample_counts"], "zstd"),
                 ("sample_codes", a["sample_codes"], "shuffle"),
             ]
+        arrays += [(name, a[f"field_{name}"], "zstd") for name in self._buffer.sequence_field_names()]
         if self.token_text:
             arrays += [("token_text_lengths", a["text_lengths"], "zstd"), ("token_text", a["text_bytes"], "zstd")]
         for name, values, kind in arrays:
             values = np.ascontiguousarray(values)
-            if name.startswith("seq_"):
+            if name.startswith("seq_") or name in SEQUENCE_FIELDS:  # per sequence: one chunk
                 chunks: tuple[int, ...] = (max(1, len(values)),)
             elif (name.startswith("sample_") and name != "sample_lengths") or name == "token_text":
                 chunks = (max(1, min(len(values), chunk * 16)),)
@@ -363,6 +374,9 @@ def read_arrays(
     sampled = ("sample_lengths/zarr.json" in shard.infos) if num_samples is None else num_samples > 0
     if sampled:
         specs["sample_lengths"] = shard.array_spec("sample_lengths", np.dtype("u1"), (r,))
+    for name, dtype in SEQUENCE_FIELDS.items():  # optional: generated responses, one value per sequence
+        if f"{name}/zarr.json" in shard.infos:
+            specs[name] = shard.array_spec(name, dtype.newbyteorder("<"), (s,))
     out = {name: shard.read(spec) for name, spec in specs.items()}
     offsets = out["seq_offsets"]
     if len(offsets) and (offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any()):
@@ -396,6 +410,11 @@ def _samples(a: dict[str, np.ndarray], codec: CodecParams, mask: np.ndarray | No
     lengths = a["sample_lengths"] if mask is None else expand_rows(mask, a["sample_lengths"], 0)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return RaggedSamples(offsets, a["sample_gaps"], a["sample_counts"], a["sample_codes"], codec)
+
+
+def _sequence_fields(a: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The shard's per-sequence `SEQUENCE_FIELDS` arrays ([S] each; None when it has none)."""
+    return {name: a[name] for name in SEQUENCE_FIELDS if name in a} or None
 
 
 def _mask(a: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -440,6 +459,7 @@ def read_shard(
     ragged = _samples(a, codec, mask)
     samples = ragged.padded(0, n) if ragged is not None else (None, None, None)
     norms, tails, entropy = _side(a, num_temperatures, mask)
+    fields = _sequence_fields(a)
     return ShardData(
         seq_ids=np.repeat(a["seq_id"], np.diff(offsets)),
         input_ids=a["input_id"],
@@ -452,6 +472,7 @@ def read_shard(
         sample_counts=samples[1],
         sample_logprobs=samples[2],
         target_mask=a["target_mask"],
+        sequence_fields=None if fields is None else {k: np.repeat(v, np.diff(offsets)) for k, v in fields.items()},
     )
 
 
@@ -503,6 +524,7 @@ def read_rows(
         entropy=entropy,
         samples=_samples(a, codec, mask),
         target_mask=mask,
+        sequence_fields=_sequence_fields(a),
         **_text(a, n),
     )
 

@@ -500,6 +500,10 @@ def distillation_loss(
 ) -> Tensor:
     """``alpha * T**2 * KD + (1 - alpha) * CE``, the usual mix of a distillation term and the hard-label loss.
 
+    CE is taken where ``labels`` are set and ``loss_mask`` (when the batch has one) is on: on a cache of the teacher's
+    own responses (docs/GENERATE.md) that is the generated tokens, so the mix is sequence-level KD (CE on the
+    teacher's samples) plus token-level KD (its soft targets on them); ``alpha = 0`` is sequence-level KD alone.
+
     Args:
         student_logits: ``[B, T, V]`` any float dtype.
         batch: As the chosen loss reads it, plus ``labels`` ``[B, T]`` int64 for the CE term (unless ``alpha == 1``).

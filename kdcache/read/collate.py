@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcache.formats.base import SEQUENCE_FIELDS
 from kdcache.formats.memory import pooled_empty
 
 __all__ = [
@@ -79,7 +80,8 @@ def collate_sequences(
         (0 at padding); `target_logprobs` [B, L, k] float32 (-inf at padding); `log_normalizers`, `tail_logprobs`
         [B, L, nT] float32 (0 at padding: all mass in the tail bucket); `entropy` [B, L] float32; `seq_id` [B] int64
         (-1 for a padded row). Sampled caches add `sample_ids` [B, L, m] int64, `sample_counts` [B, L, m] int32
-        (0 = padding) and `sample_logprobs` [B, L, m] float32 (-inf = padding).
+        (0 = padding) and `sample_logprobs` [B, L, m] float32 (-inf = padding). Generated caches add `prompt_id`
+        and `sample_index` [B] int64 (-1 for a padded row or a sequence without them).
     """
     lengths = [0 if s is None else len(s["input_ids"]) for s in seqs]
     longest = max(lengths, default=0)
@@ -171,6 +173,9 @@ def collate_sequences(
     out["labels"] = labels
     out["loss_mask"] = loss_mask
     out["seq_id"] = np.array([-1 if s is None else int(s["seq_id"]) for s in seqs], dtype=np.int64)
+    for name in SEQUENCE_FIELDS:  # per-sequence fields of generated responses
+        if any(s is not None and name in s for s in seqs):
+            out[name] = np.array([-1 if s is None else int(s.get(name, -1)) for s in seqs], dtype=np.int64)
     return out
 
 

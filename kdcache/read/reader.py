@@ -8,6 +8,8 @@
         seq["tail_logprob"]     # [T] float32, log of the mass outside the k ids
         seq["loss_mask"]        # [T] bool, True where the position carries targets (every position, unless the
                                 # cache was written with target masks, e.g. a chat's prompt positions)
+        seq["prompt_id"]        # generated responses only (docs/GENERATE.md): the source record's id, and
+        seq["sample_index"]     # which of its responses this is
 
 Positions without a target hold id -1, log-prob -inf and tail -inf (no mass), normalizers and entropy 0, no samples.
 
@@ -191,10 +193,11 @@ def _file_size(f: Any) -> int | None:
 
 
 def sequence_dict(seq_id: int, data: ShardData, rows: slice) -> dict[str, Any]:
-    """One sequence's arrays out of a decoded shard (sampled caches add sample_ids/_counts/_logprobs [T, m])."""
-    samples = {}
+    """One sequence's arrays out of a decoded shard (sampled caches add sample_ids/_counts/_logprobs [T, m]; a shard
+    with sequence fields adds each, e.g. prompt_id, as a numpy scalar)."""
+    samples = {name: values[rows.start] for name, values in (data.sequence_fields or {}).items()}
     if data.sample_ids is not None:
-        samples = {
+        samples |= {
             "sample_ids": data.sample_ids[rows],
             "sample_counts": data.sample_counts[rows],
             "sample_logprobs": data.sample_logprobs[rows],

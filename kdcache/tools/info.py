@@ -97,12 +97,41 @@ def cache_summary(uri: str, storage_options: dict[str, Any] | None = None) -> di
             "failures": len(last_run["failures"]) if isinstance(last_run.get("failures"), list) else 0,
         },
         "created_by": str(manifest.get("created_by")),
+        # what the cache came from, for people (absent from caches written before it was recorded)
+        **_provenance(manifest),
         "telemetry": {
             name: {key: _number(t.get(key)) for key in ("mean", "std", "p10", "p50", "p90")}
             for name, t in telemetry.items()
             if isinstance(t, dict)
         },
     }
+
+
+def _short(value: Any, limit: int = 200) -> str | None:
+    """A manifest's informational text (a list joined), shortened; None for null."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        value = ", ".join(map(str, value[:8]))
+    return str(value)[:limit]
+
+
+def _provenance(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``license`` and ``generation`` of the manifest's provenance, as plain checked values (None when absent): a
+    malformed entry shows as unknown, never fails `kdcache info`."""
+    prov = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+    teacher = prov.get("teacher") if isinstance(prov.get("teacher"), dict) else None
+    lic = None
+    if teacher is not None:
+        lic = {key: _short(teacher.get(key)) for key in ("license", "source", "license_name", "license_link")}
+    gen = prov.get("generation") if isinstance(prov.get("generation"), dict) else None
+    if gen is not None:
+        numbers = ("n", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "prompts", "sequences")
+        gen = {key: _number(gen.get(key)) for key in (*numbers, "generated_tokens", "generated_tokens_per_s")} | {
+            "engine": _short(gen.get("engine"), 20),
+            "stop": [_short(x, 40) for x in gen["stop"][:8]] if isinstance(gen.get("stop"), list) else [],
+        }
+    return {"license": lic, "generation": gen}
 
 
 def _number(value: Any) -> float:
@@ -145,6 +174,38 @@ def format_summary(s: dict[str, Any]) -> str:
                 )
                 if t and t["p50"] is not None  # None: no token to describe (an empty input)
             ],
+            *_provenance_lines(s),
             f"  fingerprint  {s['fingerprint']}",
         ]
     )
+
+
+def _provenance_lines(s: dict[str, Any]) -> list[str]:
+    """The teacher's license and, for a generated cache, how it was generated (lines of `format_summary`)."""
+    lines = []
+    lic = s.get("license")
+    if lic is not None:
+        name = lic.get("license")
+        if name:
+            detail = "".join(f"; {lic[key]}" for key in ("license_name", "license_link") if lic.get(key))
+            lines.append(
+                f"  license      {name} ({lic.get('source')}{detail}): check what it allows before training "
+                "a model on the teacher's outputs"
+            )
+        else:
+            lines.append(
+                "  license      not declared by the model card or config (teacher.license sets it): check the "
+                "teacher's terms before training a model on its outputs"
+            )
+    g = s.get("generation")
+    if g:
+        sampling = f"temperature {g['temperature']:g}, top_p {g['top_p']:g}, top_k {g['top_k'] or 'off'}"
+        sampling = "greedy" if g["temperature"] == 0 else f"{sampling}, seed {g['seed']}"
+        stops = f", stop {g['stop']}" if g.get("stop") else ""
+        lines += [
+            f"  generated    {g['sequences']:,} responses to {g['prompts']:,} prompts (n={g['n']}) by the teacher, "
+            f"engine {g['engine']}: {sampling}, max_new_tokens {g['max_new_tokens']}{stops}",
+            f"               {g['generated_tokens']:,} tokens generated at {g['generated_tokens_per_s']:,.1f} tok/s "
+            "per actor",
+        ]
+    return lines
