@@ -122,6 +122,11 @@ class TargetsConfig:
         "assistant turn (chat) or the completion (prompt_completion); prompt positions cost no head compute and no "
         "bytes. null: assistant for chat and prompt_completion, all otherwise",
     )
+    cross_tokenizer: bool = _f(
+        True,
+        "store the bytes of text behind every teacher token, so a student with another tokenizer can train from the "
+        "cache (docs/TARGETS.md, 'Students with another tokenizer'); 1.4 bytes per token on the demo, 3% of top-32",
+    )
     logprob_codec: str = _f(
         "u8",
         "stored log-probs: u8 (1 byte, companded: error 0.012 nats at p~1, 0.044 at log p=-8) | "

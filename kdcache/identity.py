@@ -230,6 +230,7 @@ def targets_identity(targets: TargetsConfig) -> dict[str, Any]:
         "temperatures": targets.temperatures,
         "logprob_codec": targets.logprob_codec,
         "positions": targets.positions,  # all | assistant: which positions hold a target
+        "cross_tokenizer": targets.cross_tokenizer,  # the shards hold the text behind every token
     }
     if targets.mode != "topk":
         out.update(samples=targets.samples, seed=targets.seed)

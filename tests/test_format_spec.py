@@ -51,10 +51,12 @@ def build_cache(
     masked: float = 0.0,
     min_len: int = 2,
     max_len: int = 20,
+    token_text: bool = False,
 ) -> dict[str, Any]:
     """A complete cache of random sequences written with kdcache's shard writers; returns the manifest.
 
-    `masked`: the probability that a position carries no target (0: no sequence gets a target mask)."""
+    `masked`: the probability that a position carries no target (0: no sequence gets a target mask); `token_text`:
+    store the text behind every token (`token_text_of` each input id; the last sequence of a unit: unknown)."""
     store = Store(str(root))
     codec = CodecParams.for_logprobs(logprobs)
     stored_k = 0 if mode == "sample" else k
@@ -89,6 +91,7 @@ def build_cache(
             row_group_tokens=row_group_tokens,
             metadata={"unit_id": f"unit{u:04d}", "format_version": FORMAT_VERSION},
             vocab_size=vocab,
+            token_text=token_text,
         )
         for s in range(seqs_per_unit):
             length = int(rng.integers(min_len, max_len))
@@ -102,7 +105,11 @@ def build_cache(
                     logits, num_samples=num_samples, head=stored_k, temperatures=list(temperatures), generator=gen
                 )
             ids = rng.integers(0, vocab, size=length)
-            writer.add(seed * 10_000 + u * 100 + s, ids, head, samples, target_mask=mask)
+            text = None
+            if token_text and s < seqs_per_unit - 1:
+                pieces = [token_text_of(int(i)) for i in ids]
+                text = (b"".join(pieces), np.cumsum([len(p) for p in pieces]))
+            writer.add(seed * 10_000 + u * 100 + s, ids, head, samples, target_mask=mask, token_text=text)
         data = writer.finish()
         path = shard_key(f"unit{u:04d}", "a0", writer_cls.SUFFIX)
         store.write_bytes(path, data)
@@ -128,6 +135,11 @@ def build_cache(
     )
     store.write_bytes(INDEX_KEY, dumps(manifest))
     return manifest
+
+
+def token_text_of(token_id: int) -> bytes:
+    """The text `build_cache` stores behind a token: empty, ASCII or two-byte UTF-8, by id."""
+    return ("é" if token_id % 2 else "a").encode() * (token_id % 3)
 
 
 # ---- the independent reader, from docs/FORMAT.md only -------------------------------------------------------------
@@ -437,14 +449,18 @@ def _duckdb_and_polars(path: Path) -> tuple[Any, Any]:
 
 
 @pytest.mark.parametrize(
-    "mode, logprobs, masked", [("topk", "u8", 0.0), ("topk", "u16", 0.3), ("topk", "f32", 0.0), ("hybrid", "u8", 0.3)]
+    "mode, logprobs, masked, text",
+    [("topk", "u8", 0.0, False), ("topk", "u16", 0.3, True), ("topk", "f32", 0.0, False), ("hybrid", "u8", 0.3, True)],
 )
-def test_duckdb_and_polars_read_every_column(tmp_path, mode, logprobs, masked):
-    build_cache(tmp_path, mode=mode, logprobs=logprobs, masked=masked, num_units=1, vocab=70_000, k=20)
+def test_duckdb_and_polars_read_every_column(tmp_path, mode, logprobs, masked, text):
+    build_cache(
+        tmp_path, mode=mode, logprobs=logprobs, masked=masked, num_units=1, vocab=70_000, k=20, token_text=text
+    )
     path = tmp_path / "shards" / "unit0000-a0.parquet"
     ours = pq.read_table(path)
     duck, polars_frame = _duckdb_and_polars(path)
     assert duck.column_names == polars_frame.columns == ours.column_names
+    assert ("token_text" in ours.column_names) == text  # the optional column: its values and nulls checked below
     for name in ours.column_names:  # the same values, nulls included (DuckDB/polars widen FLOAT16 to FLOAT)
         expected = ours.column(name).to_pylist()
         got_duck, got_polars = duck.column(name).to_pylist(), polars_frame[name].to_list()
@@ -522,3 +538,52 @@ def test_all_zero_top_planes_are_skipped_on_read(tmp_path):
     steps = get_format("parquet").read_rows(data, k=4, num_temperatures=1, codec=codec, vocab_size=70_000)
     np.testing.assert_array_equal(np.cumsum(steps.target_ids, axis=1), ids)
     np.testing.assert_array_equal(get_format("parquet").read_shard(data, k=4, num_temperatures=1).target_ids, ids)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+def test_token_text_is_read_as_format_md_says(tmp_path, fmt):
+    """The optional token text (FORMAT.md): per token the bytes behind it, null / -1 where unknown; kdcache's reader
+    returns the same, and refuses to read it from shards that lack it."""
+    import zarr
+
+    from kdcache.errors import CorruptShardError
+    from kdcache.read.reader import CacheReader
+
+    manifest = build_cache(tmp_path, fmt=fmt, num_units=2, seqs_per_unit=3, token_text=True)
+    reader = CacheReader(str(tmp_path))
+    for unit in manifest["units"]:
+        path = tmp_path / unit["path"]
+        if fmt == "parquet":
+            t = pq.read_table(path)
+            assert t.schema.field("token_text").type == pa.binary()
+            seq_ids, ids, texts = (
+                t.column("seq_id").to_numpy(),
+                t.column("input_id").to_numpy(),
+                t.column("token_text"),
+            )
+            texts = texts.to_pylist()
+        else:
+            g = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
+            offsets = g["seq_offsets"][:]
+            seq_ids, ids = np.repeat(g["seq_id"][:], np.diff(offsets)), g["input_id"][:]
+            lengths, data = g["token_text_lengths"][:], g["token_text"][:].tobytes()
+            assert lengths.dtype == np.int32 and len(data) == int(np.maximum(lengths, 0).sum())
+            ends = np.cumsum(np.maximum(lengths, 0))
+            texts = [None if n < 0 else data[e - n : e] for n, e in zip(lengths.tolist(), ends.tolist())]
+        last = seq_ids == seq_ids[-1]  # build_cache's last sequence of a unit has no text
+        assert all(texts[i] is None for i in np.flatnonzero(last))
+        assert [texts[i] for i in np.flatnonzero(~last)] == [token_text_of(int(i)) for i in ids[~last]]
+        rows = reader.read_unit_rows(reader.units[manifest["units"].index(unit)], token_text=True)
+        for s in range(rows.num_sequences):
+            seq = rows.sequence(s)
+            if int(seq["seq_id"]) == seq_ids[-1]:
+                assert "token_text" not in seq  # unknown text: the sequence has none
+                continue
+            pieces = [token_text_of(int(i)) for i in seq["input_ids"]]
+            assert bytes(seq["token_text"]) == b"".join(pieces)
+            np.testing.assert_array_equal(seq["token_text_ends"], np.cumsum([len(p) for p in pieces]))
+        assert "token_text" not in reader.read_unit_rows(reader.units[0]).sequence(0)  # read only when asked
+    build_cache(tmp_path / "plain", fmt=fmt, num_units=1)
+    plain = CacheReader(str(tmp_path / "plain"))
+    with pytest.raises(CorruptShardError, match="token_text"):
+        plain.read_unit_rows(plain.units[0], token_text=True)

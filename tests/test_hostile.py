@@ -315,6 +315,50 @@ def test_parquet_declared_column_bomb_is_refused_before_decompression(tmp_path):
     assert "KDCACHE ERROR" in out and "sample_codes" in out
 
 
+@pytest.mark.parametrize("bomb", ["parquet column", "zarr lengths", "zarr chunk"])
+def test_token_text_bombs_are_refused_before_decompression(tmp_path, bomb):
+    """The optional token text (students with another tokenizer) is bounded like every column: sizes from the file
+    are checked before anything is allocated; a reader that does not ask for the text never decompresses it."""
+    fmt = "parquet" if bomb.startswith("parquet") else "zarr"
+    manifest = build_cache(tmp_path, fmt=fmt, num_units=1, seqs_per_unit=8, token_text=True)
+    path = tmp_path / manifest["units"][0]["path"]
+    rows = manifest["units"][0]["num_tokens"]
+    if bomb == "parquet column":  # every row the same BOMB / rows bytes: one dictionary entry
+        table = pq.read_table(path)
+        value = pa.array([bytes(BOMB // rows + 1)], pa.binary())
+        text = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), value)
+        table = table.set_column(table.column_names.index("token_text"), "token_text", text)
+        sink = io.BytesIO()
+        pq.write_table(
+            table, sink, compression="zstd", use_dictionary=["token_text"], dictionary_pagesize_limit=2**30,
+            store_schema=False,
+        )  # fmt: skip
+        data, message = sink.getvalue(), "column 'token_text', row group 0: its pages claim more than"
+    elif bomb == "zarr lengths":  # per-token lengths that add up to BOMB bytes of text
+        lengths = np.full(rows, BOMB // rows + 1, "<i4")
+        data = _zip_with(path, {"token_text_lengths/c/0": _zstd_frame_of(lengths.tobytes())})
+        message = "the token text claims"
+    else:  # the text's chunk a zstd frame of BOMB zeros
+        data, message = _zip_with(path, {"token_text/c/0": _zstd_frame(BOMB)}), "token_text"
+    assert len(data) < 2**20
+    _replace_shard(tmp_path, 0, data)
+    out = run_limited(
+        f"n = sum(len(s['input_ids']) for s in open_cache({str(tmp_path)!r}).iter_sequences())\n"
+        "print('read', n)\n"
+        "from kdcache.read.reader import CacheReader\n"
+        f"reader = CacheReader({str(tmp_path)!r})\n"
+        "reader.read_unit_rows(reader.units[0], token_text=True)"
+    )
+    assert f"read {rows}" in out, out  # without the text: the shard reads
+    assert "KDCACHE ERROR" in out and message in out, out
+
+
+def _zstd_frame_of(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=1).compress(data)
+
+
 def _deflated_zeros(size: int):
     def write(f) -> None:
         block = bytes(2**22)

@@ -48,7 +48,8 @@ def serial_shard(worker: UnitWorker, unit: dict) -> bytes:
             per_window[i] = (head.rows(*rows), None if samples is None else samples.rows(*rows))
             offset += lengths[i]
     for i, w in enumerate(windows):
-        writer.add(w.seq_id, w.input_ids, *per_window[i])
+        text = None if w.token_text is None else (w.token_text, w.token_text_ends)  # targets.cross_tokenizer
+        writer.add(w.seq_id, w.input_ids, *per_window[i], token_text=text)
     return writer.finish()
 
 

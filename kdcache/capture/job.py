@@ -30,7 +30,7 @@ from typing import Any
 from kdcache.capture.plan import WorkUnit, plan_units
 from kdcache.capture.scheduler import ActorFactory, RunStats, actor_start_timeout, schedule_units
 from kdcache.config import CHAT_FORMATS, KDCacheConfig, redact_urls
-from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.errors import CacheMismatchError, ConfigError, KdcacheError
 from kdcache.identity import (
     check_claim,
     claim_fingerprint,
@@ -47,6 +47,7 @@ from kdcache.manifest import (
     dumps,
     read_manifest,
 )
+from kdcache.pieces import PIECES_KEY, pieces_to_json, token_pieces
 from kdcache.store import Store, expand_urls
 
 __all__ = ["compute_fingerprint", "run_cache_job", "shutdown_ray"]
@@ -91,6 +92,29 @@ def compute_fingerprint(cfg: KDCacheConfig, files: list[tuple[str, int]] | None 
         eos = read_generation_eos(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
         stop_ids = stop_token_ids(eos, tok)
     return fingerprint_inputs(cfg, info, tokenizer_fingerprint(tok), files, template, stop_ids)
+
+
+def write_teacher_pieces(cfg: KDCacheConfig, store: Store, tokenizer_hash: str) -> None:
+    """Store the teacher tokenizer's piece table (`kdcache.pieces.PIECES_KEY`: the bytes of every id) beside the
+    manifest, for students with another tokenizer (`targets.cross_tokenizer`); written once per cache."""
+    from kdcache.capture.teacher import load_tokenizer
+
+    if store.exists(PIECES_KEY):
+        return
+    t = cfg.teacher
+    tok = load_tokenizer(
+        cfg.data.tokenizer or t.model,
+        revision=None if cfg.data.tokenizer else t.revision,
+        trust_remote_code=t.trust_remote_code,
+    )
+    try:
+        pieces = token_pieces(tok)
+    except KdcacheError as exc:  # the cache is still a cache; only students with another tokenizer cannot use it
+        log.warning("%s: no piece table for students with another tokenizer: %s", store.uri, exc)
+        return
+    if pieces.fingerprint != tokenizer_hash:
+        raise CacheMismatchError(f"{cfg.data.tokenizer or t.model}: the tokenizer changed while the job started")
+    store.write_bytes(PIECES_KEY, dumps(pieces_to_json(pieces)))
 
 
 def check_against_teacher(cfg: KDCacheConfig, model_info: dict[str, Any], tokenizer_size: int) -> None:
@@ -219,6 +243,8 @@ def run_cache_job(
     t = cfg.teacher
     names = {"teacher": t.model, "revision": t.revision, "tokenizer": cfg.data.tokenizer or t.model}
     claim_fingerprint(store, fingerprint, inputs, names)
+    if cfg.targets.cross_tokenizer:
+        write_teacher_pieces(cfg, store, inputs["tokenizer"]["hash"])
     existing = read_manifest(store)
     if existing is not None and existing["complete"] and existing["fingerprint"] == fingerprint:
         log.info("%s: cache is complete; nothing to do", store.uri)

@@ -53,6 +53,8 @@ class Window:
     input_ids: np.ndarray  # [T] int32
     target_mask: np.ndarray | None = None  # [T] bool: the positions that get a target (None: every position)
     fields: dict[str, int] | None = None  # per-sequence values stored with it (generated: prompt_id, sample_index)
+    token_text: bytes | None = None  # targets.cross_tokenizer: the bytes behind the window's tokens (None: unknown)
+    token_text_ends: np.ndarray | None = None  # [T] int64: each token's byte end in token_text
 
 
 def make_seq_id(source_url: str, locator: str, window_index: int) -> int:

@@ -37,6 +37,7 @@ import numpy as np
 
 from kdcache.capture.chat import ChatRenderer, effective_chat_template, read_chat_template, target_mask
 from kdcache.capture.sources import Window, cut_windows, iter_documents, make_seq_id, tokenize_documents
+from kdcache.capture.tokentext import document_token_ends, window_text
 from kdcache.codec import CodecParams
 from kdcache.config import (
     CHAT_FORMATS,
@@ -47,10 +48,11 @@ from kdcache.config import (
     TargetsConfig,
     TeacherConfig,
 )
-from kdcache.errors import CacheMismatchError, ConfigError, SourceError
+from kdcache.errors import CacheMismatchError, ConfigError, KdcacheError, SourceError
 from kdcache.formats import get_format
 from kdcache.formats.base import BufferedShardWriter
 from kdcache.manifest import FORMAT_VERSION, commit_key, dumps, shard_key
+from kdcache.pieces import TokenPieces, token_pieces
 from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
 
@@ -171,6 +173,13 @@ class UnitWorker:
                     "data.chat_template"
                 )
             self.renderer = ChatRenderer(self.tokenizer, template, add_eos=data.add_eos)
+        # targets.cross_tokenizer: the text behind every token of plain-text documents (kdcache.capture.tokentext)
+        self.pieces: TokenPieces | None = None
+        if settings.targets.cross_tokenizer and self.renderer is None:
+            try:
+                self.pieces = token_pieces(self.tokenizer)
+            except KdcacheError:  # the job warned once already (kdcache.capture.job.write_teacher_pieces)
+                self.pieces = None
         self.engine = None  # generation: `kdcache.capture.generate` engine (settings.generate)
         if settings.generate is not None:
             from kdcache.capture.generate import make_engine, read_generation_eos, stop_token_ids
@@ -193,6 +202,11 @@ class UnitWorker:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # verbose=False: whole documents exceed model_max_length by design (they are cut into windows next)
         return self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+
+    def _offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """A document's ids and character offsets (asked only when the tokenizer's pieces do not spell it)."""
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     def _tokenized(self, docs: Any) -> Any:
         """(document, ids, assistant mask [T] bool or None) per document: chat records rendered with the template,
@@ -243,6 +257,10 @@ class UnitWorker:
                 if not targets.any():
                     counts["no_assistant_tokens"] += 1
                     continue
+            doc_ends = doc_bytes = None
+            if self.pieces is not None and doc.text is not None and doc.ids is None:
+                doc_ends = document_token_ends(self.pieces, ids, doc.text, self._offsets)
+                doc_bytes = doc.text.encode("utf-8")
             cut = cut_windows(ids, data.max_length, data.min_length)
             counts["short_windows_dropped"] += -(-len(ids) // data.max_length) - len(cut)
             for w, arr in enumerate(cut):
@@ -251,7 +269,11 @@ class UnitWorker:
                 if window_mask is not None and not window_mask.any():
                     counts["windows_without_targets"] += 1
                     continue
-                windows.append(Window(make_seq_id(unit["url"], doc.locator, w), arr, window_mask))
+                text, ends = (
+                    (None, None) if doc_ends is None else window_text(doc_bytes, doc_ends, start, start + len(arr))
+                )
+                seq_id = make_seq_id(unit["url"], doc.locator, w)
+                windows.append(Window(seq_id, arr, window_mask, token_text=text, token_text_ends=ends))
         return windows, counts
 
     def read_prompts(self, unit: dict[str, Any]) -> tuple[list[Prompt], dict[str, int]]:
@@ -349,6 +371,7 @@ class UnitWorker:
             metadata={"fingerprint": s.fingerprint, "format_version": FORMAT_VERSION, "unit_id": unit["unit_id"]},
             row_group_tokens=s.output.row_group_tokens,
             vocab_size=self.teacher.padded_vocab_size,  # the same Parquet columns in every shard of the cache
+            token_text=s.targets.cross_tokenizer,  # the text behind every token (null where unknown)
         )
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
@@ -385,6 +408,8 @@ class UnitWorker:
                 seq_head, seq_samples = head.rows(*rows), None if samples is None else samples.rows(*rows)
                 w = windows[i]
                 fields = {"sequence_fields": w.fields} if w.fields else {}  # generated responses' prompt_id, ...
+                if w.token_text is not None:  # targets.cross_tokenizer; a sequence without text stores null
+                    fields["token_text"] = (w.token_text, w.token_text_ends)
                 encoded[i] = writer.encode_sequence(
                     w.seq_id, w.input_ids, seq_head, seq_samples, target_mask=w.target_mask, **fields
                 )

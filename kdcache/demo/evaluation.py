@@ -9,14 +9,16 @@ teacher's distributions on them, and evaluate a student against the true next to
 
 Metrics: cross-entropy against the true next token, KL(teacher || student) over the full vocabulary, and the expected
 calibration error of the top-1 prediction; on held-out conversations (`make_chat_validation`) only at the positions
-whose next token is an assistant's, the positions a chat cache stores targets for. The math (`dense_forward_kl`,
-`kl_to_teacher`, `expected_calibration_error`) is pure functions on tensors; transformers is imported inside
-`build_student`. The training loop is in `kdcache.demo.training`, the comparison of runs in `kdcache.demo.students`.
+whose next token is an assistant's, the positions a chat cache stores targets for; `bits_per_byte` compares models
+with different tokenizers. The math (`dense_forward_kl`, `kl_to_teacher`, `expected_calibration_error`) is pure
+functions on tensors; transformers is imported inside `build_student`. The training loop is in
+`kdcache.demo.training`, the comparison of runs in `kdcache.demo.students`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ __all__ = [
     "ECE_BINS",
     "StudentSpec",
     "ValidationSet",
+    "bits_per_byte",
     "build_student",
     "dense_forward_kl",
     "evaluate",
@@ -402,3 +405,39 @@ def evaluate(
         "accuracy": float(correct.double().mean()),
         "confidence": float(confidence.double().mean()),
     }
+
+
+def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_texts: int = 8) -> float:
+    """Bits per byte of held-out texts: the model's negative log-likelihood of every token of each text (after its
+    tokenizer's BOS), in bits, summed and divided by the texts' UTF-8 bytes. It does not depend on the tokenizer, so it
+    compares students with different ones.
+
+    Args:
+        model: A causal LM returning ``.logits`` ``[B, L, V]``; texts must fit its positions (one BOS + the tokens).
+        tokenizer: A fast tokenizer with a BOS token (it conditions each text's first token).
+        texts: Held-out texts, each scored on its own.
+        batch_texts: Texts per forward.
+
+    Raises:
+        ValueError: The tokenizer has no BOS token.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError("bits_per_byte: the tokenizer has no BOS token to condition each text's first token on")
+    rows = [[bos, *tokenizer(text, add_special_tokens=False)["input_ids"]] for text in texts]
+    total_bits, total_bytes = 0.0, sum(len(text.encode("utf-8")) for text in texts)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(rows), batch_texts):
+            part = rows[lo : lo + batch_texts]
+            length = max(len(r) for r in part)
+            ids = torch.zeros(len(part), length, dtype=torch.long)
+            mask = torch.zeros(len(part), length, dtype=torch.long)
+            for i, r in enumerate(part):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            logq = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            nll = -logq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+            total_bits += float((nll * mask[:, 1:]).double().sum()) / math.log(2)
+    model.train(was_training)
+    return total_bits / max(total_bytes, 1)

@@ -5,6 +5,10 @@ Positions without a target (a chat's prompt, say): `target_mask` [T] bool names 
 targets; the head and sample rows cover those positions only, in position order, so a prompt position costs no
 encoding and no target bytes. A sequence given without a mask has a target at every position.
 
+The text behind every token (`token_text`, for students with another tokenizer: docs/TARGETS.md) is optional per
+shard: a writer made with `token_text=True` stores, per token, the bytes from its start to the next token's start
+(empty for a token without text, unknown for a sequence given without text).
+
 Encoding a sequence (`encode_sequence`, pure numpy) and appending it (`add_encoded`, list appends) are separate
 steps, so a worker can encode on a background thread while its teacher computes the next batch, then append the
 encoded sequences in file order.
@@ -31,9 +35,11 @@ __all__ = [
     "EncodedSequence",
     "HeadRows",
     "SampleRows",
+    "MAX_TEXT_BYTES_PER_TOKEN",
     "ShardCounts",
     "ShardData",
     "TokenBuffer",
+    "TokenText",
     "check_sequence_fields",
     "expand_rows",
     "ragged_to_padded",
@@ -42,6 +48,8 @@ __all__ = [
 ]
 
 
+MAX_TEXT_BYTES_PER_TOKEN = 1024  # bytes of token text per token, averaged over a sequence (readers bound by it)
+TokenText = tuple[bytes, np.ndarray]  # (a sequence's text bytes, [T] each token's byte end in them)
 # Per-sequence integer fields a shard may store (name -> dtype): a generated response's source record (a stable 63-bit
 # id of its file and position) and which of the prompt's responses it is (0 .. generate.n - 1).
 SEQUENCE_FIELDS: dict[str, np.dtype] = {"prompt_id": np.dtype(np.int64), "sample_index": np.dtype(np.int32)}
@@ -195,13 +203,15 @@ class TokenBuffer:
 
     Args:
         k: head entries per token; num_temperatures: stored temperatures (index 0 is T = 1);
-        num_samples: draws per token (0: no sample columns); codec: the log-prob coding.
+        num_samples: draws per token (0: no sample columns); codec: the log-prob coding;
+        token_text: keep the text behind every token (`encode_sequence`'s `token_text`).
     """
 
     k: int
     num_temperatures: int
     num_samples: int = 0
     codec: CodecParams = field(default_factory=CodecParams)
+    token_text: bool = False
     num_sequences: int = 0
     num_tokens: int = 0
     num_target_tokens: int = 0
@@ -215,6 +225,7 @@ class TokenBuffer:
         samples: SampleRows | None = None,
         *,
         target_mask: np.ndarray | None = None,
+        token_text: TokenText | None = None,
         sequence_fields: dict[str, int] | None = None,
     ) -> EncodedSequence:
         """Check and encode one sequence (id sort, gap coding, log-prob quantization) without adding it.
@@ -226,6 +237,9 @@ class TokenBuffer:
                 need not be sorted (they are sorted here).
             samples: sampled caches only: ``ids``, ``counts``, ``logprobs`` ``[R, m]``, padded with count 0.
             target_mask: ``[T]`` bool, True at the R positions that carry targets; None: every position (R = T).
+            token_text: buffers with `token_text` only: ``(text, ends)``, the sequence's text bytes and each
+                token's byte end in them (``[T]``, non-decreasing, the last is ``len(text)``); None: unknown (stored
+                as null, as is a text of more than `MAX_TEXT_BYTES_PER_TOKEN` bytes per token on average).
             sequence_fields: ``{name: int}`` of `SEQUENCE_FIELDS` stored with the sequence (e.g. ``prompt_id``).
 
         Reads only the buffer's settings, never its contents, so it may run on another thread while this buffer is
@@ -270,6 +284,10 @@ class TokenBuffer:
             if samples is None:
                 raise ValueError(f"sequence {seq_id}: a sampled shard needs the sequence's sampled targets")
             part.update(_encode_samples(seq_id, t, samples.ids, samples.counts, samples.logprobs, self.codec))
+        if self.token_text:
+            part.update(_encode_text(seq_id, n, token_text))
+        elif token_text is not None:
+            raise ValueError(f"sequence {seq_id}: token_text given to a buffer made without token_text=True")
         part.update({f"field_{name}": value for name, value in fields.items()})
         return EncodedSequence(num_tokens=n, parts=part, num_target_tokens=t)
 
@@ -281,10 +299,12 @@ class TokenBuffer:
         """
         parts = encoded.parts
         made_for = (parts["gaps"].shape[1], parts["log_normalizers"].shape[1], "sample_lengths" in parts)
-        if made_for != (self.k, self.num_temperatures, self.num_samples > 0):
+        made_for += ("text_lengths" in parts,)
+        if made_for != (self.k, self.num_temperatures, self.num_samples > 0, self.token_text):
             raise ValueError(
-                f"add_encoded: a sequence encoded for (k, temperatures, sampled) = {made_for} does not fit a buffer "
-                f"with k={self.k}, {self.num_temperatures} temperatures, num_samples={self.num_samples}"
+                f"add_encoded: a sequence encoded for (k, temperatures, sampled, text) = {made_for} does not fit a "
+                f"buffer with k={self.k}, {self.num_temperatures} temperatures, num_samples={self.num_samples}, "
+                f"token_text={self.token_text}"
             )
         fields = sorted(name for name in parts if name.startswith("field_"))
         if self.num_sequences and fields != self.field_names():
@@ -312,8 +332,9 @@ class TokenBuffer:
 
         Keys: seq_ids [S] int64, seq_lengths [S] int64, input_ids [N] int32, target_mask [N] bool; over the R
         target positions: gaps [R, k] uint32, codes [R, k] (codec dtype), log_normalizers / tail_logprobs [R, nT]
-        float32, entropy [R] float32, and for sampled buffers sample_lengths [R] uint8, sample_gaps [M] uint32,
-        sample_counts [M] uint8, sample_codes [M]; ``field_<name>`` [S] (`SEQUENCE_FIELDS` dtype) for each sequence
+        float32, entropy [R] float32, for sampled buffers sample_lengths [R] uint8, sample_gaps [M] uint32,
+        sample_counts [M] uint8, sample_codes [M]; with token_text text_lengths [N] int32 (each token's text bytes,
+        -1 where unknown) and text_bytes [B] uint8; ``field_<name>`` [S] (`SEQUENCE_FIELDS` dtype) for each sequence
         field the sequences carry.
         """
         empty = {
@@ -334,11 +355,31 @@ class TokenBuffer:
                 sample_counts=np.zeros(0, np.uint8),
                 sample_codes=np.zeros(0, self.codec.code_dtype),
             )
+        if self.token_text:
+            empty.update(text_lengths=np.zeros(0, np.int32), text_bytes=np.zeros(0, np.uint8))
         empty.update({f"field_{name}": np.zeros(0, SEQUENCE_FIELDS[name]) for name in self.sequence_field_names()})
         return {
             name: np.concatenate(self._parts[name]) if self._parts.get(name) else value
             for name, value in empty.items()
         }
+
+
+def _encode_text(seq_id: int, n: int, token_text: TokenText | None) -> dict[str, np.ndarray]:
+    """Per-token text lengths [T] int32 and the text bytes of one sequence (-1 lengths: unknown text)."""
+    unknown = {"text_lengths": np.full(n, -1, np.int32), "text_bytes": np.zeros(0, np.uint8)}
+    if token_text is None:
+        return unknown
+    text, ends = token_text
+    ends = np.asarray(ends, dtype=np.int64)
+    if ends.shape != (n,) or (n and (ends[0] < 0 or (np.diff(ends) < 0).any() or ends[-1] != len(text))):
+        raise ValueError(
+            f"sequence {seq_id}: token text ends must be [{n}] non-decreasing byte offsets ending at the text's "
+            f"{len(text)} bytes"
+        )
+    if len(text) > MAX_TEXT_BYTES_PER_TOKEN * max(n, 1):
+        return unknown  # readers bound the text by this; such a window (a pathological tokenization) has none
+    lengths = np.diff(np.concatenate([[0], ends])).astype(np.int32)
+    return {"text_lengths": lengths, "text_bytes": np.frombuffer(bytes(text), dtype=np.uint8)}
 
 
 def _encode_samples(
@@ -380,6 +421,7 @@ class BufferedShardWriter:
         row_group_tokens: tokens per Parquet row group / Zarr chunk (whole sequences per row group);
         vocab_size: the teacher's padded vocabulary (every id is below it): Parquet stores the byte planes this
             needs, so every shard of a cache has the same columns (None: the planes of the shard's largest gap).
+        token_text: store the text behind every token (`targets.cross_tokenizer`).
     """
 
     k: int
@@ -390,10 +432,11 @@ class BufferedShardWriter:
     metadata: dict[str, Any] = field(default_factory=dict)
     row_group_tokens: int = 65536
     vocab_size: int | None = None
+    token_text: bool = False
     _buffer: TokenBuffer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._buffer = TokenBuffer(self.k, self.num_temperatures, self.num_samples, self.codec)
+        self._buffer = TokenBuffer(self.k, self.num_temperatures, self.num_samples, self.codec, self.token_text)
 
     @property
     def num_sequences(self) -> int:
@@ -416,12 +459,19 @@ class BufferedShardWriter:
         samples: SampleRows | None = None,
         *,
         target_mask: np.ndarray | None = None,
+        token_text: TokenText | None = None,
         sequence_fields: dict[str, int] | None = None,
     ) -> None:
         """Encode and append one sequence (arguments as `TokenBuffer.encode_sequence`)."""
         self._buffer.add_encoded(
             self.encode_sequence(
-                seq_id, input_ids, head, samples, target_mask=target_mask, sequence_fields=sequence_fields
+                seq_id,
+                input_ids,
+                head,
+                samples,
+                target_mask=target_mask,
+                token_text=token_text,
+                sequence_fields=sequence_fields,
             )
         )
 
@@ -433,11 +483,18 @@ class BufferedShardWriter:
         samples: SampleRows | None = None,
         *,
         target_mask: np.ndarray | None = None,
+        token_text: TokenText | None = None,
         sequence_fields: dict[str, int] | None = None,
     ) -> EncodedSequence:
         """`TokenBuffer.encode_sequence`: encode one sequence without adding it; thread-safe."""
         return self._buffer.encode_sequence(
-            seq_id, input_ids, head, samples, target_mask=target_mask, sequence_fields=sequence_fields
+            seq_id,
+            input_ids,
+            head,
+            samples,
+            target_mask=target_mask,
+            token_text=token_text,
+            sequence_fields=sequence_fields,
         )
 
     def add_encoded(self, encoded: EncodedSequence) -> None:

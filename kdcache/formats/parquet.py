@@ -18,6 +18,7 @@ One row per token, rows ordered by sequence then position; a row group holds who
 | sample_codes         | BYTE_ARRAY                | DELTA_LENGTH_BYTE_ARRAY    | B-byte log-prob code per sampled id |
 | prompt_id            | INT64                     | dictionary (RLE)           | generated: the source record's id   |
 | sample_index         | INT32                     | dictionary (RLE)           | generated: which response it is     |
+| token_text           | BYTE_ARRAY                | DELTA_LENGTH_BYTE_ARRAY    | the text behind the token (optional)|
 
 The head's gaps are split into byte planes (p = 0 least significant; P planes, enough for the teacher's padded
 vocabulary) and each plane into slices of 16 positions: the column `target_gaps_p{p}_{j}` holds byte p of the gaps
@@ -53,7 +54,14 @@ from kdcache.codec import (
     planar_to_values,
     values_to_planar,
 )
-from kdcache.formats.base import SEQUENCE_FIELDS, BufferedShardWriter, ShardCounts, ShardData, expand_rows
+from kdcache.formats.base import (
+    MAX_TEXT_BYTES_PER_TOKEN,
+    SEQUENCE_FIELDS,
+    BufferedShardWriter,
+    ShardCounts,
+    ShardData,
+    expand_rows,
+)
 from kdcache.formats.limits import parquet_page_bytes
 from kdcache.formats.memory import pooled_empty
 from kdcache.formats.rows import (
@@ -63,6 +71,7 @@ from kdcache.formats.rows import (
     sequence_bounds,
     step_work_dtype,
     steps_in_place,
+    text_parts,
 )
 
 __all__ = [
@@ -118,9 +127,11 @@ def declared_columns(
     planes: int,
     num_samples: int,
     sequence_fields: tuple[str, ...] = (),
+    token_text: bool = False,
 ) -> list[_Column]:
     """Every column of a v3 shard with this layout, in file order (`planes`: the gap byte planes P;
-    `sequence_fields`: the names of `SEQUENCE_FIELDS` the shard stores, last)."""
+    `sequence_fields`: the names of `SEQUENCE_FIELDS` the shard stores; `token_text`: the optional text column,
+    last, declared only where it is to be read)."""
     cols = [
         _Column("seq_id", pa.int64(), "INT64", 0, 16, False),
         _Column("input_id", pa.int32(), "INT32", 0, 6, False),
@@ -150,6 +161,8 @@ def declared_columns(
     for name in sequence_fields:
         arrow = pa.from_numpy_dtype(SEQUENCE_FIELDS[name])
         cols.append(_Column(name, arrow, "INT64" if arrow == pa.int64() else "INT32", 0, 16, False))
+    if token_text:  # bounded on average over a row group: single tokens may hold more
+        cols.append(_Column("token_text", pa.binary(), "BYTE_ARRAY", 0, MAX_TEXT_BYTES_PER_TOKEN + 8, False))
     return cols
 
 
@@ -222,7 +235,13 @@ class ShardWriter(BufferedShardWriter):
 
     def schema(self, planes: int = 1, sequence_fields: tuple[str, ...] = ()) -> pa.Schema:
         columns = declared_columns(
-            self.k, self.num_temperatures, self.codec, planes, self.num_samples, sequence_fields
+            self.k,
+            self.num_temperatures,
+            self.codec,
+            planes,
+            self.num_samples,
+            sequence_fields,
+            token_text=self.token_text,
         )
         described = {
             **self.metadata,
@@ -259,6 +278,8 @@ class ShardWriter(BufferedShardWriter):
         columns["entropy"] = _primitive(a["entropy"][targets].astype(np.float16), masked)
         if self.num_samples > 0:
             columns |= self._sample_columns(a, targets, mask, masked)
+        if self.token_text:
+            columns["token_text"] = _text_column(a, tokens)
         return pa.Table.from_pydict(columns, schema=schema)
 
     def _sample_columns(
@@ -310,6 +331,8 @@ class ShardWriter(BufferedShardWriter):
                     "sample_codes": "DELTA_LENGTH_BYTE_ARRAY",
                 }
             )
+        if self.token_text:
+            encodings["token_text"] = "DELTA_LENGTH_BYTE_ARRAY"
         target_offsets = np.concatenate([[0], np.cumsum(a["target_mask"], dtype=np.int64)])
         sink = io.BytesIO()
         with pq.ParquetWriter(
@@ -327,6 +350,20 @@ class ShardWriter(BufferedShardWriter):
                     self._table(a, slice(lo, hi), targets, planes, schema), row_group_size=max(hi - lo, 1)
                 )
         return sink.getvalue()
+
+
+def _text_column(a: dict[str, np.ndarray], tokens: slice) -> pa.Array:
+    """The token text of tokens `tokens` as a BinaryArray, null where the text is unknown."""
+    lengths = a["text_lengths"].astype(np.int64)
+    known = lengths >= 0
+    offsets = np.concatenate([[0], np.cumsum(np.where(known, lengths, 0))])
+    b0, b1 = int(offsets[tokens.start]), int(offsets[tokens.stop])
+    local = (offsets[tokens.start : tokens.stop + 1] - b0).astype(np.int32)
+    part = known[tokens]
+    nulls = len(part) - int(np.count_nonzero(part))
+    validity = pa.py_buffer(np.packbits(part, bitorder="little")) if nulls else None
+    data = pa.py_buffer(np.ascontiguousarray(a["text_bytes"][b0:b1]).tobytes())
+    return pa.BinaryArray.from_buffers(pa.binary(), len(part), [validity, pa.py_buffer(local), data], nulls)
 
 
 def _row_group_bounds(seq_lengths: np.ndarray, row_group_tokens: int) -> list[tuple[int, int]]:
@@ -387,6 +424,7 @@ def _check(
     num_samples: int | None,
     counts: ShardCounts | None,
     only: tuple[str, ...] | None = None,
+    token_text: bool = False,
 ) -> _Checked:
     """Open a shard and check, before anything is decompressed: every declared column is there with its Arrow and
     Parquet types; the row count is the declared one; the pages of the columns to be read (`only`, default all
@@ -401,7 +439,9 @@ def _check(
         raise ValueError("lacks the column 'target_gaps_p0_0' (not a format v3 shard)")
     sampled = ("sample_gaps" in names) if num_samples is None else num_samples
     fields = tuple(name for name in SEQUENCE_FIELDS if name in names)  # optional: generated responses
-    declared = declared_columns(k, num_temperatures, codec, planes, 255 if sampled is True else int(sampled), fields)
+    declared = declared_columns(
+        k, num_temperatures, codec, planes, 255 if sampled is True else int(sampled), fields, token_text=token_text
+    )
     leaves = {pf.schema.column(i).path: pf.schema.column(i) for i in range(len(pf.schema))}
     for col in declared:
         if col.name not in names:
@@ -653,11 +693,18 @@ def read_rows(
     planar: bool = False,
     num_samples: int | None = None,
     counts: ShardCounts | None = None,
+    token_text: bool = False,
 ) -> UnitRows:
     """A shard's rows, compact for batching (`kdcache.formats.rows`), checked first (arguments as `read_shard`);
-    see `rows_from_table`."""
+    see `rows_from_table`. `token_text` also reads the text behind the tokens (a shard without it is refused)."""
     checked = _check(
-        source, k=k, num_temperatures=num_temperatures, codec=codec, num_samples=num_samples, counts=counts
+        source,
+        k=k,
+        num_temperatures=num_temperatures,
+        codec=codec,
+        num_samples=num_samples,
+        counts=counts,
+        token_text=token_text,
     )
     return rows_from_table(
         _read_checked(checked),
@@ -705,6 +752,14 @@ def rows_from_table(
         ids, codes = np.zeros((n, 0), np.uint16), np.zeros((n, 0), codec.code_dtype)
     are_codes = logprob_table(codec) is not None
     norms, tails, entropy = _side(table, num_temperatures, mask)
+    text = (None, None, None)
+    if "token_text" in table.column_names:
+        column = table.column("token_text")
+        offsets, values = _binary_parts(column)
+        text_lengths = np.diff(offsets)
+        if column.null_count:
+            text_lengths = np.where(column.is_valid().to_numpy(zero_copy_only=False), text_lengths, -1)
+        text = text_parts(text_lengths, values, n)
     return UnitRows(
         starts=starts,
         lengths=lengths,
@@ -719,6 +774,9 @@ def rows_from_table(
         entropy=entropy,
         samples=_samples(table, codec, num_samples),
         target_mask=mask,
+        text_offsets=text[0],
+        text_bytes=text[1],
+        text_known=text[2],
         sequence_fields=_sequence_fields(table, starts),
     )
 

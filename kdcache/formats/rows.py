@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.codec import CodecParams, dequantize_logprobs, planar_to_values
-from kdcache.formats.base import ragged_ids, ragged_to_padded
+from kdcache.formats.base import MAX_TEXT_BYTES_PER_TOKEN, ragged_ids, ragged_to_padded
 from kdcache.formats.memory import pooled_empty
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "steps_from_gaps",
     "steps_in_place",
     "steps_from_planar",
+    "text_parts",
 ]
 
 
@@ -167,6 +168,9 @@ class UnitRows:
     samples: RaggedSamples | None = None
     target_mask: np.ndarray | None = None  # [N] bool; None: every position has targets
     sequence_fields: dict[str, np.ndarray] | None = None  # {name: [S]} (`formats.base.SEQUENCE_FIELDS`), if stored
+    text_offsets: np.ndarray | None = None  # [N + 1] int64: token i's text is text_bytes[off[i]:off[i + 1]]
+    text_bytes: np.ndarray | None = None  # [B] uint8, the text behind the tokens (read only when asked for)
+    text_known: np.ndarray | None = None  # [N] bool: the token's text is stored (False: unknown)
 
     @property
     def num_sequences(self) -> int:
@@ -176,8 +180,9 @@ class UnitRows:
         """Sequence `index` (file order) as views: `seq_id`, `input_ids` [T], `target_mask` [T] bool,
         `target_steps` [T, k] (or `target_gap_planes` [T, P * k]), `target_codes` or `target_logprobs` [T, k],
         `log_normalizers` / `tail_logprobs` [T, nT], `entropy` [T], for sampled caches `sample_ids` /
-        `sample_counts` / `sample_logprobs` [T, m] (decoded here), and each stored sequence field (e.g. `prompt_id`)
-        as a scalar."""
+        `sample_counts` / `sample_logprobs` [T, m] (decoded here), each stored sequence field (e.g. `prompt_id`)
+        as a scalar, and where the text was read and is known for the whole sequence `token_text` (its bytes,
+        uint8) and `token_text_ends` [T] int64 (each token's byte end)."""
         start = int(self.starts[index])
         rows = slice(start, start + int(self.lengths[index]))
         mask = _all_true(rows.stop - start) if self.target_mask is None else self.target_mask[rows]
@@ -197,4 +202,22 @@ class UnitRows:
             )
         for name, values in (self.sequence_fields or {}).items():
             seq[name] = values[index]
+        if self.text_offsets is not None and bool(self.text_known[rows].all()):
+            lo, hi = int(self.text_offsets[rows.start]), int(self.text_offsets[rows.stop])
+            seq["token_text"] = self.text_bytes[lo:hi]
+            seq["token_text_ends"] = self.text_offsets[rows.start + 1 : rows.stop + 1] - lo
         return seq
+
+
+def text_parts(lengths: np.ndarray, values: np.ndarray, num_tokens: int) -> tuple[np.ndarray, ...]:
+    """(offsets [N + 1] int64, bytes [B] uint8, known [N] bool) of a stored token text column from per-token lengths
+    (-1 or null: unknown, counted as 0 bytes). Raises ValueError when they do not cover the bytes exactly or exceed
+    `MAX_TEXT_BYTES_PER_TOKEN` per token."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.shape != (num_tokens,):
+        raise ValueError(f"the token text has {len(lengths)} rows, the shard {num_tokens} tokens")
+    known = lengths >= 0
+    offsets = np.concatenate([[0], np.cumsum(np.where(known, lengths, 0))])
+    if int(offsets[-1]) != len(values) or len(values) > MAX_TEXT_BYTES_PER_TOKEN * max(num_tokens, 1):
+        raise ValueError(f"the token text holds {len(values)} bytes, its lengths {int(offsets[-1])}")
+    return offsets, values, known

@@ -29,6 +29,8 @@ entries):
 | sample_codes   | [M]     | codec's    | as target_codes                                                 |
 | prompt_id      | [S]     | int64      | bytes + zstd (generated responses: the source record's id)      |
 | sample_index   | [S]     | int32      | bytes + zstd (generated responses: which response of the prompt)|
+| token_text_lengths | [N] | int32      | bytes + zstd; optional: text bytes of each token, -1 unknown    |
+| token_text     | [B]     | uint8      | bytes + zstd; optional: the text behind the tokens, in order    |
 
 Arrays along tokens are chunked by `row_group_tokens` tokens; target_gaps/target_codes are absent when k = 0,
 sample_* when the cache is not sampled, prompt_id / sample_index when the sequences are not generated
@@ -54,10 +56,17 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from kdcache.codec import CodecParams, decode_ids, dequantize_logprobs, gap_planes, values_to_planar
-from kdcache.formats.base import SEQUENCE_FIELDS, BufferedShardWriter, ShardCounts, ShardData, expand_rows
+from kdcache.formats.base import (
+    MAX_TEXT_BYTES_PER_TOKEN,
+    SEQUENCE_FIELDS,
+    BufferedShardWriter,
+    ShardCounts,
+    ShardData,
+    expand_rows,
+)
 from kdcache.formats.limits import compressed_size_claim
 from kdcache.formats.memory import pooled_empty
-from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, steps_from_gaps
+from kdcache.formats.rows import RaggedSamples, UnitRows, logprob_table, steps_from_gaps, text_parts
 
 __all__ = [
     "NAME",
@@ -134,11 +143,13 @@ class ShardWriter(BufferedShardWriter):
                 ("sample_codes", a["sample_codes"], "shuffle"),
             ]
         arrays += [(name, a[f"field_{name}"], "zstd") for name in self._buffer.sequence_field_names()]
+        if self.token_text:
+            arrays += [("token_text_lengths", a["text_lengths"], "zstd"), ("token_text", a["text_bytes"], "zstd")]
         for name, values, kind in arrays:
             values = np.ascontiguousarray(values)
             if name.startswith("seq_") or name in SEQUENCE_FIELDS:  # per sequence: one chunk
                 chunks: tuple[int, ...] = (max(1, len(values)),)
-            elif name.startswith("sample_") and name != "sample_lengths":
+            elif (name.startswith("sample_") and name != "sample_lengths") or name == "token_text":
                 chunks = (max(1, min(len(values), chunk * 16)),)
             else:
                 chunks = (max(1, min(len(values), chunk)), *values.shape[1:])
@@ -336,9 +347,11 @@ def read_arrays(
     codec: CodecParams,
     num_samples: int | None = None,
     counts: ShardCounts | None = None,
+    token_text: bool = False,
 ) -> dict[str, np.ndarray]:
     """The declared arrays of a zipped shard group, as stored (no decoding of gaps or codes), checked against the
-    layout and `counts` before each is decompressed; other entries are never read. Raises ValueError."""
+    layout and `counts` before each is decompressed; other entries are never read (the optional token text only
+    with `token_text`). Raises ValueError."""
     shard = _Shard(source)
     n, s, r = (
         (None, None, None) if counts is None else (counts.num_tokens, counts.num_sequences, counts.num_target_tokens)
@@ -380,6 +393,13 @@ def read_arrays(
         for name, dtype in (("sample_gaps", "<u4"), ("sample_counts", "u1"), ("sample_codes", None)):
             want = codec.code_dtype.newbyteorder("<") if dtype is None else np.dtype(dtype)
             out[name] = shard.read(shard.array_spec(name, want, (m,)))
+    if token_text:
+        lengths = shard.read(shard.array_spec("token_text_lengths", np.dtype("<i4"), (n,)))
+        size = int(np.maximum(lengths, 0).sum(dtype=np.int64))
+        if size > MAX_TEXT_BYTES_PER_TOKEN * max(n, 1):
+            raise ValueError(f"the token text claims {size} bytes for {n} tokens")
+        out["token_text_lengths"] = lengths
+        out["token_text"] = shard.read(shard.array_spec("token_text", np.dtype("u1"), (size,)))
     return out
 
 
@@ -466,11 +486,19 @@ def read_rows(
     planar: bool = False,
     num_samples: int | None = None,
     counts: ShardCounts | None = None,
+    token_text: bool = False,
 ) -> UnitRows:
     """A shard's rows, compact for batching (`kdcache.formats.rows`): id steps in uint16 when `vocab_size` allows,
-    else int32; with `planar`, the gaps as planar bytes (what compact batches ship to the GPU). Checked first."""
+    else int32; with `planar`, the gaps as planar bytes (what compact batches ship to the GPU); with `token_text`
+    the text behind the tokens too. Checked first."""
     a = read_arrays(
-        source, k=k, num_temperatures=num_temperatures, codec=codec, num_samples=num_samples, counts=counts
+        source,
+        k=k,
+        num_temperatures=num_temperatures,
+        codec=codec,
+        num_samples=num_samples,
+        counts=counts,
+        token_text=token_text,
     )
     offsets, mask = a["seq_offsets"], _mask(a)
     n = len(a["input_id"])
@@ -497,7 +525,16 @@ def read_rows(
         samples=_samples(a, codec, mask),
         target_mask=mask,
         sequence_fields=_sequence_fields(a),
+        **_text(a, n),
     )
+
+
+def _text(a: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """UnitRows' text fields from the token text arrays (none when they were not read)."""
+    if "token_text_lengths" not in a:
+        return {}
+    offsets, values, known = text_parts(a["token_text_lengths"], a["token_text"], n)
+    return {"text_offsets": offsets, "text_bytes": values, "text_known": known}
 
 
 def column_bytes(source: bytes | memoryview | BinaryIO) -> dict[str, int]:

@@ -26,6 +26,10 @@ Batch keys read (shapes per batch; ``k`` head entries, ``m`` samples, ``nT`` sto
   ``attention_mask``, else every position. Every loss averages over it only; :func:`distillation_loss` also leaves
   the positions outside it out of the CE term.
 - ``labels`` ``[B, T]`` int64 next-token labels (-100 = ignore), read by :func:`distillation_loss` for the CE term.
+- ``unmapped_logprobs`` ``[B, T, u]`` float (cross-tokenizer batches, `kdcache.read.xbatch`): the teacher's head
+  entries that have no student counterpart, descending, inside the tail bucket; read by :func:`uld_loss`. On such a
+  batch ``target_ids`` are the student's ids and the bucket losses compare the mapped distribution as they would a
+  head (docs/TARGETS.md, "Students with another tokenizer").
 - ``teacher_vocab_size`` (optional int): the teacher's padded vocabulary. A student with fewer columns raises
   ``ValueError``; without the key only the largest cached id is checked. Student columns past the teacher's vocabulary
   get teacher probability 0 (they fall in the student's tail bucket).
@@ -35,6 +39,7 @@ the two distributions on k + 1 outcomes, the head ids and one bucket holding all
 is ``logsumexp`` of its logits over the complement of the head minus its normalizer (no ``log(1 - sum q)``). With
 k = V every one of them equals its dense counterpart exactly. :func:`renormalized_topk_kl` is the common biased
 baseline; :func:`sampled_kl` is unbiased: the expectation over draws of its gradient is the full forward-KL gradient.
+:func:`uld_loss` compares sorted probability vectors (ULD), which needs no common vocabulary.
 
 Temperature: each loss divides student logits (and the teacher, as above) by ``temperature`` but does not scale by
 ``T**2``; :func:`distillation_loss` applies the usual ``T**2`` factor to the KD term.
@@ -78,6 +83,7 @@ from kdcache.losses.divergences import (
     masked_log_softmax,
     renormalized_rows,
     sampled_rows,
+    uld_rows,
 )
 
 __all__ = [
@@ -94,6 +100,7 @@ __all__ = [
     "reverse_kl",
     "sampled_kl",
     "tvd",
+    "uld_loss",
 ]
 
 IGNORE_INDEX = -100  # label value that CE and the default loss mask skip
@@ -391,6 +398,58 @@ def sampled_kl(
     return mean_over_rows(student_logits, mask, data, sampled_rows, temperature=temperature, chunk_tokens=chunk_tokens)
 
 
+def uld_loss(
+    student_logits: Tensor, batch: Mapping[str, Any], *, temperature: float = 1.0, chunk_tokens: int = 1024
+) -> Tensor:
+    """Universal Logit Distillation on sorted probability vectors (Boizard et al., 2024), mean over unmasked positions.
+
+    ULD compares the teacher's and the student's probabilities sorted in descending order, ``sum_i |p_(i) -
+    q_(i)|``, which needs no correspondence between the two vocabularies. On a cross-tokenizer batch (one with
+    ``unmapped_logprobs``, `kdcache.read.xbatch`) it covers the part that does not map: the teacher's entries
+    without a student counterpart, sorted, against the student's largest probabilities outside the mapped ids, the
+    rest of each tail bucket as one more outcome. Add it to the forward KL on the mapped ids (GOLD-style hybrid)::
+
+        loss = distillation_loss(logits, batch, kind="forward_kl") + 0.5 * uld_loss(logits, batch)
+
+    On any other batch it compares the teacher's head, sorted, plus its tail bucket with the student's k largest
+    probabilities plus the rest of its vocabulary (plain ULD, cut after k entries: a lower bound of the full one).
+
+    Args:
+        student_logits: ``[B, T, V]`` any float dtype.
+        batch: Reads ``target_ids``, ``target_logprobs``, ``tail_logprob`` and, on cross-tokenizer batches,
+            ``unmapped_logprobs`` ``[B, T, u]``; the optional keys as :func:`forward_kl_tail`.
+        temperature: Softmax temperature of teacher and student; a cross-tokenizer batch holds one temperature, so
+            it takes only 1 (give the dataset the temperature instead).
+        chunk_tokens: Positions evaluated at once.
+
+    Returns:
+        Scalar float32 (float64 for float64 logits) tensor, in [0, 2].
+    """
+    loss = "uld_loss"
+    temperature = _check_temperature(temperature, loss)
+    batch = expand_targets(batch)
+    ids = _require(batch, "target_ids", loss).long()
+    _check_student(student_logits, batch, [ids], loss)
+    dtype = compute_dtype(student_logits)
+    if batch.get("unmapped_logprobs") is not None:
+        if temperature != 1.0:
+            raise ValueError(
+                f"{loss}: a cross-tokenizer batch holds the teacher at one temperature; call the loss at 1.0 and give "
+                "the dataset temperature= (a stored one) to distill at another"
+            )
+        valid = _require(batch, "target_logprobs", loss) > _NEG_INF
+        tail = _require(batch, "tail_logprob", loss).to(dtype)
+        data = {"ids": ids, "valid": valid, "sorted": batch["unmapped_logprobs"].to(dtype), "bucket": tail}
+    else:
+        head, tail, valid = _teacher_head_tail(batch, temperature, dtype, loss)
+        head_sum = torch.logsumexp(head, -1)
+        bucket = head_sum if tail is None else torch.logaddexp(head_sum, tail)  # the whole distribution: ~0
+        ordered = head.masked_fill(~valid, _NEG_INF).sort(-1, descending=True).values
+        data = {"ids": ids, "valid": torch.zeros_like(valid), "sorted": ordered, "bucket": bucket}
+    mask = _loss_mask(batch, ids.shape[:2], student_logits.device)
+    return mean_over_rows(student_logits, mask, data, uld_rows, temperature=temperature, chunk_tokens=chunk_tokens)
+
+
 def cross_entropy(student_logits: Tensor, labels: Tensor, *, chunk_tokens: int = 1024) -> Tensor:
     """Token cross-entropy at temperature 1, mean over labels that are not -100, chunked like the KD losses.
 
@@ -416,6 +475,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "reverse_kl": reverse_kl,
     "jsd": jsd,
     "tvd": tvd,
+    "uld": uld_loss,
 }
 
 

@@ -2,7 +2,7 @@
 
 The divergences (`kl`, `forward_kl`, `reverse_kl`, `jsd`, `tvd`) take teacher and student log-probabilities
 ``[..., n]`` and reduce the last axis; entries of ``-inf`` are zero mass and never produce NaN gradients. The row
-functions (`bucket_rows`, `renormalized_rows`, `sampled_rows`, `cross_entropy_rows`) are the
+functions (`bucket_rows`, `renormalized_rows`, `sampled_rows`, `cross_entropy_rows`, `uld_rows`) are the
 `kdcache.losses.autograd.RowLoss` callables that `kdcache.losses` evaluates chunk by chunk: each gets ``x``, one chunk
 of student logits divided by the temperature (``[C, V]`` float32 or float64), and that chunk's teacher data ``[C,
 ...]``, and returns ``[C]``. Pure torch functions; the public losses with their batch checks live in `kdcache.losses`.
@@ -30,6 +30,7 @@ __all__ = [
     "sampled_rows",
     "student_buckets",
     "tvd",
+    "uld_rows",
 ]
 
 NEG_INF = float("-inf")
@@ -132,3 +133,32 @@ def sampled_rows(x: Tensor, data: dict[str, Tensor]) -> Tensor:
 def cross_entropy_rows(x: Tensor, data: dict[str, Tensor]) -> Tensor:
     """``-log q(label)`` with ``data["labels"]`` ``[C]`` int64."""
     return torch.logsumexp(x, -1) - x.gather(-1, data["labels"].unsqueeze(-1)).squeeze(-1)
+
+
+def uld_rows(x: Tensor, data: dict[str, Tensor]) -> Tensor:
+    """ULD on one bucket: ``sum_i |p_(i) - q_(i)| + |P_rest - Q_rest|`` between sorted probability vectors.
+
+    The bucket is every id outside ``data["ids"]`` (where ``data["valid"]``; none valid: the whole vocabulary). The
+    teacher's side is ``data["sorted"]`` ``[C, u]`` (log-probs of the entries of the bucket known one by one,
+    descending, -inf padding) and ``data["bucket"]`` ``[C]`` (log of the bucket's mass); the student's is its u
+    largest probabilities in the bucket, descending, and the bucket's mass. ``P_rest`` / ``Q_rest`` are what is left
+    of each bucket past those u entries. The L1 distance of sorted vectors is the Wasserstein distance of ULD (Boizard
+    et al., 2024); cutting both after u entries and comparing the rest as one outcome makes it a lower bound of the
+    full-vocabulary one (triangle inequality).
+    """
+    normalizer = torch.logsumexp(x, -1, keepdim=True)
+    vocab, width = x.shape[-1], data["sorted"].shape[-1]
+    in_head = torch.zeros(x.shape[0], vocab + 1, dtype=torch.bool, device=x.device)
+    in_head = in_head.scatter_(-1, data["ids"].masked_fill(~data["valid"], vocab), True)[:, :vocab]
+    bucket = x.masked_fill(in_head, NEG_INF)
+    top = bucket.topk(min(width, vocab), dim=-1).values - normalizer
+    if top.shape[-1] < width:
+        top = torch.cat([top, top.new_full((top.shape[0], width - top.shape[-1]), NEG_INF)], -1)
+    q_sorted = top.exp()
+    empty = in_head.all(-1, keepdim=True)
+    q_bucket = (torch.logsumexp(bucket.masked_fill(empty, 0.0), -1, keepdim=True) - normalizer).exp()
+    q_bucket = q_bucket.masked_fill(empty, 0.0).squeeze(-1)
+    p_sorted = data["sorted"].exp()
+    p_rest = (data["bucket"].exp() - p_sorted.sum(-1)).clamp(min=0.0)
+    q_rest = (q_bucket - q_sorted.sum(-1)).clamp(min=0.0)
+    return (p_sorted - q_sorted).abs().sum(-1) + (p_rest - q_rest).abs()

@@ -92,6 +92,7 @@ from kdcache.read.mixture import (
 from kdcache.read.order import EpochOrder, batch_rows, num_global_batches
 from kdcache.read.prefetch import UnitPrefetcher, in_background
 from kdcache.read.reader import CacheReader
+from kdcache.read.xbatch import CrossTokenizer, load_teacher_pieces
 
 __all__ = ["STATE_VERSION", "KDCacheDataset"]
 
@@ -149,6 +150,11 @@ class KDCacheDataset(IterableDataset):
         temperature: express targets at T (exact if cached, else renormalized top-k with a warning); see
             `kdcache.read.collate.apply_temperature` for how `temperatures` is re-based.
         student_vocab_size, tokenizer: checked against the cache (`check_student`).
+        cross_tokenizer: `tokenizer` is a student's with another vocabulary: each sequence's text (stored with
+            `targets.cross_tokenizer`) is tokenized by it and the targets mapped onto its positions and ids
+            (`kdcache.read.xbatch`; docs/TARGETS.md "Students with another tokenizer"); cross_mapping: "exact" |
+            "first", how a teacher token chooses its student token. The batch is in the student's ids, at one
+            temperature (`temperature`, a stored one, or 1), with `unmapped_logprobs` and `xtok_kind`.
         prefetch_units: units fetched and decompressed ahead in background threads; 0 reads synchronously.
         local_cache_dir, local_cache_bytes: keep the shards of a remote cache in this local directory, at most this
             many bytes, least recently used evicted (shared safely by the workers and ranks of a node; see
@@ -198,6 +204,8 @@ class KDCacheDataset(IterableDataset):
         compact_targets: bool = False,
         num_partitions: int | None = None,
         batch_phases: int = 1,
+        cross_tokenizer: bool = False,
+        cross_mapping: str = "exact",
     ):
         super().__init__()
         if batch_size < 1:
@@ -234,8 +242,24 @@ class KDCacheDataset(IterableDataset):
                 f"{uri}: a {self.mode!r} cache serves its samples as stored; pass the temperature to the loss "
                 "(kdcache.losses.sampled_kl reweights exactly at stored temperatures) and do not use top_k"
             )
+        self._cross: CrossTokenizer | None = None
+        if cross_tokenizer:  # a student with another tokenizer: its own ids and vocabulary (kdcache.read.xbatch)
+            if tokenizer is None or compact_targets:
+                raise ValueError("cross_tokenizer=True needs the student's tokenizer= and no compact_targets")
+            self._cross = CrossTokenizer(
+                load_teacher_pieces(self.reader.store, self.manifest),
+                tokenizer,
+                temperatures=self.reader.temperatures,
+                temperature=temperature,
+                top_k=top_k,
+                logprob_table=logprob_table(self.reader.codec),
+                mapping=cross_mapping,
+                mode=self.mode,
+                num_samples=self.num_samples,
+            )
         for reader in self._readers:
-            check_student(reader.manifest, student_vocab_size=student_vocab_size, tokenizer=tokenizer)
+            if self._cross is None:
+                check_student(reader.manifest, student_vocab_size=student_vocab_size, tokenizer=tokenizer)
         if top_k is not None and not 1 <= top_k <= self.reader.k:
             raise ValueError(f"top_k must lie in [1, {self.reader.k}] (the cache's k), got {top_k}")
         if temperature is not None and stored_temperature_index(self.reader.temperatures, temperature) is None:
@@ -569,9 +593,12 @@ class KDCacheDataset(IterableDataset):
         """Fetch (checked against size and checksum), decompress and decode one unit of a source compactly; runs in a
         prefetch thread."""
         reader = self.readers[source]
-        return reader.read_unit_rows(reader.units[index], planar=self.compact_targets)
+        text = self._cross is not None  # the text behind the tokens, for a student with another tokenizer
+        return reader.read_unit_rows(reader.units[index], planar=self.compact_targets, token_text=text)
 
     def _collate(self, seqs: list[dict[str, Any] | None], batch_index: int, sources: list[int]) -> dict[str, Any]:
+        if self._cross is not None:
+            return self._cross.batch(seqs, batch_index, sources, pad_to=self.pad_to, pad_token_id=self.pad_token_id)
         temps = list(self.reader.temperatures)
         a = collate_sequences(
             seqs,

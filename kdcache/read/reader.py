@@ -164,13 +164,15 @@ class CacheReader:
         except Exception as exc:  # checksum passed but decoding failed: an incompatible or hostile writer
             raise CorruptShardError(f"{self.store.url(unit['path'])}: cannot decode shard: {exc}") from None
 
-    def read_unit_rows(self, unit: dict[str, Any], *, planar: bool = False) -> UnitRows:
+    def read_unit_rows(self, unit: dict[str, Any], *, planar: bool = False, token_text: bool = False) -> UnitRows:
         """One unit's rows, compact for batching (`kdcache.formats.rows`): fetched and checked like `read_unit`.
-        `planar` keeps the gaps as planar bytes (for compact batches)."""
+        `planar` keeps the gaps as planar bytes (for compact batches); `token_text` reads the text behind the
+        tokens too (caches captured with `targets.cross_tokenizer`)."""
         url = self.store.url(unit["path"])
         data = self.read_unit_bytes(unit)
         try:
-            return self.format.read_rows(data, vocab_size=self.vocab, planar=planar, **self._layout(unit))
+            layout = self._layout(unit) | ({"token_text": True} if token_text else {})
+            return self.format.read_rows(data, vocab_size=self.vocab, planar=planar, **layout)
         except Exception as exc:  # checksum passed but reading failed: an incompatible or hostile writer
             raise CorruptShardError(f"{url}: cannot read shard: {exc}") from None
 
