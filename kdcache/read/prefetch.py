@@ -8,12 +8,17 @@
         ...
 
 Threads, not processes: fetching (fsspec), checksumming (hashlib) and Parquet decompression (Arrow) release the GIL.
+A background iterator's thread is stopped and joined when its consumer closes it, and at interpreter exit for one
+never closed (`it = iter(dataset); next(it)` at the end of a script): a daemon thread still inside Arrow or torch
+while the interpreter finalizes aborts the process ("terminate called without an active exception").
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -90,8 +95,25 @@ class UnitPrefetcher:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_JOIN_S = 30.0  # how long closing waits for the thread to finish the item it is producing
+_running: weakref.WeakKeyDictionary[threading.Thread, threading.Event] = weakref.WeakKeyDictionary()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop and join every background iterator still running (atexit runs before daemon threads are frozen)."""
+    threads = list(_running.items())
+    for _, stop in threads:
+        stop.set()
+    for thread, _ in threads:
+        thread.join(_JOIN_S)
+
+
 def in_background(make: Callable[[], Iterator[Any]], maxsize: int) -> Iterator[Any]:
-    """Run the iterator `make()` in a daemon thread, `maxsize` items ahead; errors re-raise in the consumer."""
+    """Run the iterator `make()` in a daemon thread, `maxsize` items ahead; errors re-raise in the consumer.
+
+    Closing the returned generator (or the interpreter's exit) stops the thread after the item it is producing and
+    waits for it (at most `_JOIN_S` seconds)."""
     items: queue.Queue = queue.Queue(maxsize)
     stop = threading.Event()
 
@@ -117,6 +139,7 @@ def in_background(make: Callable[[], Iterator[Any]], maxsize: int) -> Iterator[A
             source.close()
 
     thread = threading.Thread(target=run, name="kdcache-batches", daemon=True)
+    _running[thread] = stop
     thread.start()
     try:
         while True:
@@ -128,3 +151,6 @@ def in_background(make: Callable[[], Iterator[Any]], maxsize: int) -> Iterator[A
             yield item
     finally:
         stop.set()
+        if thread is not threading.current_thread():
+            thread.join(_JOIN_S)
+        _running.pop(thread, None)
