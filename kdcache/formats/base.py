@@ -451,51 +451,14 @@ class BufferedShardWriter:
         """Positions with targets so far (`num_tokens` unless sequences were added with a `target_mask`)."""
         return self._buffer.num_target_tokens
 
-    def add(
-        self,
-        seq_id: int,
-        input_ids: np.ndarray,
-        head: HeadRows,
-        samples: SampleRows | None = None,
-        *,
-        target_mask: np.ndarray | None = None,
-        token_text: TokenText | None = None,
-        sequence_fields: dict[str, int] | None = None,
-    ) -> None:
-        """Encode and append one sequence (arguments as `TokenBuffer.encode_sequence`)."""
-        self._buffer.add_encoded(
-            self.encode_sequence(
-                seq_id,
-                input_ids,
-                head,
-                samples,
-                target_mask=target_mask,
-                token_text=token_text,
-                sequence_fields=sequence_fields,
-            )
-        )
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        """Encode and append one sequence (the arguments of `TokenBuffer.encode_sequence`, the one place they are
+        written out)."""
+        self._buffer.add_encoded(self._buffer.encode_sequence(*args, **kwargs))
 
-    def encode_sequence(
-        self,
-        seq_id: int,
-        input_ids: np.ndarray,
-        head: HeadRows,
-        samples: SampleRows | None = None,
-        *,
-        target_mask: np.ndarray | None = None,
-        token_text: TokenText | None = None,
-        sequence_fields: dict[str, int] | None = None,
-    ) -> EncodedSequence:
-        """`TokenBuffer.encode_sequence`: encode one sequence without adding it; thread-safe."""
-        return self._buffer.encode_sequence(
-            seq_id,
-            input_ids,
-            head,
-            samples,
-            target_mask=target_mask,
-            token_text=token_text,
-            sequence_fields=sequence_fields,
-        )
+    def encode_sequence(self, *args: Any, **kwargs: Any) -> EncodedSequence:
+        """`TokenBuffer.encode_sequence` (same arguments): encode one sequence without adding it; thread-safe."""
+        return self._buffer.encode_sequence(*args, **kwargs)
 
     def add_encoded(self, encoded: EncodedSequence) -> None:
         """Append a sequence from `encode_sequence` (of a writer with the same settings), in file order."""
