@@ -2,6 +2,7 @@
 
     pieces = token_pieces(tokenizer)            # id -> the bytes it stands for (None: a special token)
     ends = token_spans(pieces, ids, text)       # byte end of every token of a tokenization of `text`
+    text, ends = spelled_text(pieces, ids)      # the bytes a sequence of ids stands for, and each token's end
     pieces_to_json(pieces) / pieces_from_json(obj)  # the form a cache stores them in
 
 Pieces are compared as bytes, so two tokenizers of different families agree whenever their tokens do: byte-level BPE
@@ -34,6 +35,7 @@ __all__ = [
     "decoder_kinds",
     "pieces_from_json",
     "pieces_to_json",
+    "spelled_text",
     "token_pieces",
     "token_spans",
 ]
@@ -193,6 +195,14 @@ def token_spans(
         ends[text_rows] = next_start
         ends = np.maximum.accumulate(ends)  # special tokens end where the text before them ends
     return ends
+
+
+def spelled_text(pieces: TokenPieces, ids: Sequence[int] | np.ndarray) -> tuple[bytes, np.ndarray]:
+    """The bytes `ids` stand for (their pieces, concatenated; special tokens stand for none) and each token's byte
+    end in them ([n] int64): the text behind a sequence that has no source text (pre-tokenized ids, a rendered
+    chat, a generated response)."""
+    spelled = [pieces.piece(int(i)) or b"" for i in np.asarray(ids).tolist()]
+    return b"".join(spelled), np.cumsum([len(p) for p in spelled], dtype=np.int64)
 
 
 def pieces_to_json(pieces: TokenPieces) -> dict[str, Any]:

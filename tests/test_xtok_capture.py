@@ -6,8 +6,9 @@ Run: ``python -m pytest tests/test_xtok_capture.py -q``
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from conftest import stdlib_texts, tiny_job_config, write_text_corpus
+from conftest import stdlib_texts, tiny_job_config, write_jsonl, write_text_corpus
 
 from kdcache.capture.plan import plan_units
 from kdcache.capture.worker import UnitWorker, WorkerSettings
@@ -100,3 +101,64 @@ def test_a_student_with_another_tokenizer_reads_the_cache(xtok_cache, tiny_teach
 
 def _columns(reader, unit):
     return reader.format.column_bytes(bytes(reader.read_unit_bytes(unit)))
+
+
+def test_a_chat_cache_teaches_a_student_with_another_tokenizer_only_the_assistants_turns(ray_session, tmp_path):
+    """Chat windows have no source text: the worker stores what their tokens spell (the rendered conversation less
+    the special tokens, as the tokenizer's own decode gives it), and a student with another tokenizer is taught
+    exactly the bytes the teacher was (the assistant's), never the prompt's."""
+    from test_chat_capture import conversations
+    from tiny_models import CHAT_TEMPLATE, build_tiny_model
+    from transformers import AutoTokenizer
+
+    from kdcache.capture.job import run_cache_job
+    from kdcache.pieces import spelled_text, token_pieces
+    from kdcache.read.dataset import KDCacheDataset
+    from kdcache.read.reader import CacheReader
+    from tests.tiny_models import build_tiny_tokenizer
+
+    teacher = tmp_path / "teacher"
+    build_tiny_model("llama", teacher, vocab_size=320)
+    build_tiny_tokenizer(teacher, vocab_size=256, chat_template=CHAT_TEMPLATE)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "chat.jsonl", conversations())
+    cfg = tiny_job_config(teacher, tmp_path / "data", tmp_path / "cache", "data.format=chat", "data.max_length=64")
+    run_cache_job(cfg)
+    teacher_tok = AutoTokenizer.from_pretrained(teacher)
+    reader = CacheReader(str(tmp_path / "cache"))
+    taught = {}  # seq_id -> (text, byte ranges the teacher's targets are about)
+    for unit in reader.units:
+        rows = reader.read_unit_rows(unit, token_text=True)
+        for seq in map(rows.sequence, range(rows.num_sequences)):
+            text = bytes(seq["token_text"])
+            plain = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+            assert text == teacher_tok.decode(seq["input_ids"], **plain).encode()
+            ends = np.concatenate([[0], seq["token_text_ends"]])
+            targets = np.flatnonzero(seq["target_mask"][:-1])  # position t's target is about token t + 1
+            taught[int(seq["seq_id"])] = (text, [(int(ends[t + 1]), int(ends[t + 2])) for t in targets])
+    student = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "student", vocab_size=200))
+    pieces = token_pieces(student)
+    ds = KDCacheDataset(str(tmp_path / "cache"), batch_size=2, tokenizer=student, cross_tokenizer=True, shuffle=False)
+    rows_seen = prompt_bytes = 0
+    for batch in ds:
+        for row in range(batch["input_ids"].shape[0]):
+            seq_id = int(batch["seq_id"][row])
+            if seq_id < 0:
+                continue
+            rows_seen += 1
+            text, ranges = taught[seq_id]
+            valid = batch["attention_mask"][row].bool()
+            ids, loss = batch["input_ids"][row][valid].numpy(), batch["loss_mask"][row][valid].numpy()
+            spelled, s_ends = spelled_text(pieces, ids)
+            assert spelled == text
+            starts = np.concatenate([[0], s_ends[:-1]])
+            assistant = np.zeros(len(text), dtype=bool)
+            for lo, hi in ranges:
+                assistant[lo:hi] = True
+            prompt_bytes += int((~assistant).sum())
+            learnt = np.zeros(len(text), dtype=bool)
+            for s in np.flatnonzero(loss[:-1]):  # position s learns token s + 1's bytes
+                learnt[starts[s + 1] : s_ends[s + 1]] = True
+            assert not (learnt & ~assistant).any(), (seq_id, text)  # nothing of the prompt is taught
+            assert learnt.sum() >= 0.9 * assistant.sum()  # and the assistant's bytes are (less any split at a cut)
+    assert rows_seen == len(taught) and prompt_bytes > 0

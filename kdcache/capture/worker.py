@@ -52,7 +52,7 @@ from kdcache.errors import CacheMismatchError, ConfigError, KdcacheError, Source
 from kdcache.formats import get_format
 from kdcache.formats.base import BufferedShardWriter
 from kdcache.manifest import FORMAT_VERSION, commit_key, dumps, shard_key
-from kdcache.pieces import TokenPieces, token_pieces
+from kdcache.pieces import TokenPieces, spelled_text, token_pieces
 from kdcache.store import Store
 from kdcache.telemetry import captured_mass, summarize_tokens
 
@@ -173,9 +173,10 @@ class UnitWorker:
                     "data.chat_template"
                 )
             self.renderer = ChatRenderer(self.tokenizer, template, add_eos=data.add_eos)
-        # targets.cross_tokenizer: the text behind every token of plain-text documents (kdcache.capture.tokentext)
+        # targets.cross_tokenizer: the text behind every token (kdcache.capture.tokentext): cut from a plain-text
+        # document, spelled by the pieces for windows without one (pre-tokenized ids, chat, generated responses)
         self.pieces: TokenPieces | None = None
-        if settings.targets.cross_tokenizer and self.renderer is None:
+        if settings.targets.cross_tokenizer:
             try:
                 self.pieces = token_pieces(self.tokenizer)
             except KdcacheError:  # the job warned once already (kdcache.capture.job.write_teacher_pieces)
@@ -408,8 +409,10 @@ class UnitWorker:
                 seq_head, seq_samples = head.rows(*rows), None if samples is None else samples.rows(*rows)
                 w = windows[i]
                 fields = {"sequence_fields": w.fields} if w.fields else {}  # generated responses' prompt_id, ...
-                if w.token_text is not None:  # targets.cross_tokenizer; a sequence without text stores null
+                if w.token_text is not None:  # targets.cross_tokenizer: the document's text, cut at the tokens
                     fields["token_text"] = (w.token_text, w.token_text_ends)
+                elif self.pieces is not None:  # no document text (ids, chat, a response): what the tokens spell
+                    fields["token_text"] = spelled_text(self.pieces, w.input_ids)
                 encoded[i] = writer.encode_sequence(
                     w.seq_id, w.input_ids, seq_head, seq_samples, target_mask=w.target_mask, **fields
                 )

@@ -32,7 +32,7 @@ import torch
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.pieces import PIECES_KEY, TokenPieces, pieces_from_json, token_pieces, token_spans
 from kdcache.read.collate import collate_sequences, cumsum_rows, keep_top_k, stored_temperature_index
-from kdcache.read.xalign import align_tokens, map_targets, next_token_logprobs
+from kdcache.read.xalign import KIND_NONE, align_tokens, map_targets, next_token_logprobs
 from kdcache.read.xtok import RULES, first_token_of, vocab_map
 from kdcache.store import Store
 
@@ -230,6 +230,9 @@ class CrossTokenizer:
         )
         entropy = np.asarray(seq["entropy"], dtype=np.float32)
         anchor = alignment.anchor
+        # positions the teacher was not asked to teach (a chat's prompt): the student learns nothing there either
+        taught = _taught(seq.get("target_mask"), anchor)
+        kd_mask = mapped.has_target if taught is None else mapped.has_target & taught
         return {
             "seq_id": seq["seq_id"],
             "input_ids": s_ids,
@@ -239,9 +242,9 @@ class CrossTokenizer:
             "tail_logprobs": mapped.tail_logprob[:, None],
             # the teacher's entropy over its own vocabulary at the anchor (0 where there is none)
             "entropy": np.where(mapped.has_target, entropy[np.maximum(anchor, 0)], 0.0).astype(np.float32),
-            "kd_mask": mapped.has_target,
+            "kd_mask": kd_mask,
             "unmapped_logprobs": mapped.unmapped_logprobs,
-            "xtok_kind": mapped.kind,
+            "xtok_kind": np.where(kd_mask, mapped.kind, KIND_NONE).astype(np.int8),
         }
 
     def batch(
@@ -290,6 +293,19 @@ class CrossTokenizer:
         out["xtok_kind"] = kind
         out["tail_logprob"] = np.ascontiguousarray(out["tail_logprobs"][..., 0])
         return out
+
+
+def _taught(target_mask: np.ndarray | None, anchor: np.ndarray) -> np.ndarray | None:
+    """[Ts] bool: student positions whose anchor is a teacher position with a target (None: every position has one).
+
+    The teacher's target at position t is about token t + 1, and a student position anchored at t reads on into
+    that token's bytes, so it is taught exactly where the teacher was (chat: the assistant's tokens)."""
+    if target_mask is None:
+        return None
+    mask = np.asarray(target_mask, dtype=bool)
+    if mask.all():
+        return None
+    return (anchor >= 0) & mask[np.clip(anchor, 0, max(len(mask) - 1, 0))] if len(mask) else anchor < -1
 
 
 def _widen(seq: dict[str, Any], width: int) -> dict[str, Any]:
