@@ -311,4 +311,6 @@ def test_bytes_per_stored_position_match_a_text_cache(caches):
             "entropy": data.entropy[rows][m],
         }
         writer.add(seq_id, data.input_ids[rows][m], SimpleNamespace(**head))
-    assert unit["bytes"] < 1.02 * len(writer.finish())
+    # the cache also stores the text behind its tokens (targets.cross_tokenizer), which the rewrite leaves out
+    text_bytes = cache.format.column_bytes(bytes(cache.read_unit_bytes(unit))).get("token_text", 0)
+    assert unit["bytes"] - text_bytes < 1.02 * len(writer.finish())
