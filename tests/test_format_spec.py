@@ -68,6 +68,8 @@ def build_cache(
     }
     if mode != "topk":
         targets.update(samples=num_samples, seed=seed)
+    if token_text:
+        targets["cross_tokenizer"] = True
     inputs = {
         "format_version": FORMAT_VERSION,
         "teacher": {"model": "fake", "revision": None, "dtype": "float32", "padded_vocab_size": vocab},

@@ -344,12 +344,15 @@ def test_token_text_bombs_are_refused_before_decompression(tmp_path, bomb):
     assert len(data) < 2**20
     _replace_shard(tmp_path, 0, data)
     out = run_limited(
+        f"r = verify_cache({str(tmp_path)!r}, deep=True, workers=1)\n"
+        "print('verify', r.ok, r.problems)\n"
         f"n = sum(len(s['input_ids']) for s in open_cache({str(tmp_path)!r}).iter_sequences())\n"
         "print('read', n)\n"
         "from kdcache.read.reader import CacheReader\n"
         f"reader = CacheReader({str(tmp_path)!r})\n"
         "reader.read_unit_rows(reader.units[0], token_text=True)"
     )
+    assert "verify False" in out and "cannot decode the text behind its tokens" in out, out  # verify --deep sees it
     assert f"read {rows}" in out, out  # without the text: the shard reads
     assert "KDCACHE ERROR" in out and message in out, out
 

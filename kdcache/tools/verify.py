@@ -14,7 +14,8 @@ Deep mode (`deep=True`) reads every shard whole: sha256 against the commit recor
 invariants of the data: ids strictly ascending per token and inside [0, padded vocab), log-probs <= 0, head mass
 plus tail mass = 1 (within the codec's quantization), tails <= 0, entropies >= 0, finite normalizers, sample counts
 per token summing to the number of draws (or 0), sampled ids disjoint from the head, and every seq_id exactly once
-in the whole cache. Only the declared columns / arrays are decompressed, each bounded by the counts the manifest
+in the whole cache; in a cache with `targets.cross_tokenizer`, the text behind the tokens decodes and covers every
+token once. Only the declared columns / arrays are decompressed, each bounded by the counts the manifest
 declares (what readers do), so a decompression bomb is reported, not expanded. Positions without a target are
 skipped by the invariants. The manifest's statistics are checked against the sum of its units in both modes.
 
@@ -166,6 +167,7 @@ class _Checker:
         self.temperatures = len(inputs["targets"]["temperatures"])
         self.num_samples = int(inputs["targets"].get("samples", 0)) if inputs["targets"]["mode"] != "topk" else 0
         self.padded_vocab = inputs.get("teacher", {}).get("padded_vocab_size")
+        self.token_text = bool(inputs["targets"].get("cross_tokenizer"))  # shards hold the text behind the tokens
 
     def layout(self, unit: dict[str, Any]) -> dict[str, Any]:
         """What the format readers check a shard against: the cache's layout and the unit's declared counts."""
@@ -237,6 +239,12 @@ class _Checker:
         found += check_shard_data(
             data, k=self.k, padded_vocab=self.padded_vocab, num_samples=self.num_samples, codec=self.codec
         )
+        if self.token_text:  # what a student with another tokenizer reads: decodes, and covers every token once
+            try:
+                vocab = int(self.padded_vocab or 2**31 - 1)
+                self.fmt.read_rows(raw, **self.layout(unit), vocab_size=vocab, token_text=True)
+            except Exception as exc:
+                found.append(f"cannot decode the text behind its tokens: {type(exc).__name__}: {exc}")
         return found, seq_ids
 
 
