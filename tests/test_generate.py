@@ -596,6 +596,37 @@ def test_loss_mask_read_back_is_the_response(generated_cache, prompt_corpus, tok
     assert not batch["loss_mask"][:, 0].any() and (batch["labels"][~batch["loss_mask"]] == -100).all()
 
 
+def test_a_student_with_another_tokenizer_learns_only_the_responses(generated_cache, tmp_path):
+    """A generated sequence has no source text: the cache stores what its tokens spell, and a student with another
+    tokenizer reads it in its own ids and is taught the response's bytes only, never the prompt's."""
+    from transformers import AutoTokenizer
+
+    from kdcache.pieces import spelled_text, token_pieces
+    from kdcache.read.dataset import KDCacheDataset
+    from kdcache.read.reader import CacheReader
+
+    out, _ = generated_cache
+    reader = CacheReader(str(out))
+    response_start = {}  # seq_id -> (the stored text, the byte where the response begins)
+    for unit in reader.units:
+        rows = reader.read_unit_rows(unit, token_text=True)
+        for seq in map(rows.sequence, range(rows.num_sequences)):
+            first = int(np.argmax(seq["target_mask"]))  # the prompt's last position: its target is the response's
+            response_start[int(seq["seq_id"])] = (bytes(seq["token_text"]), int(seq["token_text_ends"][first]))
+    student = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "student", vocab_size=200))
+    pieces, taught = token_pieces(student), 0
+    for batch in KDCacheDataset(str(out), batch_size=4, tokenizer=student, cross_tokenizer=True, shuffle=False):
+        for row in np.flatnonzero(batch["seq_id"].numpy() >= 0):
+            text, start = response_start[int(batch["seq_id"][row])]
+            valid = batch["attention_mask"][row].bool()
+            spelled, ends = spelled_text(pieces, batch["input_ids"][row][valid].numpy())
+            assert spelled == text
+            learnt = np.flatnonzero(batch["loss_mask"][row][valid].numpy()[:-1])  # position s learns token s + 1
+            assert (ends[learnt] >= start).all()  # token s + 1 starts at ends[s]: inside the response
+            taught += len(learnt)
+    assert taught > 0
+
+
 def test_generation_settings_are_part_of_the_identity(generated_cache, teacher_dir, prompt_corpus, tmp_path):
     from kdcache.capture.job import compute_fingerprint
     from kdcache.identity import fingerprint_of
