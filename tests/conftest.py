@@ -90,3 +90,35 @@ def corpus(tmp_path) -> Path:
     """Two jsonl files with documents of varied length, including an empty one."""
     texts = stdlib_texts(12, max_chars=1500)
     return write_text_corpus(tmp_path / "data", [[*texts[:6], ""], [t[:200] for t in texts[6:]]])
+
+
+def record_writes(worker, monkeypatch) -> list[dict]:
+    """Spy on what a UnitWorker hands its shard writer: per sequence its ids, head and sampled targets, target mask
+    and sequence fields (`encode_sequence`'s arguments, every keyword passed on unchanged)."""
+    import numpy as np
+
+    calls: list[dict] = []
+    make_writer = worker.shard_writer
+
+    def spying(unit):
+        writer = make_writer(unit)
+        encode = writer.encode_sequence
+
+        def encode_sequence(seq_id, input_ids, head, samples=None, **keywords):
+            calls.append(
+                {
+                    "seq_id": seq_id,
+                    "input_ids": np.array(input_ids),
+                    "head": head,
+                    "samples": samples,
+                    "mask": keywords.get("target_mask"),
+                    "fields": keywords.get("sequence_fields"),
+                }
+            )
+            return encode(seq_id, input_ids, head, samples, **keywords)
+
+        writer.encode_sequence = encode_sequence
+        return writer
+
+    monkeypatch.setattr(worker, "shard_writer", spying)
+    return calls

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_job_config, write_jsonl
+from conftest import record_writes, tiny_job_config, write_jsonl
 from tiny_models import CHAT_TEMPLATE, CHAT_TEMPLATE_PLAIN, build_tiny_model, build_tiny_tokenizer
 
 from kdcache.capture.plan import plan_units
@@ -96,26 +96,6 @@ def make_worker(teacher: Path, corpus: Path, out: Path, *extra: str) -> tuple[Un
     worker = UnitWorker(WorkerSettings.from_config(cfg, "0" * 64), device="cpu")
     (unit,) = plan_units(cfg.data.source, cfg.data.format, unit_bytes=cfg.data.unit_bytes)
     return worker, unit.to_dict()
-
-
-def record_writes(worker: UnitWorker, monkeypatch) -> list[dict]:
-    """Spy on what the worker hands the shard writer: per sequence its ids, target mask and head rows."""
-    calls: list[dict] = []
-    make_writer = worker.shard_writer
-
-    def spying(unit):
-        writer = make_writer(unit)
-        encode = writer.encode_sequence
-
-        def encode_sequence(seq_id, input_ids, head, samples=None, *, target_mask=None):
-            calls.append({"seq_id": seq_id, "input_ids": np.array(input_ids), "head": head, "mask": target_mask})
-            return encode(seq_id, input_ids, head, samples, target_mask=target_mask)
-
-        writer.encode_sequence = encode_sequence
-        return writer
-
-    monkeypatch.setattr(worker, "shard_writer", spying)
-    return calls
 
 
 def expected_windows(tokenizer, path: Path, records: list[dict]) -> dict[int, tuple[list[int], np.ndarray]]:

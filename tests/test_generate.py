@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from cluster_helpers import kill_driver_after_commits
-from conftest import tiny_job_config, write_jsonl
+from conftest import record_writes, tiny_job_config, write_jsonl
 from tiny_models import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
 
 from kdcache.capture.generate import (
@@ -118,35 +118,6 @@ def make_worker(teacher: Path, corpus: Path, out: Path, *extra: str) -> tuple[Un
     worker = UnitWorker(WorkerSettings.from_config(cfg, "0" * 64), device="cpu")
     (unit,) = plan_units(cfg.data.source, cfg.data.format, unit_bytes=cfg.data.unit_bytes)
     return worker, unit.to_dict()
-
-
-def record_writes(worker: UnitWorker, monkeypatch) -> list[dict]:
-    """Spy on what the worker hands the shard writer: per sequence its ids, target mask, fields and targets."""
-    calls: list[dict] = []
-    make_writer = worker.shard_writer
-
-    def spying(unit):
-        writer = make_writer(unit)
-        encode = writer.encode_sequence
-
-        def encode_sequence(seq_id, input_ids, head, samples=None, *, target_mask=None, sequence_fields=None):
-            calls.append(
-                {
-                    "seq_id": seq_id,
-                    "input_ids": np.array(input_ids),
-                    "head": head,
-                    "samples": samples,
-                    "mask": target_mask,
-                    "fields": sequence_fields,
-                }
-            )
-            return encode(seq_id, input_ids, head, samples, target_mask=target_mask, sequence_fields=sequence_fields)
-
-        writer.encode_sequence = encode_sequence
-        return writer
-
-    monkeypatch.setattr(worker, "shard_writer", spying)
-    return calls
 
 
 def line_offsets(path: Path) -> list[str]:
