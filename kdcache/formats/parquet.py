@@ -86,6 +86,7 @@ __all__ = [
     "read_shard",
     "read_shard_info",
     "read_table",
+    "read_token_text",
     "rows_from_table",
 ]
 
@@ -718,6 +719,41 @@ def read_rows(
     )
 
 
+def _text(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, bytes, known) of the `token_text` column of n rows (`kdcache.formats.rows.text_parts`)."""
+    offsets, values = _binary_parts(column)
+    text_lengths = np.diff(offsets)
+    if column.null_count:
+        text_lengths = np.where(column.is_valid().to_numpy(zero_copy_only=False), text_lengths, -1)
+    return text_parts(text_lengths, values, n)
+
+
+def read_token_text(
+    source: bytes | memoryview | BinaryIO,
+    *,
+    k: int,
+    num_temperatures: int,
+    codec: CodecParams,
+    num_samples: int | None = None,
+    counts: ShardCounts | None = None,
+) -> dict[str, np.ndarray]:
+    """Only the text behind a shard's tokens (`text_offsets`, `text_bytes`, `text_known`, as `read_rows` gives them
+    with `token_text`), checked like every read (arguments as `read_shard`); no target column is decompressed."""
+    checked = _check(
+        source,
+        k=k,
+        num_temperatures=num_temperatures,
+        codec=codec,
+        num_samples=num_samples,
+        counts=counts,
+        only=("token_text",),
+        token_text=True,
+    )
+    table = _read_checked(checked)
+    offsets, values, known = _text(table.column("token_text"), table.num_rows)
+    return {"text_offsets": offsets, "text_bytes": values, "text_known": known}
+
+
 def _planes_of(table: pa.Table) -> int:
     planes = 0
     while f"target_gaps_p{planes}_0" in table.column_names:
@@ -752,14 +788,7 @@ def rows_from_table(
         ids, codes = np.zeros((n, 0), np.uint16), np.zeros((n, 0), codec.code_dtype)
     are_codes = logprob_table(codec) is not None
     norms, tails, entropy = _side(table, num_temperatures, mask)
-    text = (None, None, None)
-    if "token_text" in table.column_names:
-        column = table.column("token_text")
-        offsets, values = _binary_parts(column)
-        text_lengths = np.diff(offsets)
-        if column.null_count:
-            text_lengths = np.where(column.is_valid().to_numpy(zero_copy_only=False), text_lengths, -1)
-        text = text_parts(text_lengths, values, n)
+    text = _text(table.column("token_text"), n) if "token_text" in table.column_names else (None, None, None)
     return UnitRows(
         starts=starts,
         lengths=lengths,

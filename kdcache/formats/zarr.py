@@ -77,6 +77,7 @@ __all__ = [
     "read_rows",
     "read_shard",
     "read_shard_info",
+    "read_token_text",
 ]
 
 NAME = "zarr"
@@ -394,13 +395,37 @@ def read_arrays(
             want = codec.code_dtype.newbyteorder("<") if dtype is None else np.dtype(dtype)
             out[name] = shard.read(shard.array_spec(name, want, (m,)))
     if token_text:
-        lengths = shard.read(shard.array_spec("token_text_lengths", np.dtype("<i4"), (n,)))
-        size = int(np.maximum(lengths, 0).sum(dtype=np.int64))
-        if size > MAX_TEXT_BYTES_PER_TOKEN * max(n, 1):
-            raise ValueError(f"the token text claims {size} bytes for {n} tokens")
-        out["token_text_lengths"] = lengths
-        out["token_text"] = shard.read(shard.array_spec("token_text", np.dtype("u1"), (size,)))
+        out |= _read_text_arrays(shard, n)
     return out
+
+
+def _read_text_arrays(shard: _Shard, n: int) -> dict[str, np.ndarray]:
+    """The token text arrays of a shard of n tokens, the text's size bounded before it is decompressed."""
+    lengths = shard.read(shard.array_spec("token_text_lengths", np.dtype("<i4"), (n,)))
+    size = int(np.maximum(lengths, 0).sum(dtype=np.int64))
+    if size > MAX_TEXT_BYTES_PER_TOKEN * max(n, 1):
+        raise ValueError(f"the token text claims {size} bytes for {n} tokens")
+    return {
+        "token_text_lengths": lengths,
+        "token_text": shard.read(shard.array_spec("token_text", np.dtype("u1"), (size,))),
+    }
+
+
+def read_token_text(
+    source: bytes | memoryview | BinaryIO,
+    *,
+    k: int,
+    num_temperatures: int,
+    codec: CodecParams,
+    num_samples: int | None = None,
+    counts: ShardCounts | None = None,
+) -> dict[str, np.ndarray]:
+    """Only the text behind a shard's tokens (`text_offsets`, `text_bytes`, `text_known`, as `read_rows` gives them
+    with `token_text`), bounded before it is decompressed; no target array is read (the layout arguments, those of
+    every reader, are not needed for that). Raises ValueError."""
+    shard = _Shard(source)
+    n = shard.array_spec("input_id", np.dtype("<i4"), (None if counts is None else counts.num_tokens,)).shape[0]
+    return _text(_read_text_arrays(shard, n), n)
 
 
 def _samples(a: dict[str, np.ndarray], codec: CodecParams, mask: np.ndarray | None) -> RaggedSamples | None:

@@ -241,8 +241,7 @@ class _Checker:
         )
         if self.token_text:  # what a student with another tokenizer reads: decodes, and covers every token once
             try:
-                vocab = int(self.padded_vocab or 2**31 - 1)
-                self.fmt.read_rows(raw, **self.layout(unit), vocab_size=vocab, token_text=True)
+                self.fmt.read_token_text(raw, **self.layout(unit))
             except Exception as exc:
                 found.append(f"cannot decode the text behind its tokens: {type(exc).__name__}: {exc}")
         return found, seq_ids
