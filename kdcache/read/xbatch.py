@@ -305,7 +305,7 @@ def _taught(target_mask: np.ndarray | None, anchor: np.ndarray) -> np.ndarray | 
     mask = np.asarray(target_mask, dtype=bool)
     if mask.all():
         return None
-    return (anchor >= 0) & mask[np.clip(anchor, 0, max(len(mask) - 1, 0))] if len(mask) else anchor < -1
+    return (anchor >= 0) & mask[np.clip(anchor, 0, len(mask) - 1)]  # not all True: len(mask) >= 1
 
 
 def _widen(seq: dict[str, Any], width: int) -> dict[str, Any]:
